@@ -1,0 +1,33 @@
+"""Process environment every entry point sets before importing Ray, vLLM or DeepSpeed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CACHE_ROOT = Path(os.environ.get("MEDVOL_CACHE", Path.home() / ".cache" / "medvol-r1"))
+
+
+def set_default_environment() -> None:
+    """Keep every part offline, on loopback, and its caches inside the project's cache folder.
+
+    Only sets variables the user has not set.
+    """
+    defaults = {
+        # Nothing may be fetched from a model hub; checkpoints are local folders.
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # DeepSpeed caches JIT ops by Python/CUDA version only; a build from another torch in the
+        # shared default folder is loaded and kills the process silently.
+        "TORCH_EXTENSIONS_DIR": str(CACHE_ROOT / "torch_extensions"),
+        "VLLM_CACHE_ROOT": str(CACHE_ROOT / "vllm"),
+        # vLLM's CPU backend reserves its KV cache up front (GiB); keep it small on CPU machines.
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+        # Ray otherwise rewrites 127.0.0.1 to the machine's network address.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)

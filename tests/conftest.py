@@ -1,0 +1,5 @@
+"""Shared test set-up: the project's process environment before any heavy import."""
+
+from cluster.runtime import set_default_environment
+
+set_default_environment()
