@@ -48,7 +48,9 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{field}: expected {len(args)} items, got {value!r}")
-            return tuple(_coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(
+                _coerce(v, a, f"{field}[{i}]") for i, (v, a) in enumerate(zip(args, value))
+            )
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{field}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -103,7 +105,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> T:
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+) -> T:
     """Build ``cls`` (a dataclass, possibly nested) from a YAML file and ``key=value`` overrides.
 
     Overrides use dotted keys (``grpo.lr=2e-6``); values are parsed as YAML scalars, so

@@ -2,7 +2,7 @@
 
 A well-formed model answer is exactly
 
-    <think>free text</think><answer>{"key_slice": k, "bbox_2d_list": [[x1, y1, x2, y2], ...]}</answer>
+    <think>free text</think><answer>{"key_slice": k, "bbox_2d_list": [[x1, y1, x2, y2]]}</answer>
 
 with nothing but whitespace around the two blocks. This module is the one definition of
 "malformed" shared by the SFT targets, the format reward Rf and evaluation:
@@ -103,10 +103,10 @@ def _parse(text: object, num_slices: int, size: int) -> ParsedAnswer | AnswerFai
     tags = [m.group(0) for m in _TAG.finditer(text)]
     if tags != ["<think>", "</think>", "<answer>", "</answer>"]:
         return AnswerFailure(f"tags are {tags[:8]}, not one <think> block then one <answer> block")
-    think_open, think_close, answer_open, answer_close = (
-        m.span() for m in _TAG.finditer(text)
+    think_open, think_close, answer_open, answer_close = (m.span() for m in _TAG.finditer(text))
+    outside = (
+        text[: think_open[0]] + text[think_close[1] : answer_open[0]] + text[answer_close[1] :]
     )
-    outside = text[: think_open[0]] + text[think_close[1] : answer_open[0]] + text[answer_close[1] :]
     if outside.strip():
         return AnswerFailure(f"text outside the blocks: {outside.strip()[:40]!r}")
     think = text[think_open[1] : think_close[0]].strip()
@@ -121,7 +121,9 @@ def _parse(text: object, num_slices: int, size: int) -> ParsedAnswer | AnswerFai
         return AnswerFailure(f"answer keys are {sorted(obj)[:6]}, not key_slice and bbox_2d_list")
     key_slice = _strict_int(obj["key_slice"])
     if key_slice is None or not 1 <= key_slice <= num_slices:
-        return AnswerFailure(f"key_slice {obj['key_slice']!r:.40} is not an integer in 1..{num_slices}")
+        return AnswerFailure(
+            f"key_slice {obj['key_slice']!r:.40} is not an integer in 1..{num_slices}"
+        )
     raw_boxes = obj["bbox_2d_list"]
     if not isinstance(raw_boxes, list):
         return AnswerFailure(f"bbox_2d_list is {type(raw_boxes).__name__}, not a list")
@@ -140,4 +142,3 @@ def format_answer(anchor: EvidenceAnchor, think: str) -> str:
         raise ValueError(f"think text must not contain <think>/<answer> tags: {think[:60]!r}")
     payload = {"key_slice": anchor.key_slice, "bbox_2d_list": [list(b) for b in anchor.boxes]}
     return f"<think>{think}</think><answer>{json.dumps(payload)}</answer>"
-

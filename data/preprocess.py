@@ -1,0 +1,195 @@
+"""From a source volume to the policy's frame and back: HU window, 64 slices, 256 px, and a cache.
+
+The cache keeps one folder per prepared sample, named by a hash of the source files' content,
+the target's label values and every setting that changes the result. A folder is written under
+a temporary name and renamed into place, so a half-written entry is never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from skimage.transform import resize
+
+from data.config import DataConfig
+from data.records import PreparedVolume, Sample
+from data.volume import Volume, VolumeError, check_pair, load_volume
+
+CACHE_VERSION = 1  # bump when the preprocessing itself changes
+
+
+def window_to_uint8(hu: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip HU to [low, high] and scale linearly to 0..255 (MedSAM2's CT intensity step)."""
+    scaled = (np.clip(hu.astype(np.float32), low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def sample_indices(depth: int, num_slices: int) -> np.ndarray:
+    """Source axial indices of ``num_slices`` uniformly spaced slices, ends included.
+
+    A volume with fewer slices than ``num_slices`` repeats slices (nearest index)."""
+    if depth < 1 or num_slices < 1:
+        raise ValueError(f"cannot sample {num_slices} slices from depth {depth}")
+    return np.rint(np.linspace(0, depth - 1, num_slices)).astype(np.int64)
+
+
+def resize_slices(stack: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
+    """Resize (S, Y, X) slices to (S, size, size): linear with anti-aliasing for images,
+    nearest for masks (no new label values)."""
+    if stack.shape[1:] == (size, size):
+        return stack.copy()
+    out = resize(
+        stack,
+        (stack.shape[0], size, size),
+        order=0 if is_mask else 1,
+        anti_aliasing=not is_mask,
+        preserve_range=True,
+    )
+    return out.astype(bool) if is_mask else np.rint(out).astype(np.uint8)
+
+
+def prepare_arrays(
+    image: Volume,
+    labels: Volume,
+    label_values: list[int],
+    window: tuple[float, float],
+    num_slices: int,
+    size: int,
+    sample_id: str,
+) -> PreparedVolume:
+    """Window, sample and resize one image and the binary target made of ``label_values``."""
+    check_pair(image, labels)
+    index = sample_indices(image.array.shape[0], num_slices)
+    hu = image.array[index]
+    if labels.path.name.endswith(".npz") or image.path.name.endswith(".npy"):
+        # M3D-Seg images are stored already normalised to 0..1, not in HU.
+        lo, hi = float(hu.min()), float(hu.max())
+        slices = window_to_uint8(hu, lo, hi if hi > lo else lo + 1.0)
+    else:
+        slices = window_to_uint8(hu, *window)
+    target = np.isin(labels.array[index], label_values)
+    return PreparedVolume(
+        sample_id=sample_id,
+        slices=resize_slices(slices, size, is_mask=False),
+        mask=resize_slices(target, size, is_mask=True),
+        source_index=index,
+        source_shape=tuple(int(s) for s in image.array.shape),
+        affine=np.asarray(image.affine, dtype=np.float64),
+    )
+
+
+def _file_digest(path: Path, digest: "hashlib._Hash") -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+
+
+def cache_key(sample: Sample, label_values: list[int], cfg: DataConfig) -> str:
+    """Hash of the source content and every setting that changes the prepared arrays."""
+    digest = hashlib.sha256()
+    for path in (sample.image, sample.mask):
+        _file_digest(path, digest)
+    settings = {
+        "version": CACHE_VERSION,
+        "labels": sorted(int(v) for v in label_values),
+        "window": cfg.window_for(sample.label, sample.suite),
+        "num_slices": cfg.num_slices,
+        "size": cfg.slice_size,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
+def _read_entry(folder: Path, sample_id: str) -> PreparedVolume:
+    meta = json.loads((folder / "meta.json").read_text())
+    return PreparedVolume(
+        sample_id=sample_id,
+        slices=np.load(folder / "slices.npy", mmap_mode="r"),
+        mask=np.load(folder / "mask.npy", mmap_mode="r"),
+        source_index=np.asarray(meta["source_index"], dtype=np.int64),
+        source_shape=tuple(meta["source_shape"]),
+        affine=np.asarray(meta["affine"], dtype=np.float64),
+    )
+
+
+def _write_entry(folder: Path, prepared: PreparedVolume) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        np.save(tmp / "slices.npy", prepared.slices)
+        np.save(tmp / "mask.npy", prepared.mask)
+        meta = {
+            "source_index": prepared.source_index.tolist(),
+            "source_shape": list(prepared.source_shape),
+            "affine": prepared.affine.tolist(),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").exists():  # lost a race to a writer that failed
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_volume(sample: Sample, label_values: list[int], cfg: DataConfig) -> PreparedVolume:
+    """The sample in the policy's frame, through the on-disk cache when ``cfg.cache_dir`` is set.
+
+    Raises :class:`VolumeError` (naming the file) for unreadable or mismatched volumes and when
+    none of ``label_values`` occurs in the mask; nothing is cached in that case.
+    """
+    folder = None
+    if cfg.cache_dir is not None:
+        folder = Path(cfg.cache_dir) / cache_key(sample, label_values, cfg)
+        if (folder / "meta.json").exists():
+            return _read_entry(folder, sample.id)
+    image = load_volume(sample.image, "image")
+    labels = load_volume(sample.mask, "mask")
+    if not np.isin(labels.array, label_values).any():
+        raise VolumeError(
+            f"{sample.mask}: label {sample.label!r} (values {label_values}) is absent from the mask"
+        )
+    prepared = prepare_arrays(
+        image,
+        labels,
+        label_values,
+        cfg.window_for(sample.label, sample.suite),
+        cfg.num_slices,
+        cfg.slice_size,
+        sample.id,
+    )
+    if folder is not None:
+        _write_entry(folder, prepared)
+        return _read_entry(folder, sample.id)
+    return prepared
+
+
+def to_source_grid(mask: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
+    """Map an (S, H, W) mask on the sampled slices back to the (Z, Y, X) source grid.
+
+    Each source slice takes the nearest sampled slice along z; in-plane is nearest-neighbour.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != prepared.slices.shape:
+        raise ValueError(f"mask shape {mask.shape} != prepared slices {prepared.slices.shape}")
+    z_count, height, width = prepared.source_shape
+    nearest = np.abs(np.arange(z_count)[:, None] - prepared.source_index[None, :]).argmin(axis=1)
+    rows = np.minimum((np.arange(height) + 0.5) * mask.shape[1] / height, mask.shape[1] - 1)
+    cols = np.minimum((np.arange(width) + 0.5) * mask.shape[2] / width, mask.shape[2] - 1)
+    small = mask[:, rows.astype(np.int64)][:, :, cols.astype(np.int64)]
+    return small[nearest]
+
+
+def box_to_source(box: tuple[int, int, int, int], prepared: PreparedVolume) -> tuple[float, ...]:
+    """A [x1, y1, x2, y2] box in the resized slice frame as source-pixel coordinates."""
+    _, height, width = prepared.source_shape
+    sx, sy = width / prepared.size, height / prepared.size
+    x1, y1, x2, y2 = box
+    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
