@@ -106,13 +106,17 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 def load_config(
-    cls: type[T], path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: typing.Iterable[str] = (),
+    sections: typing.Iterable[str] | None = None,
 ) -> T:
     """Build ``cls`` (a dataclass, possibly nested) from a YAML file and ``key=value`` overrides.
 
     Overrides use dotted keys (``grpo.lr=2e-6``); values are parsed as YAML scalars, so
     ``true``, ``3``, ``[1, 2]`` and ``null`` mean what they look like. Unknown keys and values of
-    the wrong type raise :class:`ConfigError` naming the field.
+    the wrong type raise :class:`ConfigError` naming the field. ``sections`` keeps only those
+    top-level sections of the file (a tool that needs part of a run config reads the same file).
     """
     tree: dict = {}
     if path is not None:
@@ -126,6 +130,9 @@ def load_config(
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded or {}
+        if sections is not None:
+            keep = set(sections)
+            tree = {k: v for k, v in tree.items() if k in keep}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")

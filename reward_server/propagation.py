@@ -1,0 +1,400 @@
+"""Propagating an evidence anchor (key slice + boxes) to a 3D mask: MedSAM2, or a classical baseline.
+
+Both propagators take a volume already in the policy's frame (``PreparedVolume.slices``, uint8
+(S, H, W), HU-windowed) and return an (S, H, W) bool mask. ``window=delta`` propagates only the
+slices within +-delta of the key slice (the Rc reward); ``window=None`` runs through the whole
+volume in both directions (evaluation).
+
+``MedSAM2Propagator`` is SAM2.1 Hiera-tiny from the ``sam2`` package with MedSAM2's settings
+(image size 512, memory-attention RoPE at 32x32) and a MedSAM2 checkpoint, fed from memory. Each
+box prompts one object on the key slice; the objects are propagated forward, then, from a reset
+state with the same boxes, in reverse; the mask is the union over objects of ``logits > 0``,
+each object keeping its largest 3D connected component (MedSAM2's post-processing, per object so
+that two kidneys stay two). The image encoder runs once per slice per volume, batched, and its
+output is kept in an LRU of volumes and reused by every completion and request on that volume.
+
+``BaselinePropagator`` needs no weights: seeded region growing with scikit-image (Gaussian
+smoothing, an intensity band estimated inside the box, morphological reconstruction from the
+seed), carried slice to slice from the previous slice's mask. It is the embedded default when no
+MedSAM2 checkpoint is given, and says so in its name.
+
+    python -m reward_server.propagation --write-random-checkpoint PATH [--image-size 512]
+
+writes a random-weight checkpoint in MedSAM2's ``{'model': state_dict}`` format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from skimage.filters import gaussian
+from skimage.morphology import reconstruction
+
+from data.answer import Box
+
+log = logging.getLogger(__name__)
+
+SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BASELINE_NAME = "baseline (scikit-image region growing, no MedSAM2)"
+
+
+class CheckpointError(RuntimeError):
+    """A MedSAM2 checkpoint that cannot be loaded; names the file and the offending keys."""
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _span(key_index: int, window: int | None, num_slices: int) -> tuple[int, int]:
+    """Frames tracked forward and in reverse from the key frame (counts, key excluded)."""
+    if window is None:
+        return num_slices - 1 - key_index, key_index
+    return min(window, num_slices - 1 - key_index), min(window, key_index)
+
+
+def _sam2_predictor_class():
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    class InMemoryVideoPredictor(SAM2VideoPredictor):
+        """SAM2's video predictor over frames already in memory, with features given."""
+
+        def init_state_from_frames(
+            self, images: torch.Tensor, height: int, width: int, features: dict
+        ) -> dict:
+            state = {
+                "images": images,
+                "num_frames": len(images),
+                "offload_video_to_cpu": False,
+                "offload_state_to_cpu": False,
+                "video_height": height,
+                "video_width": width,
+                "device": self.device,
+                "storage_device": self.device,
+                "point_inputs_per_obj": {},
+                "mask_inputs_per_obj": {},
+                # Every frame the propagation visits is here, so SAM2 never misses and never
+                # replaces this dict (it keeps only the last frame on a miss).
+                "cached_features": features,
+                "constants": {},
+                "obj_id_to_idx": OrderedDict(),
+                "obj_idx_to_id": OrderedDict(),
+                "obj_ids": [],
+                "output_dict_per_obj": {},
+                "temp_output_dict_per_obj": {},
+                "frames_tracked_per_obj": {},
+            }
+            return state
+
+    return InMemoryVideoPredictor
+
+
+def build_sam2(image_size: int, checkpoint: Path | None, device: str = "cpu"):
+    """SAM2.1 Hiera-tiny with MedSAM2's overrides at ``image_size``, weights from ``checkpoint``
+    (``{'model': state_dict}``, loaded strictly with weights_only=True) or random."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from sam2.build_sam import build_sam2_video_predictor
+
+    cls = _sam2_predictor_class()
+    # The subclass is built through the normal builder by naming it as the model's target.
+    sys.modules[__name__].InMemoryVideoPredictor = cls
+    feat = image_size // 16
+    overrides = [
+        f"++model._target_={__name__}.InMemoryVideoPredictor",
+        f"++model.image_size={image_size}",
+        f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
+        f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
+    ]
+    if device == "cpu":
+        overrides.append("++model.fill_hole_area=0")  # its CUDA op is not built on CPU
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_module("sam2", version_base="1.2")
+    model = build_sam2_video_predictor(
+        SAM2_CONFIG, None, device=device, hydra_overrides_extra=overrides
+    )
+    if device == "cpu":
+        model.fill_hole_area = 0
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model.eval()
+
+
+def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: MedSAM2 checkpoint not found") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise CheckpointError(f"{path}: not a loadable torch checkpoint ({err})") from None
+    if not isinstance(blob, dict) or "model" not in blob:
+        raise CheckpointError(
+            f"{path}: expected {{'model': state_dict}}, got keys "
+            f"{list(blob)[:5] if isinstance(blob, dict) else type(blob)}"
+        )
+    try:
+        missing, unexpected = model.load_state_dict(blob["model"], strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise CheckpointError(f"{path}: does not fit SAM2.1 Hiera-tiny: {err}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: {len(missing)} missing keys {missing[:5]} and {len(unexpected)} "
+            f"unexpected keys {unexpected[:5]}"
+        )
+
+
+def write_random_checkpoint(path: Path, image_size: int = 512, seed: int = 0) -> Path:
+    """A random-weight SAM2.1 Hiera-tiny checkpoint in MedSAM2's format (for tests and CPU)."""
+    torch.manual_seed(seed)
+    model = build_sam2(image_size, None)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save({"model": model.state_dict()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+class MedSAM2Propagator:
+    """MedSAM2 propagation with image features computed once per volume slice (see module doc)."""
+
+    def __init__(
+        self,
+        checkpoint: Path | None,
+        image_size: int = 512,
+        feature_batch: int = 8,
+        volume_cache: int = 4,
+        device: str = "cpu",
+    ):
+        self.checkpoint = checkpoint
+        self.image_size = image_size
+        self.feature_batch = feature_batch
+        self.volume_cache = volume_cache
+        self.device = device
+        self.model = build_sam2(image_size, checkpoint, device)
+        weights = str(checkpoint) if checkpoint is not None else "random weights"
+        self.name = f"medsam2 ({weights}, {image_size} px)"
+        self._volumes: OrderedDict[str, dict] = OrderedDict()
+        self.encoded_frames = 0  # image-encoder passes run, per slice: for tests and benchmarks
+
+    def _images(self, slices: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(slices, dtype=np.float32) / 255.0)[:, None]
+        x = torch.nn.functional.interpolate(
+            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+        )
+        x = x.expand(-1, 3, -1, -1)
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    def _entry(self, volume_id: str, slices: np.ndarray) -> dict:
+        entry = self._volumes.get(volume_id)
+        if entry is None:
+            entry = {"images": self._images(slices), "features": {}}
+            self._volumes[volume_id] = entry
+            while len(self._volumes) > self.volume_cache:
+                self._volumes.popitem(last=False)
+        self._volumes.move_to_end(volume_id)
+        return entry
+
+    @torch.inference_mode()
+    def encode(self, volume_id: str, slices: np.ndarray, frames: list[int]) -> dict:
+        """Make sure the image features of ``frames`` (0-based) of a volume are cached."""
+        entry = self._entry(volume_id, slices)
+        todo = sorted(set(frames) - set(entry["features"]))
+        images = entry["images"]
+        for start in range(0, len(todo), self.feature_batch):
+            chunk = todo[start : start + self.feature_batch]
+            out = self.model.forward_image(images[chunk])
+            for j, frame in enumerate(chunk):
+                entry["features"][frame] = (
+                    images[frame : frame + 1],
+                    {
+                        "backbone_fpn": [f[j : j + 1] for f in out["backbone_fpn"]],
+                        "vision_pos_enc": [p[j : j + 1] for p in out["vision_pos_enc"]],
+                    },
+                )
+            self.encoded_frames += len(chunk)
+        return entry
+
+    @torch.inference_mode()
+    def propagate(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        key_slice: int,
+        boxes: tuple[Box, ...],
+        window: int | None,
+    ) -> np.ndarray:
+        """(S, H, W) bool mask from boxes on key slice k (1-based), within +-window or all."""
+        num, height, width = slices.shape
+        result = np.zeros((num, height, width), bool)
+        if not boxes:
+            return result
+        key = key_slice - 1
+        forward, backward = _span(key, window, num)
+        entry = self.encode(volume_id, slices, list(range(key - backward, key + forward + 1)))
+        state = self.model.init_state_from_frames(entry["images"], height, width, entry["features"])
+        logits: dict[int, np.ndarray] = {}
+        for reverse, count in ((False, forward), (True, backward)):
+            self.model.reset_state(state)
+            for obj_id, box in enumerate(boxes, start=1):
+                self.model.add_new_points_or_box(
+                    state, frame_idx=key, obj_id=obj_id, box=np.asarray(box, dtype=np.float32)
+                )
+            stream = self.model.propagate_in_video(
+                state, start_frame_idx=key, max_frame_num_to_track=count, reverse=reverse
+            )
+            for frame, obj_ids, masks in stream:
+                for i, obj_id in enumerate(obj_ids):
+                    per_obj = logits.setdefault(obj_id, np.zeros((num, height, width), bool))
+                    per_obj[frame] |= (masks[i, 0] > 0).cpu().numpy()
+        for per_obj in logits.values():
+            result |= _largest_component(per_obj)
+        return result
+
+
+class BaselinePropagator:
+    """Box-seeded, slice-to-slice region growing with scikit-image; no weights needed."""
+
+    name = BASELINE_NAME
+
+    def __init__(
+        self,
+        smoothing: float = 1.0,
+        band: float = 2.5,
+        min_band: float = 6.0,
+        margin: int = 4,
+        max_growth: float = 1.6,
+    ):
+        self.smoothing = smoothing  # Gaussian sigma (pixels) before growing, against noise
+        self.band = band  # intensity band: +-band robust standard deviations around the seed
+        self.min_band = min_band  # ...but at least this many grey levels
+        self.margin = margin  # how far (pixels) a region may grow past the previous slice's box
+        self.max_growth = max_growth  # a slice may hold at most this times the previous area
+
+    def _grow(
+        self, image: np.ndarray, seed: np.ndarray, allowed: np.ndarray, low: float, high: float
+    ) -> np.ndarray:
+        candidate = allowed & (image >= low) & (image <= high)
+        seed = seed & candidate
+        if not seed.any():
+            return np.zeros_like(candidate)
+        grown = reconstruction(seed.astype(np.uint8), candidate.astype(np.uint8), method="dilation")
+        return grown.astype(bool)
+
+    def _one_box(
+        self, smooth: np.ndarray, key: int, box: Box, forward: int, backward: int
+    ) -> np.ndarray:
+        num, height, width = smooth.shape
+        x1, y1, x2, y2 = box
+        cy1, cy2 = y1 + (y2 - y1) // 4, y2 - (y2 - y1) // 4
+        cx1, cx2 = x1 + (x2 - x1) // 4, x2 - (x2 - x1) // 4
+        core = smooth[key, cy1 : max(cy2, cy1 + 1), cx1 : max(cx2, cx1 + 1)]
+        level = float(np.median(core))
+        spread = 1.4826 * float(np.median(np.abs(core - level)))
+        half = max(self.band * spread, self.min_band)
+        low, high = level - half, level + half
+        out = np.zeros(smooth.shape, bool)
+        allowed = np.zeros((height, width), bool)
+        allowed[y1:y2, x1:x2] = True
+        seed = np.zeros((height, width), bool)
+        seed[cy1 : max(cy2, cy1 + 1), cx1 : max(cx2, cx1 + 1)] = True
+        out[key] = self._grow(smooth[key], seed, allowed, low, high)
+        for step, count in ((1, forward), (-1, backward)):
+            previous = out[key]
+            for i in range(1, count + 1):
+                z = key + step * i
+                if not previous.any():
+                    break
+                rows, cols = np.nonzero(previous)
+                allowed = np.zeros((height, width), bool)
+                allowed[
+                    max(0, rows.min() - self.margin) : rows.max() + 1 + self.margin,
+                    max(0, cols.min() - self.margin) : cols.max() + 1 + self.margin,
+                ] = True
+                seed = ndimage.binary_erosion(previous, iterations=2)
+                if not seed.any():
+                    seed = previous
+                grown = self._grow(smooth[z], seed, allowed, low, high)
+                if grown.sum() > self.max_growth * previous.sum() + 4 * self.margin**2:
+                    break  # leaking into a neighbour of similar density: stop this direction
+                out[z] = grown
+                previous = grown
+        return out
+
+    def propagate(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        key_slice: int,
+        boxes: tuple[Box, ...],
+        window: int | None,
+    ) -> np.ndarray:
+        """(S, H, W) bool mask grown from each box on key slice k (1-based), within +-window."""
+        num = slices.shape[0]
+        result = np.zeros(slices.shape, bool)
+        if not boxes:
+            return result
+        key = key_slice - 1
+        forward, backward = _span(key, window, num)
+        lo, hi = key - backward, key + forward + 1
+        smooth = np.zeros(slices.shape, np.float32)
+        smooth[lo:hi] = gaussian(
+            np.asarray(slices[lo:hi], np.float32),
+            sigma=(0, self.smoothing, self.smoothing),
+            preserve_range=True,
+        )
+        for box in boxes:
+            result |= self._one_box(smooth, key, box, forward, backward)
+        return result
+
+
+def build_propagator(
+    propagator: str,
+    checkpoint: Path | None = None,
+    image_size: int = 512,
+    feature_batch: int = 8,
+    volume_cache: int = 4,
+    device: str = "cpu",
+):
+    """The propagator a config names. MedSAM2 is never silently replaced by the baseline."""
+    if propagator == "baseline":
+        if checkpoint is not None:
+            raise ValueError(
+                f"a MedSAM2 checkpoint ({checkpoint}) was given with "
+                "propagator 'baseline'; set propagator to 'medsam2' to use it"
+            )
+        return BaselinePropagator()
+    if propagator == "medsam2":
+        return MedSAM2Propagator(checkpoint, image_size, feature_batch, volume_cache, device)
+    raise ValueError(f"unknown propagator {propagator!r}: use 'medsam2' or 'baseline'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reward_server.propagation")
+    parser.add_argument("--write-random-checkpoint", type=Path, required=True, metavar="PATH")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = write_random_checkpoint(args.write_random_checkpoint, args.image_size, args.seed)
+    print(f"wrote random SAM2.1 Hiera-tiny checkpoint: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Score a file of completions offline: the reward terms of each line, in input order.
+
+    python -m reward_server.score --manifest M --completions C.jsonl --out S.jsonl [--workers N]
+
+Input lines: ``{"id": sample id, "completion": text}``. Output lines: ``{"id", "format",
+"axial", "spatial", "consistency", "total"}`` (plus ``"failure"`` for a malformed answer).
+``--workers 0`` scores in this process without Ray; ``N >= 1`` starts a local Ray instance (or
+joins ``--address``) with N reward workers. Reward settings come from ``--config`` (its
+``reward`` and ``data`` sections) and ``key=value`` overrides such as ``reward.delta=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from cluster.config import load_config
+from cluster.runtime import set_default_environment
+from data.config import DataConfig
+from data.dataset import VolumeDataset
+from reward_server.config import RewardConfig
+from reward_server.scorer import RewardScorer, ScoreRequest, breakdown_row, group_by_sample
+
+
+@dataclass
+class ScoreConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+class CompletionsError(ValueError):
+    """A completions file line that cannot be scored; names the file, line and field."""
+
+
+def read_completions(path: Path, known_ids: set[str]) -> list[ScoreRequest]:
+    requests = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise CompletionsError(f"completions file not found: {path}") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CompletionsError(f"{path}, line {n}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise CompletionsError(f"{path}, line {n}: needs a string field 'id'")
+        if row["id"] not in known_ids:
+            raise CompletionsError(f"{path}, line {n}: id {row['id']!r} is not in the manifest")
+        completion = row.get("completion")
+        # A non-string completion is model output like any other: it scores 0, it does not fail.
+        requests.append(
+            ScoreRequest(
+                row["id"], completion if isinstance(completion, str) else json.dumps(completion)
+            )
+        )
+    return requests
+
+
+def score_in_process(
+    dataset: VolumeDataset, cfg: RewardConfig, requests: list[ScoreRequest]
+) -> list:
+    scorer = RewardScorer(cfg)
+    results: list = [None] * len(requests)
+    with tqdm(total=len(requests), desc=f"rewards ({scorer.propagator.name})") as bar:
+        for sample_id, indices in group_by_sample(requests).items():
+            _, prepared = dataset.by_id(sample_id)
+            rewards = scorer.score_group(prepared, [requests[i].completion for i in indices])
+            for i, reward in zip(indices, rewards):
+                results[i] = reward
+            bar.update(len(indices))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_default_environment()
+    parser = argparse.ArgumentParser(
+        prog="python -m reward_server.score", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--manifest", required=True, type=Path)
+    parser.add_argument("--completions", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--workers", type=int, default=0, help="reward workers (0: no Ray)")
+    parser.add_argument("--config", type=Path, help="YAML with 'reward' and 'data' sections")
+    parser.add_argument("--address", help="Ray address to join (default: a local instance)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. reward.delta=3")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    cfg = load_config(ScoreConfig, args.config, args.overrides, sections=("data", "reward"))
+    dataset = VolumeDataset(args.manifest, cfg.data)
+    requests = read_completions(args.completions, {s.id for s in dataset.samples})
+    if args.workers <= 0:
+        results = score_in_process(dataset, cfg.reward, requests)
+    else:
+        import ray
+
+        from reward_server.pool import RewardPool
+
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+        try:
+            pool = RewardPool(str(args.manifest), cfg.data, cfg.reward)
+            pool.scale(args.workers)
+            results = pool.score(requests, progress=True)
+            pool.shutdown()
+        finally:
+            ray.shutdown()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.partial")
+    tmp.write_text(
+        "".join(
+            json.dumps(breakdown_row(r.sample_id, res)) + "\n" for r, res in zip(requests, results)
+        )
+    )
+    tmp.replace(args.out)
+    print(f"scored {len(requests)} completions -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
