@@ -1,4 +1,4 @@
-"""Propagating an evidence anchor (key slice + boxes) to a 3D mask: MedSAM2, or a classical baseline.
+"""Propagating an evidence anchor (key slice + boxes) to a 3D mask: MedSAM2 or a baseline.
 
 Both propagators take a volume already in the policy's frame (``PreparedVolume.slices``, uint8
 (S, H, W), HU-windowed) and return an (S, H, W) bool mask. ``window=delta`` propagates only the
