@@ -1,0 +1,138 @@
+"""The rollout engine over transformers ``generate``, for machines without vLLM.
+
+Same interface and records as ``VLLMEngine``. Logprobs are those of the sampled tokens under the
+model's raw distribution (temperature 1, before top-p), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from rollout.config import ModelConfig, RolloutConfig
+from rollout.prompting import check_batch, render
+from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
+
+log = logging.getLogger(__name__)
+
+
+class TransformersEngine:
+    """transformers' Qwen3-VL with optional peft adapter, one prompt at a time."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        cfg: RolloutConfig,
+        model_cfg: ModelConfig | None = None,
+        device: str | None = None,
+    ):
+        from transformers import AutoProcessor
+
+        self.cfg = cfg
+        self.model_path = Path(model_path)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = (model_cfg or ModelConfig()).dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device == "cuda" else "float32"
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.dtype = getattr(torch, dtype)
+        self.model = self._load(self.model_path)
+        self.version = 0
+        self.eos = [
+            self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            self.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        ]
+
+    def _load(self, folder: Path):
+        from transformers import Qwen3VLForConditionalGeneration
+
+        model = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=self.dtype)
+        return model.to(self.device).eval()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[RolloutPrompt],
+        greedy: bool = False,
+        group_size: int | None = None,
+        seed: int | None = None,
+    ) -> list[Group]:
+        group_size = 1 if greedy else (group_size or self.cfg.group_size)
+        check_batch(prompts, group_size)
+        if seed is not None:
+            torch.manual_seed(seed)
+        groups = []
+        for prompt in prompts:
+            text, images = render(self.processor, prompt, self.cfg.max_images)
+            inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+            prompt_len = inputs["input_ids"].shape[1]
+            if prompt_len + 1 > self.cfg.max_model_len:
+                raise RolloutError(
+                    f"sample {prompt.sample_id!r}: prompt of {prompt_len} tokens "
+                    f"exceeds max_model_len {self.cfg.max_model_len}"
+                )
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            out = self.model.generate(
+                **inputs,
+                do_sample=not greedy,
+                temperature=None if greedy else self.cfg.temperature,
+                top_p=None if greedy else self.cfg.top_p,
+                top_k=None,
+                max_new_tokens=min(self.cfg.max_tokens, self.cfg.max_model_len - prompt_len),
+                num_return_sequences=group_size,
+                eos_token_id=self.eos,
+                pad_token_id=self.eos[1],
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (G, T, V)
+            completions = []
+            for g in range(group_size):
+                ids = out.sequences[g, prompt_len:].tolist()
+                n = len(ids)
+                for i, tok in enumerate(ids):
+                    if tok in self.eos:
+                        n = i + 1
+                        break
+                ids = ids[:n]
+                finish = "stop" if ids and ids[-1] in self.eos else "length"
+                lp = tuple(float(logprobs[g, i, t]) for i, t in enumerate(ids))
+                completions.append(
+                    Completion(
+                        tuple(ids),
+                        self.processor.tokenizer.decode(ids, skip_special_tokens=True),
+                        lp if self.cfg.logprobs else (),
+                        finish,
+                    )
+                )
+            groups.append(
+                Group(
+                    prompt.sample_id,
+                    tuple(inputs["input_ids"][0].tolist()),
+                    tuple(completions),
+                    self.version,
+                )
+            )
+        return groups
+
+    def update_weights(self, update: WeightUpdate) -> None:
+        """Serve ``update``'s weights; a bad update raises and the current weights stay."""
+        if update.adapter_dir is not None:
+            from peft import PeftModel
+
+            try:  # a fresh base each time: peft injects its layers into the model it wraps
+                model = PeftModel.from_pretrained(
+                    self._load(self.model_path), str(update.adapter_dir)
+                )
+            except Exception as err:  # noqa: BLE001 - peft raises various types
+                raise RolloutError(f"{update.adapter_dir}: adapter does not load ({err})") from None
+            # Folded in, so generation runs at base-model speed.
+            self.model = model.merge_and_unload().eval()
+        else:
+            from rollout.vllm_engine import check_same_architecture
+
+            check_same_architecture(self.model_path, Path(update.weights_dir))
+            self.model = self._load(Path(update.weights_dir))
+        self.version = update.version

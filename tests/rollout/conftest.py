@@ -1,0 +1,50 @@
+"""Rollout fixtures: the tiny Qwen3-VL built once, a small multi-image prompt, adapters."""
+
+import numpy as np
+import pytest
+
+from data.prompts import build_messages
+from rollout.records import RolloutPrompt
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen3vl"), size="test", seed=0)
+
+
+def make_prompt(sample_id: str, slices: int = 4, size: int = 64, seed: int = 0) -> RolloutPrompt:
+    rng = np.random.default_rng(seed)
+    volume = (rng.random((slices, size, size)) * 255).astype(np.uint8)
+    return RolloutPrompt(sample_id, build_messages(volume, "Find the organ that secretes bile."))
+
+
+@pytest.fixture(scope="session")
+def prompts():
+    return [make_prompt("a", seed=0), make_prompt("b", seed=1)]
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter on every linear layer of the language model, with random (non-zero) B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(1)
+    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        init_lora_weights=False,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|"
+        r"gate_proj|up_proj|down_proj)",
+    )
+    peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(out)
+    return out
