@@ -164,3 +164,54 @@ def to_dict(config: Any) -> dict:
         return value
 
     return plain(config)
+
+
+# The run config: one section per part, each part's own typed config.
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from data.config import DataConfig  # noqa: E402
+from learner.config import GRPOConfig, SFTConfig  # noqa: E402
+from reward_server.config import RewardConfig  # noqa: E402
+from rollout.config import ModelConfig, RolloutConfig  # noqa: E402
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # Ray address to join; None = the job's cluster or a local one
+    learner_gpus: float = 0.0  # GPUs of the learner actor (1 per learner on a GPU cluster)
+    learner_cpus: float = 1.0  # CPUs of the learner actor
+    rollout_cpus: float = 1.0  # CPUs per rollout actor
+    reward_cpus: float = 0.5  # CPUs per reward worker
+    placement_strategy: str = "PACK"  # placement group strategy: PACK | SPREAD | STRICT_PACK
+    scale_file: str | None = None  # a file whose integer content sets the reward worker count
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLflow store or server (http://127.0.0.1:5000)
+    experiment: str = "medvol-r1"  # MLflow experiment name
+    run_name: str | None = None  # MLflow run name (default: the run's folder name)
+    evidence_every: int = 5  # steps between evidence pictures logged as artifacts
+
+
+@dataclass
+class RunConfig:
+    output_dir: Path = Path("runs/default")  # adapters, checkpoints, evaluation tables
+    seed: int = 0  # seeds data order, key-slice sampling and rollout sampling
+    steps: int | None = None  # GRPO steps to run (None: grpo.epochs over the training prompts)
+    checkpoint_every: int = 5  # GRPO steps between checkpoints
+    sft_adapter: Path | None = None  # SFT adapter the GRPO run starts from (None: fresh LoRA)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_run_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> RunConfig:
+    """The run config of a YAML file plus ``key=value`` overrides."""
+    return load_config(RunConfig, path, overrides)

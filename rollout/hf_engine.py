@@ -14,6 +14,7 @@ import torch
 from rollout.config import ModelConfig, RolloutConfig
 from rollout.prompting import check_batch, render
 from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
+from rollout.vllm_engine import check_same_architecture, vision_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class TransformersEngine:
                 pad_token_id=self.eos[1],
                 output_logits=True,
                 return_dict_in_generate=True,
+                suppress_tokens=vision_token_ids(self.processor.tokenizer),
             )
             logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (G, T, V)
             completions = []
@@ -131,8 +133,6 @@ class TransformersEngine:
             # Folded in, so generation runs at base-model speed.
             self.model = model.merge_and_unload().eval()
         else:
-            from rollout.vllm_engine import check_same_architecture
-
             check_same_architecture(self.model_path, Path(update.weights_dir))
             self.model = self._load(Path(update.weights_dir))
         self.version = update.version

@@ -61,6 +61,7 @@ class VLLMEngine:
         )
         self.version = 0
         self._lora = None
+        self._banned = vision_token_ids(self.processor.tokenizer)
 
     def _sampling(self, greedy: bool, group_size: int, seed: int | None):
         from vllm import SamplingParams
@@ -72,6 +73,7 @@ class VLLMEngine:
             max_tokens=self.cfg.max_tokens,
             logprobs=0 if self.cfg.logprobs else None,
             seed=seed,
+            logit_bias=dict.fromkeys(self._banned, -100.0),
         )
 
     def generate(
@@ -162,6 +164,13 @@ class VLLMEngine:
         # Cached prefixes and image encodings were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    """Image/video placeholder tokens: a completion containing one could not be fed back to the
+    model (it would ask for image features that do not exist), so they are never sampled."""
+    names = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    return [i for i in (tokenizer.convert_tokens_to_ids(n) for n in names) if i is not None]
 
 
 def check_same_architecture(current: Path, new: Path) -> None:

@@ -7,6 +7,7 @@ import torch
 from rollout.config import RolloutConfig
 from rollout.hf_engine import TransformersEngine
 from rollout.records import RolloutError, WeightUpdate
+from rollout.vllm_engine import vision_token_ids
 
 from .conftest import make_prompt
 
@@ -70,6 +71,9 @@ def test_vllm_samples_g_completions_per_prompt_with_logprobs(vllm_engine, hf_eng
             assert c.finish_reason in ("stop", "length")
             assert all(lp <= 0 for lp in c.logprobs)
     assert len({c.token_ids for c in groups[0].completions}) > 1  # sampled, not copies
+    banned = set(vision_token_ids(vllm_engine.processor.tokenizer))
+    assert len(banned) == 4
+    assert not banned & {t for g in groups for c in g.completions for t in c.token_ids}
     # The sampling logprobs are the model's own scores of those tokens.
     c = groups[0].completions[0]
     expected = hf_logprobs(hf_engine, groups[0].prompt_token_ids, c.token_ids, prompts[0])

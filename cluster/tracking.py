@@ -1,0 +1,133 @@
+"""MLflow tracking that never stops training: metrics are buffered while the server is away.
+
+A ``Tracker`` opens (or, on resume, reopens) one MLflow run. If the tracking server cannot be
+reached, it warns once, keeps every metric, parameter and artifact in memory, and sends them
+when the server answers again (tried on each later call and at the end).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {"grpo.lr": "2e-06", ...} for MLflow params (values as text)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)[:500]
+    return out
+
+
+class Tracker:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        run_id: str | None = None,
+    ):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id = run_id
+        self._metrics: list = []
+        self._params: dict[str, str] = {}
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._warned = False
+        self._open()
+
+    def _open(self) -> bool:
+        if self.run_id is not None and self._ready:
+            return True
+        try:
+            if self.run_id is None:
+                exp = self.client.get_experiment_by_name(self.experiment)
+                exp_id = (
+                    exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+                )
+                self.run_id = self.client.create_run(exp_id, run_name=self.run_name).info.run_id
+            else:
+                self.client.update_run(self.run_id, status="RUNNING")
+            self._ready = True
+            return True
+        except Exception as err:  # noqa: BLE001 - any failure to reach MLflow is survivable
+            self._ready = False
+            self._warn(err)
+            return False
+
+    _ready = False
+
+    def _warn(self, err: Exception) -> None:
+        if not self._warned:
+            log.warning(
+                "MLflow at %s is unreachable (%s: %s); training goes on and metrics are "
+                "kept to send later",
+                self.tracking_uri,
+                type(err).__name__,
+                str(err)[:200],
+            )
+            self._warned = True
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._params.update(params)
+        self.flush()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._metrics += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.flush()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._artifacts.append((str(path), artifact_path))
+        self.flush()
+
+    @property
+    def pending(self) -> int:
+        return len(self._metrics) + len(self._params) + len(self._artifacts)
+
+    def flush(self) -> bool:
+        """Send what is buffered; False (and everything kept) when MLflow is unreachable."""
+        from mlflow.entities import Param
+
+        if not self._open():
+            return False
+        try:
+            while self._params:
+                items = list(self._params.items())[:100]
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in items])
+                for k, _ in items:
+                    del self._params[k]
+            while self._metrics:
+                chunk = self._metrics[:500]
+                self.client.log_batch(self.run_id, metrics=chunk)
+                del self._metrics[: len(chunk)]
+            while self._artifacts:
+                path, artifact_path = self._artifacts[0]
+                self.client.log_artifact(self.run_id, path, artifact_path)
+                self._artifacts.pop(0)
+            if self._warned:
+                log.warning("MLflow reachable again; buffered metrics sent")
+                self._warned = False
+            return True
+        except Exception as err:  # noqa: BLE001
+            self._warn(err)
+            return False
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.flush():
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as err:  # noqa: BLE001
+                self._warn(err)

@@ -1,0 +1,65 @@
+"""Settings of the learner: the LoRA cold start (SFT) and the GRPO update, paper values default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 128  # LoRA rank on all linear layers of the language model (paper: 128)
+    alpha: int = 256  # LoRA scaling numerator (alpha / rank = 2)
+    dropout: float = 0.05  # dropout on the LoRA branch
+    # Linear layers that get LoRA: every projection of the language model. The vision tower and
+    # merger stay frozen, as vLLM serves LoRA on the language model only.
+    target_modules: str = (
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|"
+        r"down_proj)"
+    )
+
+
+@dataclass
+class SFTConfig:
+    lr: float = 2e-5  # paper: 2e-5
+    epochs: int = 1  # paper: 1
+    batch_size: int = 2  # sequences per optimizer step per GPU (paper: 2)
+    warmup_ratio: float = 0.1  # paper: 0.1, then cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp32; or bf16 | fp32
+    gradient_checkpointing: bool = True  # paper: on
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    top_k: int | None = None  # Top-K for key slices; None = data.top_k
+    max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    lora: LoraSettings = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.lora is None:
+            self.lora = LoraSettings()
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 2e-6  # paper: 2e-6
+    epochs: int = 3  # passes over the training prompts (paper: 3)
+    batch_size: int = 1  # prompts per update per GPU (paper: 1); each brings G completions
+    updates_per_batch: int = 1  # optimizer updates on one batch of rollouts (mu)
+    clip_eps: float = 0.2  # PPO clip range eps (paper: 0.2)
+    beta: float = 0.01  # KL weight (paper: 0.01)
+    adv_eps: float = 1e-6  # added to the group std in A_i = (r_i - mean) / (std + eps)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = True
+    zero_stage: int = 2
+    max_steps: int | None = None  # stop after this many GRPO steps (smoke runs, tests)
+    export: str = "adapter"  # weights pushed to rollout: "adapter" (LoRA) or "merged"
+    lora: LoraSettings = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.lora is None:
+            self.lora = LoraSettings()
+        if self.export not in ("adapter", "merged"):
+            raise ValueError(f"grpo.export must be 'adapter' or 'merged', got {self.export!r}")

@@ -1,0 +1,98 @@
+"""GRPO's algorithm as pure functions over tensors (advantages, clipped surrogate, KL, loss).
+
+Symbols follow the paper: G completions o_i per prompt with rewards r_i; group-normalised
+advantage A_i = (r_i - mean(r)) / (std(r) + eps); per-token ratio rho_i,t = pi(o_i,t) /
+pi_old(o_i,t); loss = -(1/G) sum_i (1/|o_i|) sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i)
+- beta KL_t(pi || pi_ref)].
+
+Choices made here:
+- std is the population standard deviation of the group (``unbiased=False``); a group whose
+  rewards are all equal gets A_i = 0 for every i (and is counted, see ``zero_std_groups``).
+- KL uses the k3 estimator of DeepSeekMath/R1, per token: exp(ref - new) - (ref - new) - 1,
+  which is unbiased for KL(pi || pi_ref) and always >= 0.
+- Aggregation: mean over the tokens of each completion, then mean over completions (the 1/G sum
+  of 1/|o_i| sums above), so every completion weighs the same whatever its length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) for rewards of shape (B, G); returns (B, G)."""
+    if rewards.ndim != 2:
+        raise ValueError(f"rewards must be (prompts, G), got shape {tuple(rewards.shape)}")
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, unbiased=False, keepdim=True)
+    return (rewards - mean) / (std + eps)
+
+
+def zero_std_groups(rewards: torch.Tensor, tol: float = 1e-8) -> int:
+    """How many groups have identical rewards (zero advantage: no learning signal)."""
+    return int((rewards.std(dim=1, unbiased=False) <= tol).sum())
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1.0
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token min(rho A, clip(rho, 1-eps, 1+eps) A) and whether rho fell outside the clip range.
+
+    ``logp``/``old_logp`` are (N, T); ``advantages`` (N,) broadcast over tokens.
+    """
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
+    clipped = (ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)
+    return surrogate, clipped
+
+
+def masked_mean_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of each row over its masked-in tokens: (N, T) -> (N,)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    loss: torch.Tensor  # scalar to minimise
+    kl: torch.Tensor  # mean per-token k3 KL (same aggregation as the loss)
+    clip_fraction: torch.Tensor  # share of completion tokens with rho outside the clip range
+    ratio_mean: torch.Tensor
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    beta: float = 0.01,
+) -> LossParts:
+    """The GRPO loss of N completions (tensors (N, T), ``mask`` 1 on completion tokens)."""
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    kl = k3_kl(logp, ref_logp)
+    per_token = -(surrogate - beta * kl)
+    loss = masked_mean_per_row(per_token, mask).mean()
+    maskf = mask.to(logp.dtype)
+    return LossParts(
+        loss=loss,
+        kl=masked_mean_per_row(kl, mask).mean().detach(),
+        clip_fraction=((clipped.to(logp.dtype) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
+        ratio_mean=((torch.exp(logp - old_logp) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
+    )
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position: (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)

@@ -1,0 +1,164 @@
+"""The LoRA cold start: supervised fine-tuning on evidence anchors built from the masks.
+
+    python -m learner.sft --config configs/<run>.yaml [key=value ...] [--resume]
+
+For every training sample: the 64 tagged slices and the query, then the target answer (short
+reasoning, a Top-K key slice and the boxes of the mask's components on it). The loss is the
+token-mean cross-entropy over the answer tokens only. Writes ``<output_dir>/sft/adapter`` (a peft
+adapter with the processor), logs loss and learning rate to MLflow, checkpoints every
+``sft.checkpoint_every`` steps under ``<output_dir>/sft/checkpoints`` and resumes from the latest
+with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cluster.config import RunConfig, load_run_config, to_dict
+from cluster.runtime import set_default_environment
+from cluster.tracking import Tracker, flatten
+from data.dataset import VolumeDataset
+from data.prompts import build_messages, sft_target_text
+from data.targets import EmptyTargetError, evidence_target
+from learner.policy import (
+    build_engine,
+    completion_logits,
+    deepspeed_config,
+    encode,
+    load_lora_policy,
+    resolve_precision,
+    save_adapter,
+    target_ids,
+    token_logprobs,
+)
+
+log = logging.getLogger(__name__)
+
+
+def model_path(cfg: RunConfig) -> Path:
+    """The checkpoint folder to train: the configured one, or the tiny model built on demand."""
+    if cfg.model.path is not None:
+        return Path(cfg.model.path)
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
+
+
+def sft_examples(dataset: VolumeDataset, top_k: int, seed: int, epoch: int):
+    """(messages, target text) for every sample, in a seeded shuffled order per epoch."""
+    order = list(range(len(dataset)))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    rng = np.random.default_rng([seed, epoch])
+    for i in order:
+        sample, prepared = dataset[i]
+        try:
+            anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
+        except EmptyTargetError as err:  # a small target can fall between sampled slices
+            log.warning("skipping %s", err)
+            continue
+        yield (
+            build_messages(np.asarray(prepared.slices), sample.query),
+            sft_target_text(anchor, sample.label),
+        )
+
+
+def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run the cold start; returns the adapter folder."""
+    set_default_environment()
+    out = Path(cfg.output_dir) / "sft"
+    ckpt_dir = out / "checkpoints"
+    s = cfg.sft
+    dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
+    top_k = s.top_k or cfg.data.top_k
+    steps_per_epoch = math.ceil(len(dataset) / s.batch_size)
+    total = steps_per_epoch * s.epochs
+    if s.max_steps is not None:
+        total = min(total, s.max_steps)
+    precision = resolve_precision(s.precision)
+    base = model_path(cfg)
+    model, processor = load_lora_policy(base, s.lora, precision, s.gradient_checkpointing)
+    engine = build_engine(
+        model,
+        deepspeed_config(s.lr, s.weight_decay, s.grad_clip, s.zero_stage, precision, s.batch_size),
+        total,
+        s.warmup_ratio,
+    )
+    step, run_id = 0, None
+    if resume and (ckpt_dir / "latest").exists():
+        _, state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+        step, run_id = state["step"], state.get("mlflow_run_id")
+        log.info("resuming SFT at step %d", step)
+    tracker = Tracker(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment,
+        f"{cfg.tracking.run_name or Path(cfg.output_dir).name}-sft",
+        run_id,
+    )
+    if run_id is None:
+        tracker.log_params(flatten(to_dict(cfg)))
+    bar = tqdm(total=total, initial=step, desc="SFT", disable=not progress)
+    done = step * s.batch_size  # sequences already trained on (the data position)
+    seen, losses = 0, []
+    for epoch in range(s.epochs):
+        for messages, text in sft_examples(dataset, top_k, cfg.seed, epoch):
+            if step >= total:
+                break
+            seen += 1
+            if seen <= done:
+                continue  # skip what the checkpoint already covered
+            seq = encode(processor, messages, target_ids(processor, text))
+            logits = completion_logits(engine, seq, engine.device)
+            loss = -token_logprobs(logits, seq.completion_ids).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            if len(losses) == s.batch_size:
+                step += 1
+                mean = float(np.mean(losses))
+                losses = []
+                tracker.log_metrics({"sft/loss": mean, "sft/lr": engine.get_lr()[0]}, step)
+                bar.set_postfix(loss=f"{mean:.3f}")
+                bar.update(1)
+                if step % s.checkpoint_every == 0 or step == total:
+                    engine.save_checkpoint(
+                        str(ckpt_dir),
+                        tag=f"step{step}",
+                        client_state={"step": step, "mlflow_run_id": tracker.run_id},
+                        exclude_frozen_parameters=True,
+                    )
+    bar.close()
+    adapter = save_adapter(engine, processor, out / "adapter")
+    tracker.end()
+    log.info("SFT adapter written to %s", adapter)
+    return adapter
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m learner.sft", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", type=Path, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=1e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_run_config(args.config, args.overrides)
+    if cfg.data.manifest is None:
+        parser.error("data.manifest is not set (in the config or as data.manifest=PATH)")
+    torch.manual_seed(cfg.seed)
+    adapter = train_sft(cfg, resume=args.resume)
+    print(f"SFT adapter: {adapter}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""GRPO's pure functions against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from learner.grpo import (
+    clipped_surrogate,
+    group_advantages,
+    grpo_loss,
+    k3_kl,
+    token_entropy,
+    zero_std_groups,
+)
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 3.0, 2.0, 2.0], [0.5, 0.5, 0.5, 0.5]])
+    adv = group_advantages(rewards, eps=0.0)
+    # group 1: mean 2, population std sqrt((1 + 1 + 0 + 0) / 4) = sqrt(0.5)
+    s = math.sqrt(0.5)
+    assert adv[0].tolist() == pytest.approx([-1 / s, 1 / s, 0.0, 0.0])
+    # group 2: all equal -> zero advantage, not NaN
+    adv = group_advantages(rewards, eps=1e-6)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert zero_std_groups(rewards) == 1
+    with pytest.raises(ValueError, match="prompts, G"):
+        group_advantages(torch.ones(4))
+
+
+def test_k3_kl_by_hand():
+    logp = torch.tensor([math.log(0.5), math.log(0.2)])
+    ref = torch.tensor([math.log(0.25), math.log(0.2)])
+    # token 1: ref/new = 0.5 -> 0.5 - log 0.5 - 1 = 0.5 + 0.693147 - 1 = 0.193147
+    assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0])
+
+
+def test_clipped_surrogate_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # rho = 1.5, 0.5, 1.1
+    surrogate, clipped = clipped_surrogate(new, old, torch.tensor([2.0]), 0.2)
+    # A > 0: min(rho A, clip(rho) A) = min(3.0, 2.4), min(1.0, 1.6), min(2.2, 2.2)
+    assert surrogate[0].tolist() == pytest.approx([2.4, 1.0, 2.2])
+    assert clipped[0].tolist() == [True, True, False]
+    surrogate, _ = clipped_surrogate(new, old, torch.tensor([-1.0]), 0.2)
+    # A < 0: min(-1.5, -1.2) = -1.5, min(-0.5, -0.8) = -0.8, -1.1
+    assert surrogate[0].tolist() == pytest.approx([-1.5, -0.8, -1.1])
+
+
+def test_grpo_loss_on_a_toy_batch_by_hand():
+    # Two completions: the first 2 tokens long, the second 3 (one padded token masked out).
+    old = torch.log(torch.tensor([[0.5, 0.5, 1.0], [0.4, 0.4, 0.4]]))
+    new = torch.log(torch.tensor([[0.6, 0.5, 1.0], [0.4, 0.2, 0.6]]))
+    ref = torch.log(torch.tensor([[0.3, 0.5, 1.0], [0.4, 0.4, 0.4]]))
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -1.0])
+    parts = grpo_loss(new, old, ref, adv, mask, clip_eps=0.2, beta=0.1)
+
+    def k3(p, r):
+        return r / p - math.log(r / p) - 1
+
+    # completion 1: rho = 1.2, 1.0 -> surrogate 1.2, 1.0; kl = k3(.6,.3), 0
+    c1 = -((1.2 - 0.1 * k3(0.6, 0.3)) + (1.0 - 0.0)) / 2
+    # completion 2 (A = -1): rho = 1.0, 0.5, 1.5 -> min(-rho, -clip(rho)) = -1, -0.8, -1.5
+    c2 = -((-1.0 - 0.1 * 0.0) + (-0.8 - 0.1 * k3(0.2, 0.4)) + (-1.5 - 0.1 * k3(0.6, 0.4))) / 3
+    assert parts.loss.item() == pytest.approx((c1 + c2) / 2, rel=1e-5)
+    assert parts.clip_fraction.item() == pytest.approx(2 / 5)  # 0.5 and 1.5 of 5 real tokens
+    kl = (k3(0.6, 0.3) / 2 + (k3(0.2, 0.4) + k3(0.6, 0.4)) / 3) / 2
+    assert parts.kl.item() == pytest.approx(kl, rel=1e-5)
+
+
+def test_on_policy_loss_is_minus_mean_advantage_and_its_gradient_follows_the_advantage():
+    logp = torch.log(torch.tensor([[0.5, 0.25]])).requires_grad_(True)
+    parts = grpo_loss(
+        logp, logp.detach(), logp.detach(), torch.tensor([2.0]), torch.ones(1, 2), beta=0.01
+    )
+    assert parts.loss.item() == pytest.approx(-2.0)
+    parts.loss.backward()
+    # d/dlogp of -(exp(logp - old) A) / 2 at logp = old is -A / 2 per token
+    assert logp.grad[0].tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_entropy_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.5], [1.0, 1e-12]]))
+    assert token_entropy(logits).tolist() == pytest.approx([math.log(2), 0.0], abs=1e-6)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    from learner.policy import lr_factor
+
+    # 10 steps, warmup 0.2 -> 2 warmup steps at 1/3 and 2/3, then cosine from 1 to 0
+    factors = [lr_factor(s, 10, 0.2) for s in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert factors[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_factor(0, 10, 0.0) == 1.0 and lr_factor(10, 10, 0.0) == pytest.approx(0.0)
