@@ -30,6 +30,7 @@ class RolloutConfig:
     gpus_per_actor: float = 0.0  # 1 on a GPU cluster; 0 runs actors on CPU
     in_process: bool = False  # vLLM engine core in this process (fast start; tests, one CPU)
     enforce_eager: bool = True  # no graph compilation: reproducible sampling, quick start on CPU
+    chunked_prefill: bool | None = None  # None: on GPU only (CPU seeded sampling breaks on chunks)
     gpu_memory_utilization: float = 0.5  # share of a GPU vLLM may take (learner may share it)
     seed: int = 0  # sampling seed
 

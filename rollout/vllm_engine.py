@@ -46,6 +46,16 @@ class VLLMEngine:
         kwargs = {}
         if cfg.in_process:
             kwargs["distributed_executor_backend"] = "uni"
+        chunked = cfg.chunked_prefill
+        if chunked is None:
+            import torch
+
+            chunked = torch.cuda.is_available()
+        if not chunked:
+            # A prompt prefilled in pieces rewinds its seeded generator's offset after each
+            # piece, which a CPU generator does not have ("CPU Generator does not use offset"),
+            # so on CPU every prompt is prefilled in one step.
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=cfg.max_model_len)
         if cfg.enable_lora:
             kwargs.update(enable_lora=True, max_lora_rank=cfg.max_lora_rank, max_loras=1)
         self.llm = LLM(
