@@ -1,0 +1,1 @@
+"""evaluation: DSC/IoU tables and inference on a user's NIfTI."""

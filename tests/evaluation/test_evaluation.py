@@ -1,0 +1,142 @@
+"""Evaluation metrics by hand, the oracle row on phantoms, and prediction on a user's NIfTI."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from evaluation.metrics import dsc, iou
+
+
+def test_dsc_and_iou_by_hand():
+    a = np.zeros((2, 4, 4), bool)
+    b = np.zeros((2, 4, 4), bool)
+    a[0, :2, :2] = True  # 4 voxels
+    b[0, :2, :] = True  # 8 voxels, 4 shared
+    assert dsc(a, b) == pytest.approx(8 / 12) and iou(a, b) == pytest.approx(4 / 8)
+    assert dsc(a, a) == 1.0 and iou(a, a) == 1.0
+    empty = np.zeros_like(a)
+    assert dsc(empty, empty) == 1.0 and dsc(a, empty) == 0.0 and iou(empty, b) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        dsc(a, b[:1])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
+
+
+@pytest.mark.slow
+def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
+    phantom_manifest, tiny_model, tmp_path
+):
+    from cluster.config import load_run_config
+    from evaluation.evaluate import evaluate
+
+    cfg = load_run_config(
+        "configs/tiny.yaml",
+        [
+            f"output_dir={tmp_path}",
+            f"data.manifest={phantom_manifest}",
+            "data.cache_dir=null",
+            "data.num_slices=16",
+            "data.slice_size=96",
+            f"model.path={tiny_model}",
+            "rollout.engine=transformers",
+            "rollout.max_tokens=16",
+        ],
+    )
+    markdown = evaluate(
+        cfg, {"base": None}, tmp_path / "eval", split="test", workers=2, progress=False
+    )
+    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines()[2:]}
+    assert set(rows) == {"oracle anchor (baseline)", "base"}
+    assert "CT-ORG DSC" in markdown and "KiTS23 IoU" in markdown
+    cases = [
+        json.loads(line) for line in (tmp_path / "eval" / "cases.jsonl").read_text().splitlines()
+    ]
+    oracle = [c for c in cases if c["row"].startswith("oracle") and c["suite"] == "ctorg"]
+    assert np.mean([c["dsc"] for c in oracle]) > 0.6  # organs of a CT-ORG-like phantom
+    base = [c for c in cases if c["row"] == "base"]
+    assert all(c["dsc"] == 0.0 and c["failure"] for c in base)  # a random model: nonsense
+    assert (tmp_path / "eval" / "table.csv").read_text().startswith("checkpoint,")
+    n = len(cases)
+    evaluate(cfg, {"base": None}, tmp_path / "eval", split="test", progress=False)
+    assert len((tmp_path / "eval" / "cases.jsonl").read_text().splitlines()) == n  # resumed
+
+
+@pytest.mark.slow
+def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
+    phantom_manifest, tiny_model, tmp_path
+):
+    from PIL import Image
+
+    from evaluation.predict import PredictError, predict
+
+    image = phantom_manifest.parent / "images" / "ctorg_0000.nii.gz"
+    evidence = predict(
+        image,
+        "Find the organ that secretes bile.",
+        tiny_model,
+        tmp_path / "p",
+        num_slices=16,
+        size=96,
+        max_tokens=16,
+    )
+    src = nib.load(str(image))
+    mask = nib.load(str(tmp_path / "p" / "mask.nii.gz"))
+    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
+    assert evidence["ok"] is False and evidence["failure"]  # a random model answers nonsense
+    assert "no MedSAM2" in evidence["propagator"]
+    assert json.loads((tmp_path / "p" / "evidence.json").read_text())["query"]
+    with Image.open(tmp_path / "p" / "evidence_card.png") as card:
+        assert card.size[0] > 200
+    with pytest.raises(PredictError, match="query is empty"):
+        predict(image, "  ", tiny_model, tmp_path / "q")
+    with pytest.raises(PredictError, match="over 1000"):
+        predict(image, "x" * 1001, tiny_model, tmp_path / "q")
+    with pytest.raises(PredictError, match="not a checkpoint folder"):
+        predict(image, "liver", tmp_path, tmp_path / "q")
+    from data.volume import VolumeError
+
+    tiny = tmp_path / "tiny.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), str(tiny))
+    with pytest.raises(VolumeError, match="too small to sample"):
+        predict(tiny, "liver", tiny_model, tmp_path / "q")
+
+
+@pytest.mark.slow
+def test_predict_with_an_oracle_like_answer_writes_a_real_mask(phantom_manifest, tmp_path):
+    """The card and mask path with a usable anchor, via the evaluation scorer on the oracle."""
+    from cluster.config import load_run_config
+    from data.dataset import VolumeDataset
+    from evaluation.card import evidence_card
+    from evaluation.evaluate import CaseScorer, oracle_jobs
+
+    cfg = load_run_config(
+        "configs/tiny.yaml",
+        [
+            f"data.manifest={phantom_manifest}",
+            "data.cache_dir=null",
+            "data.num_slices=16",
+            "data.slice_size=96",
+        ],
+    )
+    ds = VolumeDataset(phantom_manifest, cfg.data)
+    sample, prepared = ds.by_id("ctorg_0000/liver")
+    (job,) = oracle_jobs("oracle", [(sample, prepared)])
+    result = CaseScorer(str(phantom_manifest), cfg.data, cfg.reward, "baseline").score(job)
+    assert result["dsc"] > 0.6
+    card = evidence_card(
+        tmp_path / "card.png",
+        np.asarray(prepared.slices),
+        np.asarray(prepared.mask),
+        job.key_slice,
+        job.boxes,
+        "liver",
+        prepared.source_index,
+    )
+    assert card.stat().st_size > 1000
