@@ -39,13 +39,15 @@ log = logging.getLogger("cluster.grpo")
 class LearnerWorker:
     """The GRPO learner inside a Ray actor (one GPU on a cluster)."""
 
-    def __init__(self, model_path: str, cfg, group_size: int, total_steps: int,
-                 adapter: str | None):
+    def __init__(
+        self, model_path: str, cfg, group_size: int, total_steps: int, adapter: str | None
+    ):
         set_default_environment()
         from learner.grpo_learner import GRPOLearner
 
-        self.learner = GRPOLearner(Path(model_path), cfg, group_size, total_steps,
-                                   Path(adapter) if adapter else None)
+        self.learner = GRPOLearner(
+            Path(model_path), cfg, group_size, total_steps, Path(adapter) if adapter else None
+        )
 
     def step(self, batch):
         return self.learner.step(batch)
@@ -76,8 +78,9 @@ def prompt_order(n: int, epochs: int, seed: int) -> list[int]:
     return order
 
 
-def evidence_picture(path: Path, slices: np.ndarray, mask: np.ndarray, text: str,
-                     title: str) -> Path | None:
+def evidence_picture(
+    path: Path, slices: np.ndarray, mask: np.ndarray, text: str, title: str
+) -> Path | None:
     """The key slice with predicted (yellow) and true (green) boxes, as a PNG."""
     import matplotlib
 
@@ -172,36 +175,64 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             ray.init(address=cfg.cluster.address, log_to_driver=False)
         else:  # a local instance sized to the plan (logical CPUs may exceed the cores)
             need = int(np.ceil(placement.total().get("CPU", 1))) + 1
-            ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(
+                num_cpus=max(need, os.cpu_count() or 1),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
     group = placement_group(placement.bundles, strategy=placement.strategy)
     ray.get(group.ready(), timeout=600)
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     checkpoints = Checkpoints(out / "checkpoints")
-    state = {"step": 0, "position": 0, "mlflow_run_id": None, "version": 0,
-             "rng": rng_state(np.random.default_rng(cfg.seed))}
+    state = {
+        "step": 0,
+        "position": 0,
+        "mlflow_run_id": None,
+        "version": 0,
+        "rng": rng_state(np.random.default_rng(cfg.seed)),
+    }
     latest = checkpoints.latest() if resume else None
     if latest is not None:
         state = json.loads((latest / "state.json").read_text())
         log.info("resuming from %s (step %d)", latest, state["step"])
-    learner = ray.remote(LearnerWorker).options(
-        num_cpus=placement.learner["CPU"], num_gpus=placement.learner.get("GPU", 0),
-        scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
-    ).remote(str(base), cfg.grpo, cfg.rollout.group_size, max(steps, 1),
-             str(cfg.sft_adapter) if cfg.sft_adapter else None)
+    learner = (
+        ray.remote(LearnerWorker)
+        .options(
+            num_cpus=placement.learner["CPU"],
+            num_gpus=placement.learner.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
+        )
+        .remote(
+            str(base),
+            cfg.grpo,
+            cfg.rollout.group_size,
+            max(steps, 1),
+            str(cfg.sft_adapter) if cfg.sft_adapter else None,
+        )
+    )
     if latest is not None:
         ray.get(learner.load_checkpoint.remote(str(latest / "learner"), "ckpt"))
-    fleet = RolloutFleet(base, cfg.rollout, cfg.model, cpus_per_actor=cfg.cluster.rollout_cpus,
-                         placement_group=group, bundle_offset=1)
+    fleet = RolloutFleet(
+        base,
+        cfg.rollout,
+        cfg.model,
+        cpus_per_actor=cfg.cluster.rollout_cpus,
+        placement_group=group,
+        bundle_offset=1,
+    )
     if latest is not None or cfg.sft_adapter is not None:
         update = ray.get(learner.export.remote(str(out / "weights"), state["version"]))
         fleet.update_weights(update)
-    pool = RewardPool(str(cfg.data.manifest), cfg.data, cfg.reward,
-                      cpus_per_worker=cfg.cluster.reward_cpus)
-    tracker = Tracker(cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                      cfg.tracking.run_name or f"{Path(cfg.output_dir).name}-grpo",
-                      state["mlflow_run_id"])
+    pool = RewardPool(
+        str(cfg.data.manifest), cfg.data, cfg.reward, cpus_per_worker=cfg.cluster.reward_cpus
+    )
+    tracker = Tracker(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or f"{Path(cfg.output_dir).name}-grpo",
+        state["mlflow_run_id"],
+    )
     if state["mlflow_run_id"] is None:
         tracker.log_params(flatten(to_dict(cfg)))
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
@@ -216,10 +247,11 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     while state["step"] < steps:
         step = state["step"] + 1
         _apply_scale_file(cfg, pool)
-        idx = order[state["position"]:state["position"] + cfg.grpo.batch_size]
+        idx = order[state["position"] : state["position"] + cfg.grpo.batch_size]
         samples = [dataset[i] for i in idx]
-        prompts = [RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query))
-                   for s, p in samples]
+        prompts = [
+            RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples
+        ]
         t0 = time.perf_counter()
         groups = fleet.generate(prompts, seed=int(rng.integers(2**31)))
         t1 = time.perf_counter()
@@ -231,8 +263,11 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         import torch
 
         adv = group_advantages(torch.tensor(totals), cfg.grpo.adv_eps).numpy()
-        batch = [GRPOExample(prompts[i].messages, c.token_ids, c.logprobs, float(adv[i, j]))
-                 for i, g in enumerate(groups) for j, c in enumerate(g.completions)]
+        batch = [
+            GRPOExample(prompts[i].messages, c.token_ids, c.logprobs, float(adv[i, j]))
+            for i, g in enumerate(groups)
+            for j, c in enumerate(g.completions)
+        ]
         learned = ray.get(learner.step.remote(batch))
         t3 = time.perf_counter()
         update: WeightUpdate = ray.get(learner.export.remote(str(out / "weights"), step))
@@ -246,17 +281,24 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             "reward/consistency": float(np.mean([r.consistency for r in rewards])),
             "reward/total": float(totals.mean()),
             "reward/group_std": float(totals.std(axis=1).mean()),
-            "reward/format_failure_rate": float(np.mean([r.failure is not None
-                                                         for r in rewards])),
-            "advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
-            "advantage/min": float(adv.min()), "advantage/max": float(adv.max()),
+            "reward/format_failure_rate": float(np.mean([r.failure is not None for r in rewards])),
+            "advantage/mean": float(adv.mean()),
+            "advantage/std": float(adv.std()),
+            "advantage/min": float(adv.min()),
+            "advantage/max": float(adv.max()),
             "advantage/zero_std_share": zero_std_groups(torch.tensor(totals)) / len(groups),
-            "learner/loss": learned.loss, "learner/kl": learned.kl,
-            "learner/clip_fraction": learned.clip_fraction, "learner/entropy": learned.entropy,
-            "learner/grad_norm": learned.grad_norm, "learner/lr": learned.lr,
+            "learner/loss": learned.loss,
+            "learner/kl": learned.kl,
+            "learner/clip_fraction": learned.clip_fraction,
+            "learner/entropy": learned.entropy,
+            "learner/grad_norm": learned.grad_norm,
+            "learner/lr": learned.lr,
             "rollout/response_length": float(np.mean(lengths)),
-            "time/generate_s": t1 - t0, "time/reward_s": t2 - t1, "time/learn_s": t3 - t2,
-            "time/weight_sync_s": t4 - t3, "time/step_s": t4 - t0,
+            "time/generate_s": t1 - t0,
+            "time/reward_s": t2 - t1,
+            "time/learn_s": t3 - t2,
+            "time/weight_sync_s": t4 - t3,
+            "time/step_s": t4 - t0,
             "throughput/completions_per_s": len(lengths) / (t4 - t0),
             "throughput/tokens_per_s": sum(lengths) / (t4 - t0),
             "reward/workers": pool.num_workers,
@@ -264,14 +306,18 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         tracker.log_metrics(metrics, step)
         if step % cfg.tracking.evidence_every == 0 or step == 1:
             sample, prepared = samples[0]
-            picture = evidence_picture(out / f"evidence-step{step}.png",
-                                       np.asarray(prepared.slices), np.asarray(prepared.mask),
-                                       groups[0].completions[0].text,
-                                       f"step {step}: {sample.query}")
+            picture = evidence_picture(
+                out / f"evidence-step{step}.png",
+                np.asarray(prepared.slices),
+                np.asarray(prepared.mask),
+                groups[0].completions[0].text,
+                f"step {step}: {sample.query}",
+            )
             if picture is not None:
                 tracker.log_artifact(picture, "evidence")
-        state.update(step=step, position=state["position"] + len(idx), version=step,
-                     rng=rng_state(rng))
+        state.update(
+            step=step, position=state["position"] + len(idx), version=step, rng=rng_state(rng)
+        )
         if step % cfg.checkpoint_every == 0 or step == steps:
             checkpoints.save(step, learner, state)
         bar.update(1)
@@ -302,12 +348,16 @@ def _apply_scale_file(cfg: RunConfig, pool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = argparse.ArgumentParser(prog="python -m cluster.grpo",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.grpo", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--config", type=Path)
     parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate the config, print the placement, start nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print the placement, start nothing",
+    )
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -317,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     placement = plan(cfg)
     if args.dry_run:
         print(describe(placement))
-        print(f"model: {cfg.model.path or 'tiny Qwen3-VL (' + cfg.model.tiny_size + ')'}; "
-              f"rollout: {cfg.rollout.engine} x{cfg.rollout.num_actors}, G={cfg.rollout.group_size}"
-              f"; reward: {cfg.reward.propagator} x{cfg.reward.num_workers}")
+        print(
+            f"model: {cfg.model.path or 'tiny Qwen3-VL (' + cfg.model.tiny_size + ')'}; "
+            f"rollout: {cfg.rollout.engine} x{cfg.rollout.num_actors}, G={cfg.rollout.group_size}"
+            f"; reward: {cfg.reward.propagator} x{cfg.reward.num_workers}"
+        )
         return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     metrics = run(cfg, resume=args.resume)

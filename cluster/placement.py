@@ -40,14 +40,19 @@ def plan(cfg: RunConfig) -> Placement:
     if cfg.reward.num_workers < 1:
         raise ValueError(f"reward.num_workers must be >= 1, got {cfg.reward.num_workers}")
     if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ValueError(f"cluster.placement_strategy {c.placement_strategy!r} is not a Ray "
-                         "placement strategy")
+        raise ValueError(
+            f"cluster.placement_strategy {c.placement_strategy!r} is not a Ray placement strategy"
+        )
     return Placement(
         learner=_bundle(c.learner_cpus, c.learner_gpus),
-        rollout=[_bundle(c.rollout_cpus, cfg.rollout.gpus_per_actor)
-                 for _ in range(cfg.rollout.num_actors)],
-        reward=[_bundle(c.reward_cpus, cfg.reward.gpus_per_worker)
-                for _ in range(cfg.reward.num_workers)],
+        rollout=[
+            _bundle(c.rollout_cpus, cfg.rollout.gpus_per_actor)
+            for _ in range(cfg.rollout.num_actors)
+        ],
+        reward=[
+            _bundle(c.reward_cpus, cfg.reward.gpus_per_worker)
+            for _ in range(cfg.reward.num_workers)
+        ],
         strategy=c.placement_strategy,
     )
 

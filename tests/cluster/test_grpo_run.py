@@ -1,0 +1,171 @@
+"""The GRPO run as users meet it: dry run, `ray job submit` on a local head, kill and resume,
+and the reward worker count changed while the run goes on."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_run_config
+from cluster.placement import plan
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS = [
+    "reward/format",
+    "reward/axial",
+    "reward/spatial",
+    "reward/consistency",
+    "reward/total",
+    "reward/group_std",
+    "reward/format_failure_rate",
+    "advantage/mean",
+    "advantage/zero_std_share",
+    "learner/loss",
+    "learner/kl",
+    "learner/clip_fraction",
+    "learner/entropy",
+    "learner/grad_norm",
+    "rollout/response_length",
+    "time/generate_s",
+    "time/reward_s",
+    "time/learn_s",
+    "time/weight_sync_s",
+    "throughput/completions_per_s",
+    "reward/workers",
+]
+
+
+def test_dry_run_validates_and_prints_the_placement():
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.grpo", "--config", "configs/paper.yaml", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "bundle 0  learner" in out.stdout and "'GPU': 5.0" in out.stdout
+    with pytest.raises(ConfigError, match="grpo.lr: expected a number"):
+        load_run_config("configs/tiny.yaml", ["grpo.lr=fast"])
+    with pytest.raises(ConfigError, match="unknown field in rollout: colour"):
+        load_run_config("configs/tiny.yaml", ["rollout.colour=red"])
+    with pytest.raises(ValueError, match="reward.num_workers must be >= 1"):
+        plan(load_run_config("configs/tiny.yaml", ["reward.num_workers=0"]))
+
+
+@pytest.fixture(scope="module")
+def run_args(phantom_manifest, tmp_path_factory):
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    model = build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
+    return [
+        f"data.manifest={phantom_manifest}",
+        "data.num_slices=8",
+        "data.slice_size=64",
+        f"model.path={model}",
+        "rollout.max_tokens=16",
+        "cluster.rollout_cpus=0.5",
+        "cluster.learner_cpus=0.5",
+    ]
+
+
+def metric_steps(uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    return runs, {
+        m: sorted({h.step for h in client.get_metric_history(runs[0].info.run_id, m)})
+        for m in METRICS
+    }
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_args, tmp_path):
+    from cluster.services import RayHead
+
+    head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-test-{os.getpid()}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        job = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "job",
+                "submit",
+                "--address",
+                head.dashboard,
+                "--working-dir",
+                str(REPO),
+                "--runtime-env-json",
+                '{"excludes": ["runs/", ".git/", "mlruns/", "*.db"]}',
+                "--",
+                "python",
+                "-m",
+                "cluster.grpo",
+                "--config",
+                "configs/tiny.yaml",
+                *run_args,
+                f"output_dir={tmp_path}",
+                f"tracking.tracking_uri={uri}",
+                "steps=2",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=head.env(),
+        )
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout
+    finally:
+        head.stop()
+    runs, steps = metric_steps(uri, "medvol-r1-tiny")
+    assert len(runs) == 1
+    assert all(steps[m] == [1, 2] for m in METRICS), steps
+    assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_args, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    scale = tmp_path / "reward_workers"
+    args = [
+        sys.executable,
+        "-m",
+        "cluster.grpo",
+        "--config",
+        "configs/tiny.yaml",
+        *run_args,
+        f"output_dir={tmp_path}",
+        f"tracking.tracking_uri={uri}",
+        "steps=4",
+        "checkpoint_every=2",
+        f"cluster.scale_file={scale}",
+    ]
+    first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "grpo" / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not latest.exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    assert latest.read_text().strip() == "step-2"
+    first.send_signal(signal.SIGINT)  # the driver dies mid-run
+    first.wait(timeout=120)
+    scale.write_text("2")  # change the reward worker count for the rest of the run
+    second = subprocess.run(
+        [*args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    runs, steps = metric_steps(uri, "medvol-r1-tiny")
+    assert len(runs) == 1  # the same MLflow run continued
+    assert steps["reward/total"] == [1, 2, 3, 4]
+    from mlflow.tracking import MlflowClient
+
+    workers = {
+        h.step: h.value
+        for h in MlflowClient(uri).get_metric_history(runs[0].info.run_id, "reward/workers")
+    }
+    assert workers[4] == 2 and workers[1] == 1
