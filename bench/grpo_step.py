@@ -1,0 +1,160 @@
+"""Wall time of one GRPO step (generate, reward, learn, weight sync) on the tiny config, ours
+against TRL's ``GRPOTrainer`` doing the same work: same tiny Qwen3-VL checkpoint, same
+multi-image prompts, G = 4, batch of 1 prompt, LoRA rank 16, and our four reward terms passed to
+TRL as its reward function. Run from the repository root:
+
+    python -m bench.grpo_step [--steps 3] [--slices 16] [--size 128] [--max-tokens 64]
+
+Ours runs the Ray-free cores in one process (vLLM engine, reward scorer, DeepSpeed learner, LoRA
+push to vLLM); TRL generates with transformers in the training process (its default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from cluster.runtime import set_default_environment
+
+    set_default_environment()
+    import torch
+
+    from data.config import DataConfig
+    from data.dataset import VolumeDataset
+    from data.phantoms import write_phantoms
+    from data.prompts import build_messages
+    from learner.config import GRPOConfig, LoraSettings
+    from learner.grpo import group_advantages
+    from learner.grpo_learner import GRPOExample, GRPOLearner
+    from reward_server.config import RewardConfig
+    from reward_server.scorer import RewardScorer
+    from rollout.config import RolloutConfig
+    from rollout.records import RolloutPrompt
+    from rollout.tiny_model import build_tiny_qwen3vl
+    from rollout.vllm_engine import VLLMEngine
+
+    tmp = Path(tempfile.mkdtemp())
+    model = build_tiny_qwen3vl(tmp / "tiny", "test")
+    manifest = write_phantoms(tmp / "data", n=4, seed=0, shape=(48, 128, 128), progress=False)
+    ds = VolumeDataset(manifest, DataConfig(num_slices=args.slices, slice_size=args.size,
+                                            cache_dir=tmp / "cache"), split="train")
+    samples = [ds[i] for i in range(args.steps + 1)]
+    scorer = RewardScorer(RewardConfig(propagator="baseline"))
+    lora = LoraSettings(rank=16, alpha=32, dropout=0.0)
+    G = 4
+
+    # ---- ours: the cores of one GRPO step, in one process
+    engine = VLLMEngine(model, RolloutConfig(max_tokens=args.max_tokens, in_process=True,
+                                             max_model_len=4096, max_lora_rank=16))
+    learner = GRPOLearner(model, GRPOConfig(lr=1e-4, zero_stage=0, precision="fp32",
+                                            gradient_checkpointing=False, lora=lora),
+                          group_size=G, total_steps=args.steps + 1)
+    ours = []
+    for step, (sample, prepared) in enumerate(samples):
+        prompt = RolloutPrompt(sample.id, build_messages(np.asarray(prepared.slices),
+                                                         sample.query))
+        t0 = time.perf_counter()
+        (group,) = engine.generate([prompt], seed=step)
+        t1 = time.perf_counter()
+        rewards = scorer.score_group(prepared, [c.text for c in group.completions])
+        t2 = time.perf_counter()
+        adv = group_advantages(torch.tensor([[r.total for r in rewards]]))[0]
+        learner.step([GRPOExample(prompt.messages, c.token_ids, c.logprobs, float(a))
+                      for c, a in zip(group.completions, adv)])
+        t3 = time.perf_counter()
+        engine.update_weights(learner.export(tmp / "weights", step + 1))
+        t4 = time.perf_counter()
+        if step > 0:  # the first step warms every part up
+            ours.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+    del engine, learner
+
+    # ---- TRL: GRPOTrainer on the same model, prompts, G and rewards
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration, TrainerCallback
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    by_id = {s.id: p for s, p in samples}
+
+    def our_reward(prompts, completions, sample_id, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        texts = [t if isinstance(t, str) else "".join(p.get("text", "") for p in t)
+                 for t in texts]
+        return [scorer.score_group(by_id[sid], [t])[0].total for sid, t in zip(sample_id, texts)]
+
+    rows = []
+    for sample, prepared in samples:
+        messages = build_messages(np.asarray(prepared.slices), sample.query)
+        images = [p.pop("image") for m in messages for p in m["content"] if p["type"] == "image"]
+        rows.append({"prompt": messages, "images": images, "sample_id": sample.id})
+    dataset = Dataset.from_list(rows)
+    phases = {"generate": [], "reward": []}
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    trl_args = TRLConfig(
+        output_dir=str(tmp / "trl"), per_device_train_batch_size=G, num_generations=G,
+        max_completion_length=args.max_tokens, learning_rate=1e-4, max_steps=len(samples),
+        beta=0.01, epsilon=0.2, temperature=1.0, logging_steps=1, report_to="none",
+        use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
+        shuffle_dataset=False, seed=0)
+    trainer = GRPOTrainer(
+        model=Qwen3VLForConditionalGeneration.from_pretrained(model, dtype=torch.float32),
+        reward_funcs=our_reward, args=trl_args, train_dataset=dataset,
+        processing_class=AutoProcessor.from_pretrained(model),
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=lora.target_modules),
+        callbacks=[timer])
+    for name, method in (("generate", "_generate"), ("reward", "_calculate_rewards")):
+        real = getattr(trainer, method)
+
+        def timed(*a, _real=real, _name=name, **k):
+            t = time.perf_counter()
+            out = _real(*a, **k)
+            phases[_name].append(time.perf_counter() - t)
+            return out
+
+        setattr(trainer, method, timed)
+    trainer.train()
+    trl_steps = timer.times[1:]
+    gen, rew = phases["generate"][1:], phases["reward"][1:]
+
+    ours_arr = np.array(ours)
+    o = ours_arr.mean(axis=0)
+    t_total = float(np.mean(trl_steps))
+    t_gen, t_rew = float(np.mean(gen)), float(np.mean(rew))
+    print(f"one GRPO step, tiny Qwen3-VL, 1 prompt x G={G}, {args.slices} slices of {args.size}"
+          f" px, max {args.max_tokens} new tokens, CPU ({len(ours)} steps averaged)")
+    print(f"  {'phase':12s} {'ours':>8s} {'TRL':>8s}")
+    print(f"  {'generate':12s} {o[0]:8.2f} {t_gen:8.2f}")
+    print(f"  {'reward':12s} {o[1]:8.2f} {t_rew:8.2f}")
+    print(f"  {'learn':12s} {o[2]:8.2f} {t_total - t_gen - t_rew:8.2f}")
+    print(f"  {'weight sync':12s} {o[3]:8.2f} {'(none)':>8s}")
+    print(f"  {'total':12s} {o.sum():8.2f} {t_total:8.2f}   TRL / ours: {t_total / o.sum():.2f}x")
+
+
+if __name__ == "__main__":
+    main()
