@@ -109,8 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         head.stop()
         mlflow.stop()
+    from cluster.tracking import plot_reward_curves
+
+    curves = plot_reward_curves(
+        f"sqlite:///{out / 'mlflow.db'}", base.tracking.experiment, out / "reward_curves.png"
+    )
     say(f"done in {time.time() - start:.0f} s")
-    print(f"table: {out / 'eval' / 'table.md'}")
+    print((out / "eval" / "table.md").read_text())
+    print(f"table: {out / 'eval' / 'table.md'}; reward curves: {curves}")
     print(
         "MLflow UI (reward curves of the SFT and GRPO runs):\n"
         f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "

@@ -131,3 +131,49 @@ class Tracker:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as err:  # noqa: BLE001
                 self._warn(err)
+
+
+def plot_reward_curves(tracking_uri: str, experiment: str, out: Path, run_suffix: str = "grpo"):
+    """A PNG of the reward terms per step of the latest GRPO run of an experiment (the same
+    curves the MLflow UI draws), for READMEs and terminals without a browser."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = (
+        [
+            r
+            for r in client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
+            if (r.info.run_name or "").endswith(run_suffix)
+        ]
+        if exp
+        else []
+    )
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    names = [
+        "reward/total",
+        "reward/format",
+        "reward/axial",
+        "reward/spatial",
+        "reward/consistency",
+        "learner/kl",
+    ]
+    fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
+    for ax, name in zip(axes.ravel(), names):
+        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
+        ax.plot([m.step for m in history], [m.value for m in history], marker="o", ms=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("GRPO step", fontsize=8)
+    fig.suptitle(f"{experiment} / {runs[0].info.run_name}", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
