@@ -65,21 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-ray-{out.name}")
     try:
         say(f"GRPO: ray job submit to {head.dashboard}")
-        subprocess.run(
+        head.submit_grpo(
+            Path("."),
             [
-                str(Path(py).parent / "ray"),
-                "job",
-                "submit",
-                "--address",
-                head.dashboard,
-                "--working-dir",
-                ".",
-                "--runtime-env-json",
-                '{"excludes": ["runs/", ".git/", "mlruns/", "*.db"]}',
-                "--",
-                "python",
-                "-m",
-                "cluster.grpo",
                 "--config",
                 str(args.config),
                 *common,
@@ -88,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
                 f"steps={args.steps}",
             ],
             check=True,
-            env=head.env(),
         )
         say("evaluation on held-out phantoms (python -m evaluation.evaluate)")
         subprocess.run(

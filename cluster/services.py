@@ -74,6 +74,27 @@ class RayHead:
         )
         return head
 
+    def submit_grpo(self, working_dir: Path, grpo_args: list[str], **run_kwargs):
+        """``ray job submit`` of ``python -m cluster.grpo <grpo_args>`` to this head, uploading
+        ``working_dir`` without run outputs; returns the finished CompletedProcess."""
+        command = [
+            _bin("ray"),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard,
+            "--working-dir",
+            str(working_dir),
+            "--runtime-env-json",
+            '{"excludes": ["runs/", ".git/", "mlruns/", "*.db"]}',
+            "--",
+            "python",
+            "-m",
+            "cluster.grpo",
+            *grpo_args,
+        ]
+        return subprocess.run(command, env=self.env(), **run_kwargs)
+
     @staticmethod
     def env() -> dict[str, str]:
         """Environment for this head and its clients (``ray job submit``): token auth is off,

@@ -91,21 +91,9 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
     head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-test-{os.getpid()}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:
-        job = subprocess.run(
+        job = head.submit_grpo(
+            REPO,
             [
-                str(Path(sys.executable).parent / "ray"),
-                "job",
-                "submit",
-                "--address",
-                head.dashboard,
-                "--working-dir",
-                str(REPO),
-                "--runtime-env-json",
-                '{"excludes": ["runs/", ".git/", "mlruns/", "*.db"]}',
-                "--",
-                "python",
-                "-m",
-                "cluster.grpo",
                 "--config",
                 "configs/tiny.yaml",
                 *run_args,
@@ -117,7 +105,6 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
             capture_output=True,
             text=True,
             timeout=900,
-            env=head.env(),
         )
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout

@@ -72,22 +72,26 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
 
     manifest = write_phantoms(tmp_path / "data", n=4, seed=1, shape=(40, 96, 96), progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=8",
-            "data.slice_size=64",
-            f"model.path={tiny_model}",
-            "sft.epochs=6",
-            "sft.warmup_ratio=0",
-            "sft.lr=0.003",
-            f"tracking.tracking_uri={uri}",
-            "sft.checkpoint_every=4",
-        ],
-    )
+
+    def config(epochs: int):
+        return load_run_config(
+            "configs/tiny.yaml",
+            [
+                f"output_dir={tmp_path}",
+                f"data.manifest={manifest}",
+                "data.cache_dir=null",
+                "data.num_slices=8",
+                "data.slice_size=64",
+                f"model.path={tiny_model}",
+                f"sft.epochs={epochs}",
+                "sft.warmup_ratio=0",
+                "sft.lr=0.003",
+                f"tracking.tracking_uri={uri}",
+                "sft.checkpoint_every=4",
+            ],
+        )
+
+    cfg = config(epochs=6)
     adapter = train_sft(cfg, progress=False)
     assert (adapter / "adapter_config.json").exists()
     assert (adapter / "processor_config.json").exists() or (adapter / "tokenizer.json").exists()
@@ -98,22 +102,7 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
     assert run.data.params["sft.lr"] == "0.003"
     # resume: the checkpoint carries the step and the MLflow run
-    cfg2 = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=8",
-            "data.slice_size=64",
-            f"model.path={tiny_model}",
-            "sft.epochs=7",
-            "sft.warmup_ratio=0",
-            "sft.lr=0.003",
-            f"tracking.tracking_uri={uri}",
-            "sft.checkpoint_every=4",
-        ],
-    )
+    cfg2 = config(epochs=7)
     train_sft(cfg2, resume=True, progress=False)
     history = client.get_metric_history(run.info.run_id, "sft/loss")
     assert len(history) > len(losses)
