@@ -183,19 +183,23 @@ def build_engine(model, ds_config: dict, total_steps: int, warmup_ratio: float):
 
 
 def lora_state(engine) -> dict:
-    """The adapter's weights, gathered from ZeRO-3 partitions when needed."""
+    """The adapter's weights, gathered from ZeRO-3 partitions when needed. Only LoRA weights:
+    a LoRA on lm_head does not drag the full base head into every pushed adapter."""
     from peft import get_peft_model_state_dict
 
     module = engine.module
+
+    def collect() -> dict:
+        state = get_peft_model_state_dict(module, save_embedding_layers=False)
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
         params = [p for n, p in module.named_parameters() if "lora_" in n]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {
-                k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()
-            }
-    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(module).items()}
+            return collect()
+    return collect()
 
 
 def save_adapter(engine, processor, out_dir: Path) -> Path:
@@ -208,7 +212,8 @@ def save_adapter(engine, processor, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(str(tmp), state_dict=lora_state(engine))
+    engine.module.save_pretrained(str(tmp), state_dict=lora_state(engine),
+                                  save_embedding_layers=False)
     processor.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
