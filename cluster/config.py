@@ -5,10 +5,16 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from data.config import DataConfig
+from learner.config import GRPOConfig, SFTConfig
+from reward_server.config import RewardConfig
+from rollout.config import ModelConfig, RolloutConfig
 
 T = TypeVar("T")
 
@@ -167,13 +173,6 @@ def to_dict(config: Any) -> dict:
 
 
 # The run config: one section per part, each part's own typed config.
-
-from dataclasses import dataclass, field  # noqa: E402
-
-from data.config import DataConfig  # noqa: E402
-from learner.config import GRPOConfig, SFTConfig  # noqa: E402
-from reward_server.config import RewardConfig  # noqa: E402
-from rollout.config import ModelConfig, RolloutConfig  # noqa: E402
 
 
 @dataclass

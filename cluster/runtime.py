@@ -28,6 +28,9 @@ def set_default_environment() -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+        # A tracking server that is down must cost seconds, not minutes of retries per call.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

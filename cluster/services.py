@@ -136,8 +136,10 @@ class MlflowServer:
         return f"http://127.0.0.1:{self.port}"
 
     @classmethod
-    def start(cls, store: Path, artifacts: Path, log: Path) -> MlflowServer:
-        port = free_port()
+    def start(
+        cls, store: Path, artifacts: Path, log: Path, port: int | None = None
+    ) -> MlflowServer:
+        port = port or free_port()
         env = os.environ.copy()
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         artifacts.mkdir(parents=True, exist_ok=True)

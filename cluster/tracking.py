@@ -44,6 +44,8 @@ class Tracker:
         self._params: dict[str, str] = {}
         self._artifacts: list[tuple[str, str | None]] = []
         self._warned = False
+        self._ready = False
+        self._retry_at = 0.0  # after a failure, wait before trying the server again
         self._open()
 
     def _open(self) -> bool:
@@ -62,10 +64,14 @@ class Tracker:
             return True
         except Exception as err:  # noqa: BLE001 - any failure to reach MLflow is survivable
             self._ready = False
-            self._warn(err)
+            self._failed(err)
             return False
 
-    _ready = False
+    def _failed(self, err: Exception) -> None:
+        self._retry_at = time.monotonic() + self.retry_after_s
+        self._warn(err)
+
+    retry_after_s = 30.0  # a down server is retried at most this often, not on every step
 
     def _warn(self, err: Exception) -> None:
         if not self._warned:
@@ -97,10 +103,13 @@ class Tracker:
     def pending(self) -> int:
         return len(self._metrics) + len(self._params) + len(self._artifacts)
 
-    def flush(self) -> bool:
-        """Send what is buffered; False (and everything kept) when MLflow is unreachable."""
+    def flush(self, force: bool = False) -> bool:
+        """Send what is buffered; False (and everything kept) when MLflow is unreachable.
+        Within ``retry_after_s`` of a failure nothing is tried unless ``force``."""
         from mlflow.entities import Param
 
+        if not force and time.monotonic() < self._retry_at:
+            return False
         if not self._open():
             return False
         try:
@@ -122,11 +131,11 @@ class Tracker:
                 self._warned = False
             return True
         except Exception as err:  # noqa: BLE001
-            self._warn(err)
+            self._failed(err)
             return False
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.flush():
+        if self.flush(force=True):
             try:
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as err:  # noqa: BLE001
