@@ -202,18 +202,21 @@ def lora_state(engine) -> dict:
     return collect()
 
 
-def save_adapter(engine, processor, out_dir: Path) -> Path:
+def save_adapter(engine, processor, out_dir: Path, write: bool = True) -> Path:
     """A peft adapter folder (plus the processor) loadable by PeftModel and the rollout engines.
 
-    Written to a temporary folder and renamed, so readers never see half an adapter.
+    Written to a temporary folder and renamed, so readers never see half an adapter. Every
+    process calls it (ZeRO-3 gathers the adapter collectively); only ``write`` ones write.
     """
     import shutil
 
     out_dir = Path(out_dir)
+    state = lora_state(engine)
+    if not write:
+        return out_dir
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(str(tmp), state_dict=lora_state(engine),
-                                  save_embedding_layers=False)
+    engine.module.save_pretrained(str(tmp), state_dict=state, save_embedding_layers=False)
     processor.save_pretrained(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

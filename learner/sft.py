@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -28,7 +28,7 @@ from cluster.runtime import set_default_environment
 from cluster.tracking import Tracker, flatten
 from data.dataset import VolumeDataset
 from data.prompts import build_messages, sft_target_text
-from data.targets import EmptyTargetError, evidence_target
+from data.targets import evidence_target
 from learner.policy import (
     build_engine,
     completion_logits,
@@ -53,22 +53,35 @@ def model_path(cfg: RunConfig) -> Path:
     return build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
 
 
-def sft_examples(dataset: VolumeDataset, top_k: int, seed: int, epoch: int):
-    """(messages, target text) for every sample, in a seeded shuffled order per epoch."""
-    order = list(range(len(dataset)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
+def sft_examples(dataset: VolumeDataset, indices: list[int], top_k: int, seed: int, epoch: int):
+    """(messages, target text) for the given samples, anchors drawn with a per-epoch seed."""
     rng = np.random.default_rng([seed, epoch])
-    for i in order:
+    for i in indices:
         sample, prepared = dataset[i]
-        try:
-            anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
-        except EmptyTargetError as err:  # a small target can fall between sampled slices
-            log.warning("skipping %s", err)
-            continue
+        anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
         yield (
             build_messages(np.asarray(prepared.slices), sample.query),
             sft_target_text(anchor, sample.label),
         )
+
+
+def shard(dataset: VolumeDataset, seed: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Samples with a visible target (a small one can fall between sampled slices: skipped with
+    a warning), and how many each of ``world`` processes takes per epoch (equal counts, so the
+    processes' gradient all-reduces stay in step)."""
+    valid = []
+    for i, sample in enumerate(dataset.samples):
+        if dataset[i][1].areas.max() > 0:
+            valid.append(i)
+        else:
+            log.warning("skipping %s: target empty on every sampled slice", sample.id)
+    return valid, len(valid) // world
+
+
+def epoch_order(valid: list[int], per_rank: int, seed: int, epoch: int, rank: int) -> list[int]:
+    order = list(valid)
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order[rank * per_rank : (rank + 1) * per_rank]
 
 
 def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
@@ -77,9 +90,17 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     out = Path(cfg.output_dir) / "sft"
     ckpt_dir = out / "checkpoints"
     s = cfg.sft
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    lead = rank == 0  # logs, shows progress and writes the adapter
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
     top_k = s.top_k or cfg.data.top_k
-    steps_per_epoch = math.ceil(len(dataset) / s.batch_size)
+    valid, per_rank = shard(dataset, cfg.seed, rank, world)
+    steps_per_epoch = per_rank // s.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data.manifest}: {len(valid)} usable training samples are too few "
+            f"for {world} process(es) x batch {s.batch_size}"
+        )
     total = steps_per_epoch * s.epochs
     if s.max_steps is not None:
         total = min(total, s.max_steps)
@@ -97,19 +118,22 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
         _, state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
         step, run_id = state["step"], state.get("mlflow_run_id")
         log.info("resuming SFT at step %d", step)
-    tracker = Tracker(
-        cfg.tracking.tracking_uri,
-        cfg.tracking.experiment,
-        f"{cfg.tracking.run_name or Path(cfg.output_dir).name}-sft",
-        run_id,
-    )
-    if run_id is None:
-        tracker.log_params(flatten(to_dict(cfg)))
-    bar = tqdm(total=total, initial=step, desc="SFT", disable=not progress)
+    tracker = None
+    if lead:
+        tracker = Tracker(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            f"{cfg.tracking.run_name or Path(cfg.output_dir).name}-sft",
+            run_id,
+        )
+        if run_id is None:
+            tracker.log_params(flatten(to_dict(cfg)))
+    bar = tqdm(total=total, initial=step, desc="SFT", disable=not (progress and lead))
     done = step * s.batch_size  # sequences already trained on (the data position)
     seen, losses = 0, []
     for epoch in range(s.epochs):
-        for messages, text in sft_examples(dataset, top_k, cfg.seed, epoch):
+        mine = epoch_order(valid, per_rank, cfg.seed, epoch, rank)[: steps_per_epoch * s.batch_size]
+        for messages, text in sft_examples(dataset, mine, top_k, cfg.seed, epoch):
             if step >= total:
                 break
             seen += 1
@@ -125,19 +149,24 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
                 step += 1
                 mean = float(np.mean(losses))
                 losses = []
-                tracker.log_metrics({"sft/loss": mean, "sft/lr": engine.get_lr()[0]}, step)
+                if tracker is not None:
+                    tracker.log_metrics({"sft/loss": mean, "sft/lr": engine.get_lr()[0]}, step)
                 bar.set_postfix(loss=f"{mean:.3f}")
                 bar.update(1)
                 if step % s.checkpoint_every == 0 or step == total:
                     engine.save_checkpoint(
                         str(ckpt_dir),
                         tag=f"step{step}",
-                        client_state={"step": step, "mlflow_run_id": tracker.run_id},
+                        client_state={
+                            "step": step,
+                            "mlflow_run_id": tracker.run_id if tracker else None,
+                        },
                         exclude_frozen_parameters=True,
                     )
     bar.close()
-    adapter = save_adapter(engine, processor, out / "adapter")
-    tracker.end()
+    adapter = save_adapter(engine, processor, out / "adapter", write=lead)
+    if tracker is not None:
+        tracker.end()
     log.info("SFT adapter written to %s", adapter)
     return adapter
 

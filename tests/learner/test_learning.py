@@ -107,3 +107,25 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     history = client.get_metric_history(run.info.run_id, "sft/loss")
     assert len(history) > len(losses)
     assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_sft_in_two_processes_under_torchrun(tmp_path, tiny_model):
+    """The same command, data-parallel over 2 processes (gloo on CPU): equal shards, one adapter."""
+    import subprocess
+    import sys
+
+    from cluster.services import free_port
+    from data.phantoms import write_phantoms
+
+    manifest = write_phantoms(tmp_path / "data", n=4, seed=2, shape=(40, 96, 96), progress=False)
+    run = subprocess.run([
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "learner.sft",
+        "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", f"data.manifest={manifest}",
+        "data.cache_dir=null", "data.num_slices=8", "data.slice_size=64",
+        f"model.path={tiny_model}", "sft.epochs=1", "sft.batch_size=1",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
+    assert run.stdout.count("SFT adapter:") == 2  # both ranks finished the same steps
