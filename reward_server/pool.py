@@ -28,7 +28,7 @@ from ray.exceptions import RayError, RayTaskError
 from data.config import DataConfig
 from reward_server.config import RewardConfig
 from reward_server.rewards import RewardBreakdown
-from reward_server.scorer import RewardScorer, ScoreRequest, group_by_sample
+from reward_server.scorer import RewardScorer, ScoreRequest
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ class RewardWorker:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def score(self, requests: list[ScoreRequest]) -> list[RewardBreakdown]:
-        out: list[RewardBreakdown | None] = [None] * len(requests)
-        for sample_id, indices in group_by_sample(requests).items():
-            _, prepared = self.dataset.by_id(sample_id)
-            rewards = self.scorer.score_group(prepared, [requests[i].completion for i in indices])
-            for i, reward in zip(indices, rewards):
-                out[i] = reward
+        out = self.scorer.score_requests(requests, lambda i: self.dataset.by_id(i)[1])
         self.scored += len(requests)
         return out
 

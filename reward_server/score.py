@@ -25,7 +25,7 @@ from cluster.runtime import set_default_environment
 from data.config import DataConfig
 from data.dataset import VolumeDataset
 from reward_server.config import RewardConfig
-from reward_server.scorer import RewardScorer, ScoreRequest, breakdown_row, group_by_sample
+from reward_server.scorer import RewardScorer, ScoreRequest, breakdown_row
 
 
 @dataclass
@@ -69,15 +69,8 @@ def score_in_process(
     dataset: VolumeDataset, cfg: RewardConfig, requests: list[ScoreRequest]
 ) -> list:
     scorer = RewardScorer(cfg)
-    results: list = [None] * len(requests)
     with tqdm(total=len(requests), desc=f"rewards ({scorer.propagator.name})") as bar:
-        for sample_id, indices in group_by_sample(requests).items():
-            _, prepared = dataset.by_id(sample_id)
-            rewards = scorer.score_group(prepared, [requests[i].completion for i in indices])
-            for i, reward in zip(indices, rewards):
-                results[i] = reward
-            bar.update(len(indices))
-    return results
+        return scorer.score_requests(requests, lambda i: dataset.by_id(i)[1], bar.update)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from data.answer import AnswerFailure, EvidenceAnchor, ParsedAnswer, parse_answer
@@ -82,6 +83,26 @@ class RewardScorer:
                 done[parsed.anchor] = self.score_anchor(prepared, parsed.anchor)
             out.append(done[parsed.anchor])
         return out
+
+    def score_requests(
+        self,
+        requests: list[ScoreRequest],
+        prepared_by_id: Callable[[str], PreparedVolume],
+        on_group: Callable[[int], None] | None = None,
+    ) -> list[RewardBreakdown]:
+        """Score requests of any samples, in request order: one group per sample, so a sample's
+        completions share its volume and identical answers are scored once. ``on_group`` is
+        called with each group's size (progress bars)."""
+        out: list[RewardBreakdown | None] = [None] * len(requests)
+        for sample_id, indices in group_by_sample(requests).items():
+            rewards = self.score_group(
+                prepared_by_id(sample_id), [requests[i].completion for i in indices]
+            )
+            for i, reward in zip(indices, rewards):
+                out[i] = reward
+            if on_group is not None:
+                on_group(len(indices))
+        return out  # type: ignore[return-value]
 
 
 def breakdown_row(sample_id: str, reward: RewardBreakdown) -> dict:
