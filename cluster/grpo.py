@@ -62,12 +62,6 @@ class LearnerWorker:
         return self.learner.load_checkpoint(Path(folder), tag)
 
 
-def model_path(cfg: RunConfig) -> Path:
-    from learner.sft import model_path as resolve
-
-    return resolve(cfg)
-
-
 def prompt_order(n: int, epochs: int, seed: int) -> list[int]:
     """Sample indices for every epoch, shuffled per epoch with the run's seed."""
     order = []
@@ -153,6 +147,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     from data.prompts import build_messages
     from learner.grpo import group_advantages, zero_std_groups
     from learner.grpo_learner import GRPOExample
+    from learner.sft import model_path
     from reward_server.pool import RewardPool
     from reward_server.scorer import ScoreRequest
     from rollout.actor import RolloutFleet
