@@ -16,12 +16,13 @@ from learner.policy import (
     build_engine,
     completion_logits,
     deepspeed_config,
-    encode,
+    encode_prompt,
     load_lora_policy,
     resolve_precision,
     save_adapter,
     save_merged,
     token_logprobs,
+    with_completion,
 )
 from rollout.records import WeightUpdate
 
@@ -114,7 +115,14 @@ class GRPOLearner:
     def step(self, batch: list[GRPOExample]) -> StepMetrics:
         """``updates_per_batch`` optimizer updates on one batch; metrics of the last one."""
         validate_batch(batch, self.batch_len)
-        encoded = [encode(self.processor, ex.messages, list(ex.completion_ids)) for ex in batch]
+        # The G completions of a prompt share its messages: run the processor (images) once.
+        prompts: dict[int, dict] = {}
+        for ex in batch:
+            if id(ex.messages) not in prompts:
+                prompts[id(ex.messages)] = encode_prompt(self.processor, ex.messages)
+        encoded = [
+            with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch
+        ]
         refs = [self._reference_logprobs(seq) for seq in encoded]
         for _ in range(self.cfg.updates_per_batch):
             totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0}

@@ -32,17 +32,17 @@ class EncodedSequence:
     completion_ids: torch.Tensor  # (T,)
 
 
-def encode(processor, messages: list[dict], completion_ids: list[int]) -> EncodedSequence:
-    """Tokenise a prompt exactly as the rollout engines do and append completion token ids."""
-    images = [
-        p["image"]
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for p in m["content"]
-        if p.get("type") == "image"
-    ]
+def encode_prompt(processor, messages: list[dict]) -> dict:
+    """Model inputs of a prompt, tokenised exactly as the rollout engines tokenise it."""
+    from rollout.prompting import prompt_images
+
+    images = prompt_images(messages)
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    prompt = processor(text=[text], images=images or None, return_tensors="pt")
+    return dict(processor(text=[text], images=images or None, return_tensors="pt"))
+
+
+def with_completion(prompt: dict, completion_ids: list[int]) -> EncodedSequence:
+    """An encoded prompt followed by completion token ids."""
     completion = torch.tensor([list(completion_ids)], dtype=torch.long)
     inputs = dict(prompt)
     inputs["input_ids"] = torch.cat([prompt["input_ids"], completion], dim=1)
@@ -52,6 +52,11 @@ def encode(processor, messages: list[dict], completion_ids: list[int]) -> Encode
             [prompt["mm_token_type_ids"], torch.zeros_like(completion)], dim=1
         )
     return EncodedSequence(inputs, prompt["input_ids"].shape[1], completion[0])
+
+
+def encode(processor, messages: list[dict], completion_ids: list[int]) -> EncodedSequence:
+    """Tokenise a prompt as the rollout engines do and append completion token ids."""
+    return with_completion(encode_prompt(processor, messages), completion_ids)
 
 
 def target_ids(processor, text: str) -> list[int]:

@@ -7,15 +7,20 @@ from PIL import Image
 from rollout.records import RolloutError, RolloutPrompt
 
 
-def render(processor, prompt: RolloutPrompt, max_images: int) -> tuple[str, list[Image.Image]]:
-    """The chat-templated prompt text (generation prompt added) and its images, in order."""
-    images = [
+def prompt_images(messages: list[dict]) -> list[Image.Image]:
+    """The images of chat messages, in the order the template places them."""
+    return [
         part["image"]
-        for message in prompt.messages
+        for message in messages
         if isinstance(message.get("content"), list)
         for part in message["content"]
         if part.get("type") == "image"
     ]
+
+
+def render(processor, prompt: RolloutPrompt, max_images: int) -> tuple[str, list[Image.Image]]:
+    """The chat-templated prompt text (generation prompt added) and its images, in order."""
+    images = prompt_images(prompt.messages)
     if len(images) > max_images:
         raise RolloutError(
             f"sample {prompt.sample_id!r}: {len(images)} images, more than the "
