@@ -56,28 +56,34 @@ def resize_slices(stack: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
 
 def prepare_arrays(
     image: Volume,
-    labels: Volume,
+    labels: Volume | None,
     label_values: list[int],
     window: tuple[float, float],
     num_slices: int,
     size: int,
     sample_id: str,
 ) -> PreparedVolume:
-    """Window, sample and resize one image and the binary target made of ``label_values``."""
-    check_pair(image, labels)
+    """Window, sample and resize one image and the binary target made of ``label_values``
+    (an empty target when there are no ``labels``: a user's scan to predict on)."""
+    if labels is not None:
+        check_pair(image, labels)
     index = sample_indices(image.array.shape[0], num_slices)
     hu = image.array[index]
-    if labels.path.name.endswith(".npz") or image.path.name.endswith(".npy"):
+    if image.path.name.endswith(".npy"):
         # M3D-Seg images are stored already normalised to 0..1, not in HU.
         lo, hi = float(hu.min()), float(hu.max())
         slices = window_to_uint8(hu, lo, hi if hi > lo else lo + 1.0)
     else:
         slices = window_to_uint8(hu, *window)
-    target = np.isin(labels.array[index], label_values)
+    slices = resize_slices(slices, size, is_mask=False)
+    if labels is None:
+        mask = np.zeros(slices.shape, bool)
+    else:
+        mask = resize_slices(np.isin(labels.array[index], label_values), size, is_mask=True)
     return PreparedVolume(
         sample_id=sample_id,
-        slices=resize_slices(slices, size, is_mask=False),
-        mask=resize_slices(target, size, is_mask=True),
+        slices=slices,
+        mask=mask,
         source_index=index,
         source_shape=tuple(int(s) for s in image.array.shape),
         affine=np.asarray(image.affine, dtype=np.float64),

@@ -33,21 +33,11 @@ class PredictError(ValueError):
 
 def prepare_image(image_path: Path, num_slices: int, size: int, window: tuple[float, float]):
     """The policy's view of a CT with no mask: windowed, sampled and resized slices."""
-    from data.preprocess import resize_slices, sample_indices, window_to_uint8
-    from data.records import PreparedVolume
+    from data.preprocess import prepare_arrays
     from data.volume import load_volume
 
     volume = load_volume(image_path, "image")
-    index = sample_indices(volume.array.shape[0], num_slices)
-    slices = resize_slices(window_to_uint8(volume.array[index], *window), size, is_mask=False)
-    return PreparedVolume(
-        sample_id=image_path.name,
-        slices=slices,
-        mask=np.zeros(slices.shape, bool),
-        source_index=index,
-        source_shape=tuple(int(s) for s in volume.array.shape),
-        affine=volume.affine,
-    )
+    return prepare_arrays(volume, None, [], window, num_slices, size, image_path.name)
 
 
 def predict(
