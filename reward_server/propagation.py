@@ -13,6 +13,19 @@ each object keeping its largest 3D connected component (MedSAM2's post-processin
 that two kidneys stay two). The image encoder runs once per slice per volume, batched, and its
 output is kept in an LRU of volumes and reused by every completion and request on that volume.
 
+Post-processing, as MedSAM2's CT script (``medsam2_infer_3D_CT.py``) and its predictor do it:
+- Largest component: MedSAM2 labels with ``skimage.measure.label``, whose default connectivity is
+  the full one (26 neighbours in 3D). scipy's default is 6, which would split a region whose
+  parts touch only along an edge or at a corner and throw part of it away; 26 is used here.
+- Hole filling: MedSAM2 builds its predictor with SAM2's post-processing (``fill_hole_area=8``)
+  and its CUDA op, so in every low-resolution mask (image size / 4) each 8-connected background
+  region of at most 8 pixels is set to the score 0.1, before the key slice's memory is encoded
+  and before upsampling. The ``sam2`` package here is built without that op
+  (``SAM2_BUILD_CUDA=0``): SAM2 would skip the step with a warning, on CPU and GPU alike, and
+  masks would differ from MedSAM2's. So SAM2's own step is off (``fill_hole_area = 0``) and the
+  same step, at the same point, is done with scipy (``fill_small_holes``, area
+  ``FILL_HOLE_AREA``): one behaviour on CPU and GPU, and MedSAM2's.
+
 ``BaselinePropagator`` needs no weights: seeded region growing with scikit-image (Gaussian
 smoothing, an intensity band estimated inside the box, morphological reconstruction from the
 seed), carried slice to slice from the previous slice's mask. It is the embedded default when no
@@ -45,18 +58,43 @@ SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BASELINE_NAME = "baseline (scikit-image region growing, no MedSAM2)"
+# MedSAM2's predictor fills background regions of up to this many pixels in each low-res mask
+# (SAM2's post-processing, fill_hole_area, which MedSAM2's builder sets).
+FILL_HOLE_AREA = 8
 
 
 class CheckpointError(RuntimeError):
     """A MedSAM2 checkpoint that cannot be loaded; names the file and the offending keys."""
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a bool mask, with full connectivity (26 in 3D), as
+    MedSAM2's ``skimage.measure.label``; ties go to the component met first in raster order."""
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    labels, count = ndimage.label(mask, structure=structure)
     if count <= 1:
         return mask
     sizes = np.bincount(labels.ravel())[1:]
     return labels == (int(np.argmax(sizes)) + 1)
+
+
+def fill_small_holes(scores: torch.Tensor, max_area: int) -> torch.Tensor:
+    """SAM2's ``fill_holes_in_mask_scores`` without its CUDA op: in each 2D mask of (N, 1, H, W)
+    logits, every 8-connected background region (logits <= 0) of at most ``max_area`` pixels
+    gets the small positive score 0.1. Returns ``scores`` itself when nothing is filled."""
+    background = (scores <= 0).cpu().numpy()[:, 0]
+    # 8-connected within a mask (as SAM2's op), never across the N masks.
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True
+    labels, count = ndimage.label(background, structure=structure)
+    if count == 0:
+        return scores
+    areas = np.bincount(labels.ravel())
+    areas[0] = max_area + 1  # label 0 is the foreground, never a hole
+    holes = areas[labels] <= max_area
+    if not holes.any():
+        return scores
+    return scores.masked_fill(torch.from_numpy(holes[:, None]).to(scores.device), 0.1)
 
 
 def _span(key_index: int, window: int | None, num_slices: int) -> tuple[int, int]:
@@ -70,7 +108,19 @@ def _sam2_predictor_class():
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
     class InMemoryVideoPredictor(SAM2VideoPredictor):
-        """SAM2's video predictor over frames already in memory, with features given."""
+        """SAM2's video predictor over frames already in memory, with features given, and
+        MedSAM2's hole filling done with scipy (see module doc)."""
+
+        hole_area = 0  # low-res mask holes of at most this many pixels are filled; 0 = never
+
+        def _run_single_frame_inference(self, *args, **kwargs):
+            # The step SAM2 runs when fill_hole_area > 0, at the same point: the filled mask is
+            # what is stored, encoded into memory for the key slice, and upsampled for output.
+            out, masks = super()._run_single_frame_inference(*args, **kwargs)
+            if self.hole_area > 0:
+                masks = fill_small_holes(masks, self.hole_area)
+                out["pred_masks"] = masks.to(out["pred_masks"].device)
+            return out, masks
 
         def init_state_from_frames(
             self, images: torch.Tensor, height: int, width: int, features: dict
@@ -119,15 +169,16 @@ def build_sam2(image_size: int, checkpoint: Path | None, device: str = "cpu"):
         f"++model.memory_attention.layer.self_attention.feat_sizes=[{feat},{feat}]",
         f"++model.memory_attention.layer.cross_attention.feat_sizes=[{feat},{feat}]",
     ]
-    if device == "cpu":
-        overrides.append("++model.fill_hole_area=0")  # its CUDA op is not built on CPU
     if not GlobalHydra.instance().is_initialized():
         initialize_config_module("sam2", version_base="1.2")
     model = build_sam2_video_predictor(
         SAM2_CONFIG, None, device=device, hydra_overrides_extra=overrides
     )
-    if device == "cpu":
-        model.fill_hole_area = 0
+    # SAM2's hole filling needs its unbuilt CUDA op, so it is off and the subclass fills holes
+    # with scipy. Set after building: the builder appends its own fill_hole_area=8 override
+    # after ours, so an override could not turn it off.
+    model.fill_hole_area = 0
+    model.hole_area = FILL_HOLE_AREA
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model.eval()
@@ -264,7 +315,7 @@ class MedSAM2Propagator:
                     per_obj = logits.setdefault(obj_id, np.zeros((num, height, width), bool))
                     per_obj[frame] |= (masks[i, 0] > 0).cpu().numpy()
         for per_obj in logits.values():
-            result |= _largest_component(per_obj)
+            result |= largest_component(per_obj)
         return result
 
 

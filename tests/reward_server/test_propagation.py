@@ -8,10 +8,13 @@ from data.answer import EvidenceAnchor
 from reward_server.config import RewardConfig
 from reward_server.propagation import (
     BASELINE_NAME,
+    FILL_HOLE_AREA,
     BaselinePropagator,
     CheckpointError,
     MedSAM2Propagator,
     build_propagator,
+    fill_small_holes,
+    largest_component,
     write_random_checkpoint,
 )
 from reward_server.rewards import consistency_reward, dice
@@ -128,3 +131,45 @@ def test_no_boxes_give_an_empty_mask_and_baseline_never_replaces_medsam2(dataset
     with pytest.raises(CheckpointError):
         build_propagator("medsam2", checkpoint.with_name("absent.pt"), image_size=SIZE)
     assert isinstance(EvidenceAnchor(1, ()), EvidenceAnchor)
+
+
+def test_largest_component_joins_parts_touching_only_at_a_corner():
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:4, 1:4, 1:4] = True  # 27 voxels
+    mask[4:7, 4:7, 4:7] = True  # 27 voxels, meeting the first cube only at a corner
+    mask[9:11, 9:11, 9:11] = True  # 8 voxels, apart from both
+    kept = largest_component(mask)
+    expected = mask.copy()
+    expected[9:11, 9:11, 9:11] = False
+    np.testing.assert_array_equal(kept, expected)
+
+
+def test_small_holes_are_filled_in_each_mask_and_large_ones_kept():
+    scores = torch.full((3, 1, 16, 16), -5.0)
+    scores[:, :, 2:12, 2:12] = 3.0
+    scores[0, 0, 4:6, 4:6] = -1.0  # 4-pixel hole: filled
+    scores[1, 0, 4:7, 4:7] = -1.0  # 9-pixel hole: kept
+    # 3 + 6 pixels touching only at a corner: one 8-connected hole of 9 pixels, kept
+    scores[2, 0, 4, 4:7] = -1.0
+    scores[2, 0, 5:7, 7:10] = -1.0
+    filled = fill_small_holes(scores, FILL_HOLE_AREA)
+    expected = scores.clone()
+    expected[0, 0, 4:6, 4:6] = 0.1
+    torch.testing.assert_close(filled, expected)
+    assert (filled[:, :, 0] == -5.0).all()  # the outer background is no hole
+    assert fill_small_holes(torch.ones(1, 1, 4, 4), FILL_HOLE_AREA).eq(1).all()
+
+
+def test_predictor_fills_holes_with_scipy_not_sam2s_cuda_op(medsam2, dataset, true_anchor):
+    # MedSAM2's area, done by the project's step; SAM2's CUDA-only step stays off everywhere.
+    assert medsam2.model.hole_area == FILL_HOLE_AREA == 8
+    assert medsam2.model.fill_hole_area == 0
+    _, prepared = dataset.by_id("ctorg_0000/liver")
+    anchor = true_anchor(prepared)
+    k = anchor.key_slice - 1
+    medsam2.model.hole_area = 10**9  # every background region is a "hole": all slices filled
+    try:
+        mask = medsam2.propagate("liver", prepared.slices, anchor.key_slice, anchor.boxes, 1)
+    finally:
+        medsam2.model.hole_area = FILL_HOLE_AREA
+    assert mask[k - 1 : k + 2].all()
