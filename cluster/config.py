@@ -200,7 +200,9 @@ class RunConfig:
     seed: int = 0  # seeds data order, key-slice sampling and rollout sampling
     steps: int | None = None  # GRPO steps to run (None: grpo.epochs over the training prompts)
     checkpoint_every: int = 5  # GRPO steps between checkpoints
-    sft_adapter: Path | None = None  # SFT adapter the GRPO run starts from (None: fresh LoRA)
+    # SFT adapter merged into the base for GRPO: the run starts from the SFT policy and its KL
+    # term pulls toward it (None: GRPO from the base model)
+    sft_adapter: Path | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -209,6 +211,15 @@ class RunConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        # SFT anchors and the spatial reward must drop the same small components, else a
+        # correct SFT anchor could score nothing.
+        if self.data.min_box_area != self.reward.min_box_area:
+            raise ConfigError(
+                f"data.min_box_area ({self.data.min_box_area}) and reward.min_box_area "
+                f"({self.reward.min_box_area}) must be equal"
+            )
 
 
 def load_run_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> RunConfig:

@@ -1,20 +1,53 @@
-"""Settings of the data layer: slice sampling, resizing, HU windows, Top-K and the cache."""
+"""Settings of the data layer: slice sampling, resizing, the intensity window, Top-K and the cache.
+
+The intensity window is chosen per dataset (suite), never per target label: every target of a
+scan must be asked about on the same picture, or the picture itself tells which organ is wanted.
+SFT, GRPO, the reward server and evaluation all prepare volumes through one ``DataConfig``, so
+they see the same slices; ``python -m evaluation.predict --window`` takes the same presets.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Abdominal soft-tissue window (level 40, width 400), the usual reading window for these organs.
-ABDOMEN_WINDOW = [-160.0, 240.0]
+# Named windows [low, high]: level L and width W give [L - W/2, L + W/2] in HU.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "abdomen": (-160.0, 240.0),  # L 40, W 400: abdominal soft tissue (the paper's suites)
+    "soft_tissue": (-125.0, 225.0),  # L 50, W 350
+    "lung": (-1350.0, 150.0),  # L -600, W 1500
+    "bone": (-500.0, 1300.0),  # L 400, W 1800
+    "brain": (0.0, 80.0),  # L 40, W 80
+    "unit": (0.0, 1.0),  # arrays already normalised to 0..1, not HU (possibly M3D-Seg's .npy)
+}
+
+MIN_BOX_AREA = 4  # pixels; the reward server's reward.min_box_area has the same default
 
 
-def _default_windows() -> dict[str, list[float]]:
-    return {
-        "default": list(ABDOMEN_WINDOW),
-        "lungs": [-1000.0, 200.0],  # lung parenchyma needs a wide window
-        "vertebrae": [-200.0, 1000.0],  # bone window
-    }
+class WindowError(ValueError):
+    """A window setting that is neither a known preset nor [low, high] with low < high."""
+
+
+def resolve_window(value: str | Sequence[float], field: str) -> tuple[float, float]:
+    """``(low, high)`` of a preset name or a ``[low, high]`` pair; ``field`` names the setting
+    (``data.window``, ``data.suite_windows.kits23``, ``--window``) in the error."""
+    if isinstance(value, str):
+        if value not in WINDOW_PRESETS:
+            raise WindowError(
+                f"{field}: unknown window preset {value!r}; use one of "
+                f"{sorted(WINDOW_PRESETS)} or [low, high]"
+            )
+        return WINDOW_PRESETS[value]
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise WindowError(
+            f"{field}: {value!r} is neither a window preset nor [low, high]"
+        ) from None
+    if not low < high:
+        raise WindowError(f"{field}: window [{low}, {high}] needs low below high")
+    return low, high
 
 
 @dataclass
@@ -23,19 +56,29 @@ class DataConfig:
     num_slices: int = 64  # axial slices sampled uniformly from each volume (paper: 64)
     slice_size: int = 256  # slices are resized to slice_size x slice_size (paper: 256)
     top_k: int = 5  # SFT key slice drawn from the K slices of largest target area (paper: unstated)
-    min_box_area: int = 4  # connected components smaller than this (pixels) give no box
-    # HU window [low, high] per label name or suite name; "default" for the rest. A label's own
-    # window wins over its suite's.
-    windows: dict[str, list[float]] = field(default_factory=_default_windows)
+    # Components smaller than this (pixels) give no box, in SFT targets as in the reward's true
+    # boxes (keep equal to reward.min_box_area); a slice with none at least this big is never an
+    # SFT key slice.
+    min_box_area: int = MIN_BOX_AREA
+    # Intensity window of every suite without its own entry: a preset name from WINDOW_PRESETS or
+    # [low, high] (paper's suites are abdominal CT: "abdomen", level 40 width 400).
+    window: str | list[float] = "abdomen"
+    # Per-suite window (suite name -> preset name or [low, high]), e.g. {"ctorg": "unit"} for
+    # arrays stored normalised to 0..1. Never per label: the picture must not depend on the target.
+    suite_windows: dict[str, str | list[float]] = field(default_factory=dict)
     cache_dir: Path | None = None  # preprocessed samples (memory-mappable); None = no cache
     seed: int = 0  # seeds Top-K key-slice sampling
 
-    def window_for(self, label: str, suite: str) -> tuple[float, float]:
-        """The HU window for a target: its label's, else its suite's, else the default."""
-        for key in (label, suite, "default"):
-            if key in self.windows:
-                low, high = self.windows[key]
-                if not low < high:
-                    raise ValueError(f"data.windows.{key}: low {low} must be below high {high}")
-                return float(low), float(high)
-        return float(ABDOMEN_WINDOW[0]), float(ABDOMEN_WINDOW[1])
+    def __post_init__(self) -> None:
+        # Resolve every window now, so a typo fails when the config loads, not mid-run.
+        resolve_window(self.window, "data.window")
+        for suite, value in self.suite_windows.items():
+            resolve_window(value, f"data.suite_windows.{suite}")
+        if self.min_box_area < 1:
+            raise ValueError(f"data.min_box_area must be >= 1, got {self.min_box_area}")
+
+    def window_for(self, suite: str) -> tuple[float, float]:
+        """The (low, high) window of every volume of ``suite``: its own entry, else the default."""
+        if suite in self.suite_windows:
+            return resolve_window(self.suite_windows[suite], f"data.suite_windows.{suite}")
+        return resolve_window(self.window, "data.window")

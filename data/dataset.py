@@ -197,3 +197,19 @@ class VolumeDataset:
                 f"label {sample.label!r} (values {label_values[:8]}) is absent "
                 f"from mask {sample.mask}",
             )
+
+
+def anchorable(dataset: VolumeDataset) -> tuple[list[int], list[str]]:
+    """Indices of the samples that can anchor an answer, and the ids of those that cannot: no
+    sampled slice holds a component of the target of ``min_box_area`` pixels (a small target
+    can fall between sampled slices). SFT has no target for them and GRPO no learning signal
+    (every completion would score alike), so both skip them."""
+    from data.targets import anchor_slices
+
+    usable, skipped = [], []
+    for i, sample in enumerate(dataset.samples):
+        if anchor_slices(dataset[i][1], dataset.cfg.min_box_area).size:
+            usable.append(i)
+        else:
+            skipped.append(sample.id)
+    return usable, skipped

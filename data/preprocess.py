@@ -1,4 +1,7 @@
-"""From a source volume to the policy's frame and back: HU window, 64 slices, 256 px, and a cache.
+"""From a source volume to the policy's frame and back: intensity window, 64 slices, 256 px, cache.
+
+The window is the suite's (``DataConfig.window_for``), the same for every target of a scan and
+for a user's scan in ``evaluation.predict``; it never depends on the target label.
 
 The cache keeps one folder per prepared sample, named by a hash of the source files' content,
 the target's label values and every setting that changes the result. A folder is written under
@@ -12,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +25,33 @@ from data.config import DataConfig
 from data.records import PreparedVolume, Sample
 from data.volume import Volume, VolumeError, check_pair, load_volume
 
-CACHE_VERSION = 1  # bump when the preprocessing itself changes
+CACHE_VERSION = 2  # bump when the preprocessing itself changes (2: one window per suite)
+
+
+class WindowMismatchWarning(UserWarning):
+    """An image whose intensities do not fit its window (HU window on 0..1 data, or back)."""
 
 
 def window_to_uint8(hu: np.ndarray, low: float, high: float) -> np.ndarray:
     """Clip HU to [low, high] and scale linearly to 0..255 (MedSAM2's CT intensity step)."""
     scaled = (np.clip(hu.astype(np.float32), low, high) - low) * (255.0 / (high - low))
     return np.rint(scaled).astype(np.uint8)
+
+
+def _check_window_fits(values: np.ndarray, window: tuple[float, float], path: Path) -> None:
+    # A CT in HU always holds air (about -1000), so an image inside [0, 1] is normalised data,
+    # which an HU window turns into one flat grey; the reverse saturates nearly every voxel.
+    lo, hi = float(values.min()), float(values.max())
+    width = window[1] - window[0]
+    normalised = lo >= 0.0 and hi <= 1.0
+    if (normalised and width > 2.0) or (width <= 2.0 and (hi - lo) > 100.0):
+        warnings.warn(
+            f"{path}: intensities span [{lo:.4g}, {hi:.4g}] but the window is {list(window)}; "
+            "set data.window or data.suite_windows: preset 'unit' for arrays normalised to "
+            "0..1, an HU preset such as 'abdomen' otherwise",
+            WindowMismatchWarning,
+            stacklevel=3,
+        )
 
 
 def sample_indices(depth: int, num_slices: int) -> np.ndarray:
@@ -64,17 +88,19 @@ def prepare_arrays(
     sample_id: str,
 ) -> PreparedVolume:
     """Window, sample and resize one image and the binary target made of ``label_values``
-    (an empty target when there are no ``labels``: a user's scan to predict on)."""
+    (an empty target when there are no ``labels``: a user's scan to predict on).
+
+    ``window`` is the only intensity mapping, for every file format: arrays stored normalised to
+    0..1 take the ``unit`` window (a per-volume min-max would map one tissue to different grey
+    levels in different scans). A window that does not fit the data gives a
+    :class:`WindowMismatchWarning`.
+    """
     if labels is not None:
         check_pair(image, labels)
     index = sample_indices(image.array.shape[0], num_slices)
     hu = image.array[index]
-    if image.path.name.endswith(".npy"):
-        # M3D-Seg images are stored already normalised to 0..1, not in HU.
-        lo, hi = float(hu.min()), float(hu.max())
-        slices = window_to_uint8(hu, lo, hi if hi > lo else lo + 1.0)
-    else:
-        slices = window_to_uint8(hu, *window)
+    _check_window_fits(hu, window, image.path)
+    slices = window_to_uint8(hu, *window)
     slices = resize_slices(slices, size, is_mask=False)
     if labels is None:
         mask = np.zeros(slices.shape, bool)
@@ -104,7 +130,7 @@ def cache_key(sample: Sample, label_values: list[int], cfg: DataConfig) -> str:
     settings = {
         "version": CACHE_VERSION,
         "labels": sorted(int(v) for v in label_values),
-        "window": cfg.window_for(sample.label, sample.suite),
+        "window": list(cfg.window_for(sample.suite)),
         "num_slices": cfg.num_slices,
         "size": cfg.slice_size,
     }
@@ -166,7 +192,7 @@ def prepare_volume(sample: Sample, label_values: list[int], cfg: DataConfig) -> 
         image,
         labels,
         label_values,
-        cfg.window_for(sample.label, sample.suite),
+        cfg.window_for(sample.suite),
         cfg.num_slices,
         cfg.slice_size,
         sample.id,

@@ -1,4 +1,10 @@
-"""Evidence targets from a mask: per-slice area F_t, Top-K key slice, component boxes."""
+"""Evidence targets from a mask: per-slice area F_t, Top-K key slice, component boxes.
+
+One rule for small components, shared with the spatial reward Rs: a component under
+``min_area`` pixels gives no box (the reward drops it from the true boxes too), and a slice with
+no component of at least ``min_area`` pixels is never an SFT key slice, so every SFT anchor has
+boxes the reward can match. Ranking still uses the raw areas F_t, as Ra does.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,13 @@ from skimage.measure import label as connected_components
 from skimage.measure import regionprops
 
 from data.answer import Box, EvidenceAnchor
+from data.config import MIN_BOX_AREA
 from data.records import PreparedVolume
 
 
 class EmptyTargetError(ValueError):
-    """The target has no foreground voxels on the sampled slices; names the sample."""
+    """No sampled slice can anchor the target (none holds a component of at least the minimum
+    box area); names the sample."""
 
 
 def slice_areas(mask: np.ndarray) -> np.ndarray:
@@ -49,18 +57,40 @@ def boxes_on_slice(mask2d: np.ndarray, min_area: int = 1) -> tuple[Box, ...]:
     return tuple(sorted(boxes))
 
 
+def anchor_slices(prepared: PreparedVolume, min_area: int = MIN_BOX_AREA) -> np.ndarray:
+    """The slices k (1-based, ascending) that can be a key slice: those holding at least one
+    connected component of ``min_area`` pixels or more. Empty means the sample has no usable
+    evidence anchor (SFT and GRPO skip it)."""
+    areas = prepared.areas
+    # A slice with fewer foreground pixels than min_area cannot hold a big enough component,
+    # so components are labelled only on the few slices that might.
+    candidates = np.flatnonzero(areas >= min_area)
+    keep = [int(t) + 1 for t in candidates if boxes_on_slice(prepared.mask[t], min_area)]
+    return np.asarray(keep, dtype=np.int64)
+
+
 def evidence_target(
-    prepared: PreparedVolume, top_k: int, rng: np.random.Generator, min_area: int = 1
+    prepared: PreparedVolume,
+    top_k: int,
+    rng: np.random.Generator,
+    min_area: int = MIN_BOX_AREA,
 ) -> EvidenceAnchor:
-    """The SFT target anchor: a Top-K key slice and the boxes of the mask's components on it."""
-    try:
-        key_slice = sample_key_slice(prepared.areas, top_k, rng)
-    except EmptyTargetError:
+    """The SFT target anchor: a key slice drawn from the Top-K by area F_t among the
+    :func:`anchor_slices`, and the boxes of its components of at least ``min_area`` pixels
+    (exactly the true boxes the spatial reward sees with ``reward.min_box_area = min_area``).
+
+    Raises :class:`EmptyTargetError` naming the sample when no slice can anchor the target.
+    """
+    areas = prepared.areas
+    usable = anchor_slices(prepared, min_area)
+    if usable.size == 0:
         raise EmptyTargetError(
-            f"sample {prepared.sample_id}: target is empty on all {prepared.num_slices} sampled "
-            "slices; no evidence anchor can be built"
-        ) from None
+            f"sample {prepared.sample_id}: no component of at least {min_area} pixels on any of "
+            f"the {prepared.num_slices} sampled slices (largest slice area {int(areas.max())} "
+            "px); no evidence anchor can be built"
+        )
+    ranked = np.zeros_like(areas)  # slices that cannot anchor drop out of the Top-K
+    ranked[usable - 1] = areas[usable - 1]
+    key_slice = sample_key_slice(ranked, top_k, rng)
     boxes = boxes_on_slice(prepared.mask[key_slice - 1], min_area=min_area)
-    if not boxes:  # every component on the key slice is under min_area: keep them all
-        boxes = boxes_on_slice(prepared.mask[key_slice - 1])
     return EvidenceAnchor(key_slice=key_slice, boxes=boxes)

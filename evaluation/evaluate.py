@@ -21,7 +21,7 @@ import csv
 import json
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +87,13 @@ def policy_answers(model_path: Path, adapter: Path | None, cfg: RunConfig, sampl
     from rollout.actor import build_engine
     from rollout.records import RolloutPrompt, WeightUpdate
 
-    engine = build_engine(model_path, cfg.rollout, cfg.model)
+    rollout = cfg.rollout
+    if adapter is not None and rollout.engine == "vllm" and rollout.enable_lora:
+        from rollout.vllm_engine import lora_rank_to_serve
+
+        # a GRPO run's final adapter stacks SFT and GRPO ranks
+        rollout = replace(rollout, max_lora_rank=lora_rank_to_serve(adapter, rollout.max_lora_rank))
+    engine = build_engine(model_path, rollout, cfg.model)
     if adapter is not None:
         engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
     prompts = [
@@ -111,13 +117,13 @@ def anchor_jobs(row: str, samples, texts: list[str]) -> list[CaseJob]:
     return jobs
 
 
-def oracle_jobs(row: str, samples, top_k: int = 1) -> list[CaseJob]:
+def oracle_jobs(row: str, samples, min_area: int, top_k: int = 1) -> list[CaseJob]:
     from data.targets import EmptyTargetError, evidence_target
 
     jobs = []
     for sample, prepared in samples:
         try:
-            anchor = evidence_target(prepared, top_k, np.random.default_rng(0))
+            anchor = evidence_target(prepared, top_k, np.random.default_rng(0), min_area)
         except EmptyTargetError as err:
             jobs.append(CaseJob(row, sample.id, None, (), str(err)))
             continue
@@ -187,7 +193,7 @@ def evaluate(
     for prop in propagators if oracle else ():
         row = f"oracle anchor ({prop})"
         rows.append(row)
-        jobs_by_propagator[prop] += oracle_jobs(row, samples)
+        jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
     for name, adapter in checkpoints.items():
         row = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
         rows.append(row)

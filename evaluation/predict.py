@@ -1,13 +1,16 @@
 """Segment a user's CT from a free-form query: mask NIfTI, evidence JSON and an evidence card.
 
     python -m evaluation.predict --image CT.nii.gz --query "the organ that secretes bile" \
-        --model QWEN3VL_DIR [--adapter ADAPTER_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR
+        --model QWEN3VL_DIR [--adapter ADAPTER_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR \
+        [--window abdomen | --window -160 240]
 
 Writes ``OUTDIR/mask.nii.gz`` (on the input's grid, orientation and affine), ``evidence.json``
 (key slice in the source volume's own index and in the 64-slice frame, boxes in source pixels and
 in the 256 frame, the reasoning text, the propagator used) and ``OUTDIR/evidence_card.png``.
 A model answer that does not parse is reported in the JSON and gives an empty mask, not a crash.
 Without ``--checkpoint`` the scikit-image baseline propagates (and says so in the JSON).
+``--window`` must be the window the policy was trained with (``data.window`` or the suite's entry
+in ``data.suite_windows``): a preset name or ``LOW HIGH``; the default is ``data.window``'s default.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.runtime import set_default_environment
+from data.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,30 @@ class PredictError(ValueError):
     """Input that cannot be predicted on; names the file or argument."""
 
 
+def parse_window(tokens: list[str]) -> tuple[float, float]:
+    """``--window``: one preset name (``abdomen``) or two numbers (``-160 240``)."""
+    if len(tokens) == 1:
+        value: str | list[float] = tokens[0]
+    elif len(tokens) == 2:
+        try:
+            value = [float(t) for t in tokens]
+        except ValueError:
+            raise PredictError(
+                f"--window {' '.join(tokens)}: LOW and HIGH must be numbers"
+            ) from None
+    else:
+        raise PredictError(
+            f"--window {' '.join(tokens)}: give a preset name or LOW HIGH, not {len(tokens)} values"
+        )
+    try:
+        return resolve_window(value, "--window")
+    except WindowError as err:
+        raise PredictError(str(err)) from None
+
+
 def prepare_image(image_path: Path, num_slices: int, size: int, window: tuple[float, float]):
-    """The policy's view of a CT with no mask: windowed, sampled and resized slices."""
+    """The policy's view of a CT with no mask: windowed, sampled and resized slices, exactly as
+    ``data.preprocess.prepare_volume`` prepares a training scan with the same window."""
     from data.preprocess import prepare_arrays
     from data.volume import load_volume
 
@@ -48,9 +74,9 @@ def predict(
     adapter: Path | None = None,
     checkpoint: Path | None = None,
     engine: str = "transformers",
-    num_slices: int = 64,
-    size: int = 256,
-    window: tuple[float, float] = (-160.0, 240.0),
+    num_slices: int = DataConfig.num_slices,
+    size: int = DataConfig.slice_size,
+    window: str | tuple[float, float] = DataConfig.window,
     image_size: int = 512,
     max_tokens: int = 256,
 ) -> dict:
@@ -71,7 +97,11 @@ def predict(
         raise PredictError(f"--query is {len(query)} characters, over {MAX_QUERY_CHARS}")
     if not (Path(model) / "config.json").exists():
         raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
-    prepared = prepare_image(Path(image), num_slices, size, window)
+    try:
+        low_high = resolve_window(window, "--window")
+    except WindowError as err:
+        raise PredictError(str(err)) from None
+    prepared = prepare_image(Path(image), num_slices, size, low_high)
     propagator = build_propagator("medsam2" if checkpoint else "baseline", checkpoint, image_size)
     cfg = RolloutConfig(
         engine=engine,
@@ -99,6 +129,7 @@ def predict(
         "query": query,
         "answer": text,
         "propagator": propagator.name,
+        "window": list(low_high),
     }
     if isinstance(parsed, ParsedAnswer):
         anchor = parsed.anchor
@@ -133,8 +164,19 @@ def predict(
     return evidence
 
 
-def main(argv: list[str] | None = None) -> int:
-    set_default_environment()
+class _WindowAction(argparse.Action):
+    """Turns ``--window abdomen`` or ``--window -160 240`` into ``(low, high)`` while parsing."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            setattr(namespace, self.dest, parse_window(list(values)))
+        except PredictError as err:
+            # argparse already names the option; keep only what is wrong with the value
+            message = str(err).removeprefix("--window").lstrip(": ")
+            raise argparse.ArgumentError(self, message) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.predict", description=__doc__.split("\n")[0]
     )
@@ -145,9 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="MedSAM2 checkpoint (else: baseline)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
-    parser.add_argument("--slices", type=int, default=64)
-    parser.add_argument("--size", type=int, default=256)
-    args = parser.parse_args(argv)
+    parser.add_argument("--slices", type=int, default=DataConfig.num_slices)
+    parser.add_argument("--size", type=int, default=DataConfig.slice_size)
+    parser.add_argument(
+        "--window",
+        nargs="+",
+        action=_WindowAction,
+        default=resolve_window(DataConfig.window, "data.window"),
+        metavar="WINDOW",
+        help="intensity window the policy was trained with: a preset "
+        f"({', '.join(WINDOW_PRESETS)}) or LOW HIGH (default: {DataConfig.window})",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_default_environment()
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     evidence = predict(
         args.image,
@@ -159,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args.engine,
         args.slices,
         args.size,
+        args.window,
     )
     status = "answer ok" if evidence["ok"] else f"no usable answer ({evidence['failure']})"
     print(

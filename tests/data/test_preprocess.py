@@ -1,19 +1,25 @@
-"""Windowing, slice sampling and its index map, resizing, the cache, and mapping back."""
+"""Windowing (one window per suite, never per label), slice sampling and its index map,
+resizing, the cache, and mapping back."""
+
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from data import preprocess
-from data.config import DataConfig
+from data.config import DataConfig, WindowError
 from data.dataset import VolumeDataset
 from data.preprocess import (
+    WindowMismatchWarning,
+    prepare_arrays,
     prepare_volume,
     resize_slices,
     sample_indices,
     to_source_grid,
     window_to_uint8,
 )
-from data.volume import load_volume
+from data.volume import Volume, load_volume
 
 
 def test_window_maps_low_to_0_and_high_to_255():
@@ -92,3 +98,83 @@ def test_a_failed_write_leaves_no_cache_entry(phantom_manifest, tmp_path, monkey
     monkeypatch.undo()
     _, prepared = ds.by_id(sample.id)
     assert prepared.mask.any()
+
+
+def test_every_label_of_a_scan_sees_the_same_slices(phantom_manifest, tmp_path):
+    # The picture must not tell which organ is asked for: liver, lungs and vertebrae of one case
+    # are prepared byte for byte alike, with and without the cache.
+    for cache in (None, tmp_path / "cache"):
+        ds = VolumeDataset(
+            phantom_manifest, DataConfig(num_slices=16, slice_size=64, cache_dir=cache)
+        )
+        ids = ["ctorg_0000/liver", "ctorg_0000/lungs", "ctorg_0000/vertebrae"]
+        slices = [np.asarray(ds.by_id(i)[1].slices) for i in ids]
+        masks = [np.asarray(ds.by_id(i)[1].mask) for i in ids]
+        assert not np.array_equal(masks[0], masks[1])  # different targets...
+        for other in slices[1:]:
+            assert other.tobytes() == slices[0].tobytes()  # ...on the same picture
+
+
+def test_the_window_is_the_suites_and_keys_the_cache(phantom_manifest, tmp_path):
+    cache = tmp_path / "cache"
+    plain = VolumeDataset(
+        phantom_manifest, DataConfig(num_slices=8, slice_size=32, cache_dir=cache)
+    )
+    lung = VolumeDataset(
+        phantom_manifest,
+        DataConfig(num_slices=8, slice_size=32, cache_dir=cache, suite_windows={"ctorg": "lung"}),
+    )
+    a, b = plain.by_id("ctorg_0000/liver")[1], lung.by_id("ctorg_0000/liver")[1]
+    assert not np.array_equal(a.slices, b.slices)  # a new window is a new cache entry
+    assert len(list(cache.iterdir())) == 2
+    other = next(s.id for s in plain.samples if s.suite != "ctorg")
+    np.testing.assert_array_equal(plain.by_id(other)[1].slices, lung.by_id(other)[1].slices)
+    assert lung.cfg.window_for("ctorg") == (-1350.0, 150.0)
+    assert lung.cfg.window_for("kits23") == (-160.0, 240.0)
+
+
+def test_window_presets_and_pairs_resolve_and_bad_ones_name_the_field():
+    assert DataConfig().window_for("anything") == (-160.0, 240.0)
+    assert DataConfig(window="unit").window_for("ctorg") == (0.0, 1.0)
+    assert DataConfig(window=[-100, 300]).window_for("ctorg") == (-100.0, 300.0)
+    with pytest.raises(WindowError, match=r"data\.window: unknown window preset 'abdomn'"):
+        DataConfig(window="abdomn")
+    with pytest.raises(WindowError, match=r"data\.suite_windows\.kits23: window \[240\.0, -160"):
+        DataConfig(suite_windows={"kits23": [240, -160]})
+    with pytest.raises(WindowError, match=r"data\.window: \[1\] is neither"):
+        DataConfig(window=[1])
+
+
+def test_a_yaml_window_loads_and_a_typo_fails_naming_it():
+    from cluster.config import RunConfig, load_config
+
+    cfg = load_config(RunConfig, "configs/paper.yaml", ["data.suite_windows={kits23: [-100, 200]}"])
+    assert cfg.data.window_for("kits23") == (-100.0, 200.0)
+    assert cfg.data.window_for("ctorg") == (0.0, 1.0)  # M3D-Seg arrays come as 0..1
+    with pytest.raises(WindowError, match="data.window: unknown window preset 'lungs'"):
+        load_config(RunConfig, "configs/tiny.yaml", ["data.window=lungs"])
+
+
+def volume(array: np.ndarray, name: str) -> Volume:
+    return Volume(Path(name), array, np.eye(4), np.eye(4))
+
+
+def test_normalised_arrays_take_the_unit_window_like_any_other():
+    # No per-volume min-max: the configured window is the one mapping, for .npy as for NIfTI.
+    image = np.full((8, 16, 16), 0.25, np.float32)
+    image[:, :, 8:] = 0.75
+    prepared = prepare_arrays(volume(image, "image.npy"), None, [], (0.0, 1.0), 8, 16, "x")
+    assert set(np.unique(prepared.slices).tolist()) == {64, 191}
+
+
+def test_a_window_that_does_not_fit_the_data_is_warned_about():
+    normalised = np.random.default_rng(0).random((8, 16, 16)).astype(np.float32)
+    with pytest.warns(WindowMismatchWarning, match=r"image\.npy: .*'unit'"):
+        prepare_arrays(volume(normalised, "image.npy"), None, [], (-160.0, 240.0), 8, 16, "x")
+    hu = np.full((8, 16, 16), -1000.0, np.float32)
+    hu[:, 4:12, 4:12] = 40.0
+    with pytest.warns(WindowMismatchWarning, match="ct.nii.gz"):
+        prepare_arrays(volume(hu, "ct.nii.gz"), None, [], (0.0, 1.0), 8, 16, "x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_arrays(volume(hu, "ct.nii.gz"), None, [], (-160.0, 240.0), 8, 16, "x")

@@ -68,6 +68,40 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     assert len((tmp_path / "eval" / "cases.jsonl").read_text().splitlines()) == n  # resumed
 
 
+def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
+    from data.config import DataConfig
+    from data.dataset import VolumeDataset
+    from evaluation.predict import build_parser, prepare_image
+
+    cfg = DataConfig(num_slices=16, slice_size=64)
+    for label in ("liver", "lungs"):
+        sample, prepared = VolumeDataset(phantom_manifest, cfg).by_id(f"ctorg_0000/{label}")
+        default = build_parser().parse_args(
+            ["--image", str(sample.image), "--query", "q", "--model", "m", "--out", "o"]
+        )
+        seen = prepare_image(sample.image, 16, 64, default.window)
+        assert seen.slices.tobytes() == np.asarray(prepared.slices).tobytes()
+
+
+def test_predict_window_takes_a_preset_or_two_numbers():
+    from evaluation.predict import PredictError, build_parser, parse_window
+
+    base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out", "o"]
+    parser = build_parser()
+    assert parser.parse_args(base).window == (-160.0, 240.0)  # data.window's default
+    assert parser.parse_args(base + ["--window", "-160", "240"]).window == (-160.0, 240.0)
+    assert parser.parse_args(base + ["--window", "lung"]).window == (-1350.0, 150.0)
+    assert parse_window(["unit"]) == (0.0, 1.0)
+    with pytest.raises(PredictError, match="--window: unknown window preset 'abdomn'"):
+        parse_window(["abdomn"])
+    with pytest.raises(PredictError, match="low below high"):
+        parse_window(["240", "-160"])
+    with pytest.raises(PredictError, match="must be numbers"):
+        parse_window(["low", "240"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--window", "1", "2", "3"])
+
+
 @pytest.mark.slow
 def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
     phantom_manifest, tiny_model, tmp_path
@@ -84,8 +118,10 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
         tmp_path / "p",
         num_slices=16,
         size=96,
+        window="abdomen",
         max_tokens=16,
     )
+    assert evidence["window"] == [-160.0, 240.0]
     src = nib.load(str(image))
     mask = nib.load(str(tmp_path / "p" / "mask.nii.gz"))
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
@@ -100,6 +136,8 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
         predict(image, "x" * 1001, tiny_model, tmp_path / "q")
     with pytest.raises(PredictError, match="not a checkpoint folder"):
         predict(image, "liver", tmp_path, tmp_path / "q")
+    with pytest.raises(PredictError, match="unknown window preset 'abdomn'"):
+        predict(image, "liver", tiny_model, tmp_path / "q", window="abdomn")
     from data.volume import VolumeError
 
     tiny = tmp_path / "tiny.nii.gz"
@@ -127,7 +165,7 @@ def test_predict_with_an_oracle_like_answer_writes_a_real_mask(phantom_manifest,
     )
     ds = VolumeDataset(phantom_manifest, cfg.data)
     sample, prepared = ds.by_id("ctorg_0000/liver")
-    (job,) = oracle_jobs("oracle", [(sample, prepared)])
+    (job,) = oracle_jobs("oracle", [(sample, prepared)], cfg.data.min_box_area)
     result = CaseScorer(str(phantom_manifest), cfg.data, cfg.reward, "baseline").score(job)
     assert result["dsc"] > 0.6
     card = evidence_card(
