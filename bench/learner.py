@@ -1,8 +1,13 @@
-"""Learner step time and tokens/s on the tiny Qwen3-VL: with and without gradient checkpointing,
-ZeRO-2 against ZeRO-0. Run from the repository root: ``python -m bench.learner``."""
+"""Learner step time and memory on the tiny Qwen3-VL: gradient checkpointing on and off, ZeRO-2
+against ZeRO-0, and the peak memory of one GRPO step at the paper's prompt shape (64 slices of
+256 px, G = 4) with checkpointing on and off. Run from the repository root:
+``python -m bench.learner``."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -10,27 +15,67 @@ from pathlib import Path
 import numpy as np
 
 
+def build_batch(slices: int, size: int, tokens: int, seed: int = 0):
+    from data.prompts import build_messages
+    from learner.grpo_learner import GRPOExample
+
+    rng = np.random.default_rng(seed)
+    volume = (rng.random((slices, size, size)) * 255).astype(np.uint8)
+    messages = build_messages(volume, "Find the organ that secretes bile.")
+    return [
+        GRPOExample(
+            messages, tuple(int(t) for t in rng.integers(20, 900, tokens)), (-7.0,) * tokens, a
+        )
+        for a in (1.0, -1.0, 0.5, -0.5)
+    ]
+
+
+def peak_memory(model: str, checkpointing: bool) -> dict:
+    """In this process: RSS before and peak RSS during one GRPO step at the paper's shape."""
+    import resource
+
+    from learner.config import GRPOConfig, LoraSettings
+    from learner.grpo_learner import GRPOLearner
+
+    batch = build_batch(64, 256, 64)
+    cfg = GRPOConfig(
+        zero_stage=0,
+        gradient_checkpointing=checkpointing,
+        precision="fp32",
+        lora=LoraSettings(rank=128, alpha=256),
+    )
+    learner = GRPOLearner(Path(model), cfg, group_size=4, total_steps=10)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    learner.step(batch)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"step_mb": (peak - before) / 1024, "seconds": seconds}
+
+
 def main() -> None:
     from cluster.runtime import set_default_environment
 
     set_default_environment()
-    from data.prompts import build_messages
+    if len(sys.argv) == 4 and sys.argv[1] == "--peak-memory":
+        print(json.dumps(peak_memory(sys.argv[2], sys.argv[3] == "on")))
+        return
     from learner.config import GRPOConfig, LoraSettings
-    from learner.grpo_learner import GRPOExample, GRPOLearner
+    from learner.grpo_learner import GRPOLearner
     from rollout.tiny_model import build_tiny_qwen3vl
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_qwen3vl(Path(tmp) / "tiny", "test")
-        rng = np.random.default_rng(0)
-        slices = (rng.random((16, 128, 128)) * 255).astype(np.uint8)
-        messages = build_messages(slices, "Find the organ that secretes bile.")
-        batch = [GRPOExample(messages, tuple(int(t) for t in rng.integers(20, 900, 64)),
-                             (-7.0,) * 64, float(a)) for a in (1.0, -1.0, 0.5, -0.5)]
+        batch = build_batch(16, 128, 64)
         tokens = sum(len(ex.completion_ids) for ex in batch)
         rows = []
         for zero, checkpointing in ((0, False), (0, True), (2, False), (2, True)):
-            cfg = GRPOConfig(zero_stage=zero, gradient_checkpointing=checkpointing,
-                             precision="fp32", lora=LoraSettings(rank=128, alpha=256))
+            cfg = GRPOConfig(
+                zero_stage=zero,
+                gradient_checkpointing=checkpointing,
+                precision="fp32",
+                lora=LoraSettings(rank=128, alpha=256),
+            )
             learner = GRPOLearner(model, cfg, group_size=4, total_steps=10)
             learner.step(batch)  # warm-up
             times = []
@@ -40,13 +85,40 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             rows.append((zero, checkpointing, float(np.median(times))))
             del learner
-        print(f"GRPO step, tiny Qwen3-VL + LoRA rank 128, 4 completions x 64 tokens, "
-              f"16 slices of 128 px ({16 * 16} image tokens)")
+        print(
+            "GRPO step, tiny Qwen3-VL + LoRA rank 128, 4 completions x 64 tokens, "
+            f"16 slices of 128 px ({16 * 16} image tokens)"
+        )
         base = rows[0][2]
         for zero, checkpointing, seconds in rows:
-            print(f"  ZeRO-{zero}  checkpointing={'on ' if checkpointing else 'off'}  "
-                  f"{seconds:.3f} s/step  {tokens / seconds:7.1f} completion tokens/s  "
-                  f"({seconds / base:.2f}x of ZeRO-0 without checkpointing)")
+            print(
+                f"  ZeRO-{zero}  checkpointing={'on ' if checkpointing else 'off'}  "
+                f"{seconds:.3f} s/step  {tokens / seconds:7.1f} completion tokens/s  "
+                f"({seconds / base:.2f}x of ZeRO-0 without checkpointing)"
+            )
+        # Peak memory in fresh processes (a process's peak RSS only grows), 64 x 256 px prompt.
+        peaks = {}
+        for setting in ("off", "on"):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.learner", "--peak-memory", str(model), setting],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            peaks[setting] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(
+            "GRPO step at the paper's shape: 64 slices of 256 px (4,096 image tokens), "
+            "G = 4 x 64 tokens, ZeRO-0, fp32"
+        )
+        for setting in ("off", "on"):
+            print(
+                f"  checkpointing={setting:3s}  peak memory of the step "
+                f"{peaks[setting]['step_mb']:8.1f} MB  {peaks[setting]['seconds']:.2f} s"
+            )
+        print(
+            "checkpointing off / on, peak step memory: "
+            f"{peaks['off']['step_mb'] / max(peaks['on']['step_mb'], 1e-9):.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -40,20 +40,30 @@ class LearnerWorker:
     """The GRPO learner inside a Ray actor (one GPU on a cluster)."""
 
     def __init__(
-        self, model_path: str, cfg, group_size: int, total_steps: int, adapter: str | None
+        self, model_path: str, cfg, group_size: int, total_steps: int, sft_adapter: str | None
     ):
         set_default_environment()
         from learner.grpo_learner import GRPOLearner
 
         self.learner = GRPOLearner(
-            Path(model_path), cfg, group_size, total_steps, Path(adapter) if adapter else None
+            Path(model_path),
+            cfg,
+            group_size,
+            total_steps,
+            Path(sft_adapter) if sft_adapter else None,
         )
+
+    def write_policy_base(self, out_dir: str) -> str:
+        return str(self.learner.write_policy_base(Path(out_dir)))
 
     def step(self, batch):
         return self.learner.step(batch)
 
     def export(self, out_dir: str, version: int):
         return self.learner.export(Path(out_dir), version)
+
+    def export_final(self, out_dir: str) -> str:
+        return str(self.learner.export_final(Path(out_dir)))
 
     def save_checkpoint(self, folder: str, tag: str, state: dict) -> None:
         self.learner.save_checkpoint(Path(folder), tag, state)
@@ -137,136 +147,148 @@ def rng_state(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
-    """The GRPO loop; returns the last step's metrics."""
-    import ray
-    from ray.util.placement_group import placement_group
+class GRPOTrainer:
+    """A GRPO run on Ray: set-up in ``__init__``, one step in :meth:`step`, checkpoints in
+    :meth:`checkpoint`, and :meth:`fit`, the loop over them."""
 
-    from cluster.tracking import Tracker, flatten
-    from data.dataset import VolumeDataset
-    from data.prompts import build_messages
-    from learner.grpo import group_advantages, zero_std_groups
-    from learner.grpo_learner import GRPOExample
-    from learner.sft import model_path
-    from reward_server.pool import RewardPool
-    from reward_server.scorer import ScoreRequest
-    from rollout.actor import RolloutFleet
-    from rollout.records import RolloutPrompt, WeightUpdate
+    def __init__(self, cfg: RunConfig, resume: bool = False):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    out = Path(cfg.output_dir) / "grpo"
-    out.mkdir(parents=True, exist_ok=True)
-    placement = plan(cfg)
-    dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
-    base = model_path(cfg)
-    order = prompt_order(len(dataset), cfg.grpo.epochs, cfg.seed)
-    steps = len(order) // cfg.grpo.batch_size
-    if cfg.steps is not None:
-        steps = min(steps, cfg.steps)
-    if cfg.grpo.max_steps is not None:
-        steps = min(steps, cfg.grpo.max_steps)
+        from cluster.tracking import Tracker, flatten
+        from data.dataset import VolumeDataset, anchorable
+        from learner.sft import model_path
+        from reward_server.pool import RewardPool
+        from rollout.actor import RolloutFleet
 
-    if not ray.is_initialized():
-        if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=cfg.cluster.address, log_to_driver=False)
-        else:  # a local instance sized to the plan (logical CPUs may exceed the cores)
-            need = int(np.ceil(placement.total().get("CPU", 1))) + 1
-            ray.init(
-                num_cpus=max(need, os.cpu_count() or 1),
-                include_dashboard=False,
-                log_to_driver=False,
+        self.cfg = cfg
+        self.out = out = Path(cfg.output_dir) / "grpo"
+        out.mkdir(parents=True, exist_ok=True)
+        placement = plan(cfg)
+        self.dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
+        usable, self.skipped = anchorable(self.dataset)
+        for sample_id in self.skipped:
+            log.warning("skipping %s: no box of its target on any sampled slice", sample_id)
+        if not usable:
+            raise ValueError(f"{cfg.data.manifest}: no training sample has a visible target")
+        self.order = [usable[i] for i in prompt_order(len(usable), cfg.grpo.epochs, cfg.seed)]
+        steps = len(self.order) // cfg.grpo.batch_size
+        for limit in (cfg.steps, cfg.grpo.max_steps):
+            if limit is not None:
+                steps = min(steps, limit)
+        self.steps = steps
+
+        if not ray.is_initialized():
+            if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+                ray.init(address=cfg.cluster.address, log_to_driver=False)
+            else:  # a local instance sized to the plan (logical CPUs may exceed the cores)
+                need = int(np.ceil(placement.total().get("CPU", 1))) + 1
+                ray.init(
+                    num_cpus=max(need, os.cpu_count() or 1),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
+        group = placement_group(placement.bundles, strategy=placement.strategy)
+        ray.get(group.ready(), timeout=600)
+
+        self.checkpoints = Checkpoints(out / "checkpoints")
+        self.state = {
+            "step": 0,
+            "position": 0,
+            "mlflow_run_id": None,
+            "version": 0,
+            "rng": rng_state(np.random.default_rng(cfg.seed)),
+        }
+        latest = self.checkpoints.latest() if resume else None
+        if latest is not None:
+            self.state = json.loads((latest / "state.json").read_text())
+            log.info("resuming from %s (step %d)", latest, self.state["step"])
+        self.learner = (
+            ray.remote(LearnerWorker)
+            .options(
+                num_cpus=placement.learner["CPU"],
+                num_gpus=placement.learner.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
             )
-    group = placement_group(placement.bundles, strategy=placement.strategy)
-    ray.get(group.ready(), timeout=600)
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    checkpoints = Checkpoints(out / "checkpoints")
-    state = {
-        "step": 0,
-        "position": 0,
-        "mlflow_run_id": None,
-        "version": 0,
-        "rng": rng_state(np.random.default_rng(cfg.seed)),
-    }
-    latest = checkpoints.latest() if resume else None
-    if latest is not None:
-        state = json.loads((latest / "state.json").read_text())
-        log.info("resuming from %s (step %d)", latest, state["step"])
-    learner = (
-        ray.remote(LearnerWorker)
-        .options(
-            num_cpus=placement.learner["CPU"],
-            num_gpus=placement.learner.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
+            .remote(
+                str(model_path(cfg)),
+                cfg.grpo,
+                cfg.rollout.group_size,
+                max(steps, 1),
+                str(cfg.sft_adapter) if cfg.sft_adapter else None,
+            )
         )
-        .remote(
-            str(base),
-            cfg.grpo,
-            cfg.rollout.group_size,
-            max(steps, 1),
-            str(cfg.sft_adapter) if cfg.sft_adapter else None,
+        # The engines serve the SFT policy's weights (base + SFT merged) under the GRPO adapter.
+        policy_base = ray.get(self.learner.write_policy_base.remote(str(out / "policy-base")))
+        if latest is not None:
+            ray.get(self.learner.load_checkpoint.remote(str(latest / "learner"), "ckpt"))
+        self.fleet = RolloutFleet(
+            policy_base,
+            cfg.rollout,
+            cfg.model,
+            cpus_per_actor=cfg.cluster.rollout_cpus,
+            placement_group=group,
+            bundle_offset=1,
         )
-    )
-    if latest is not None:
-        ray.get(learner.load_checkpoint.remote(str(latest / "learner"), "ckpt"))
-    fleet = RolloutFleet(
-        base,
-        cfg.rollout,
-        cfg.model,
-        cpus_per_actor=cfg.cluster.rollout_cpus,
-        placement_group=group,
-        bundle_offset=1,
-    )
-    if latest is not None or cfg.sft_adapter is not None:
-        update = ray.get(learner.export.remote(str(out / "weights"), state["version"]))
-        fleet.update_weights(update)
-    pool = RewardPool(
-        str(cfg.data.manifest), cfg.data, cfg.reward, cpus_per_worker=cfg.cluster.reward_cpus
-    )
-    tracker = Tracker(
-        cfg.tracking.tracking_uri,
-        cfg.tracking.experiment,
-        cfg.tracking.run_name or f"{Path(cfg.output_dir).name}-grpo",
-        state["mlflow_run_id"],
-    )
-    if state["mlflow_run_id"] is None:
-        tracker.log_params(flatten(to_dict(cfg)))
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        tracker.log_artifact(out / "config.json")
-    state["mlflow_run_id"] = tracker.run_id
-    rng = np.random.default_rng()
-    rng.bit_generator.state = state["rng"]
-    from tqdm import tqdm
+        if latest is not None:
+            self.fleet.update_weights(
+                ray.get(self.learner.export.remote(str(out / "weights"), self.state["version"]))
+            )
+        self.pool = RewardPool(
+            str(cfg.data.manifest), cfg.data, cfg.reward, cpus_per_worker=cfg.cluster.reward_cpus
+        )
+        self.tracker = Tracker(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment,
+            cfg.tracking.run_name or f"{Path(cfg.output_dir).name}-grpo",
+            self.state["mlflow_run_id"],
+        )
+        if self.state["mlflow_run_id"] is None:
+            self.tracker.log_params(flatten(to_dict(cfg)))
+            (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            self.tracker.log_artifact(out / "config.json")
+        self.state["mlflow_run_id"] = self.tracker.run_id
+        self.rng = np.random.default_rng()
+        self.rng.bit_generator.state = self.state["rng"]
 
-    bar = tqdm(total=steps, initial=state["step"], desc="GRPO")
-    metrics: dict = {}
-    while state["step"] < steps:
+    def step(self) -> dict:
+        """One GRPO step on the next batch of prompts; returns its metrics (also logged)."""
+        import ray
+        import torch
+
+        from data.prompts import build_messages
+        from learner.grpo import group_advantages, zero_std_groups
+        from learner.grpo_learner import GRPOExample
+        from reward_server.scorer import ScoreRequest
+        from rollout.records import RolloutPrompt
+
+        cfg, state = self.cfg, self.state
         step = state["step"] + 1
-        _apply_scale_file(cfg, pool)
-        idx = order[state["position"] : state["position"] + cfg.grpo.batch_size]
-        samples = [dataset[i] for i in idx]
+        _apply_scale_file(cfg, self.pool)
+        idx = self.order[state["position"] : state["position"] + cfg.grpo.batch_size]
+        samples = [self.dataset[i] for i in idx]
         prompts = [
             RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples
         ]
         t0 = time.perf_counter()
-        groups = fleet.generate(prompts, seed=int(rng.integers(2**31)))
+        groups = self.fleet.generate(prompts, seed=int(self.rng.integers(2**31)))
         t1 = time.perf_counter()
         requests = [ScoreRequest(g.sample_id, c.text) for g in groups for c in g.completions]
-        rewards = pool.score(requests)
+        rewards = self.pool.score(requests)
         t2 = time.perf_counter()
-        g_size = cfg.rollout.group_size
-        totals = np.array([r.total for r in rewards]).reshape(len(groups), g_size)
-        import torch
-
+        totals = np.array([r.total for r in rewards]).reshape(len(groups), cfg.rollout.group_size)
         adv = group_advantages(torch.tensor(totals), cfg.grpo.adv_eps).numpy()
         batch = [
             GRPOExample(prompts[i].messages, c.token_ids, c.logprobs, float(adv[i, j]))
             for i, g in enumerate(groups)
             for j, c in enumerate(g.completions)
         ]
-        learned = ray.get(learner.step.remote(batch))
+        learned = ray.get(self.learner.step.remote(batch))
         t3 = time.perf_counter()
-        update: WeightUpdate = ray.get(learner.export.remote(str(out / "weights"), step))
-        fleet.update_weights(update)
+        self.fleet.update_weights(
+            ray.get(self.learner.export.remote(str(self.out / "weights"), step))
+        )
         t4 = time.perf_counter()
         lengths = [len(c.token_ids) for g in groups for c in g.completions]
         metrics = {
@@ -285,10 +307,14 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             "learner/loss": learned.loss,
             "learner/kl": learned.kl,
             "learner/clip_fraction": learned.clip_fraction,
+            "learner/ratio_mean": learned.ratio_mean,
+            "learner/logprob_gap_mean": learned.logprob_gap_mean,
+            "learner/logprob_gap_max": learned.logprob_gap_max,
             "learner/entropy": learned.entropy,
             "learner/grad_norm": learned.grad_norm,
             "learner/lr": learned.lr,
             "rollout/response_length": float(np.mean(lengths)),
+            "data/skipped_samples": float(len(self.skipped)),
             "time/generate_s": t1 - t0,
             "time/reward_s": t2 - t1,
             "time/learn_s": t3 - t2,
@@ -296,35 +322,63 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             "time/step_s": t4 - t0,
             "throughput/completions_per_s": len(lengths) / (t4 - t0),
             "throughput/tokens_per_s": sum(lengths) / (t4 - t0),
-            "reward/workers": pool.num_workers,
+            "reward/workers": self.pool.num_workers,
         }
-        tracker.log_metrics(metrics, step)
+        self.tracker.log_metrics(metrics, step)
         if step % cfg.tracking.evidence_every == 0 or step == 1:
-            sample, prepared = samples[0]
-            picture = evidence_picture(
-                out / f"evidence-step{step}.png",
-                np.asarray(prepared.slices),
-                np.asarray(prepared.mask),
-                groups[0].completions[0].text,
-                f"step {step}: {sample.query}",
-            )
-            if picture is not None:
-                tracker.log_artifact(picture, "evidence")
+            self._log_evidence(step, samples[0], groups[0].completions[0].text)
         state.update(
-            step=step, position=state["position"] + len(idx), version=step, rng=rng_state(rng)
+            step=step,
+            position=state["position"] + len(idx),
+            version=step,
+            rng=rng_state(self.rng),
         )
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            checkpoints.save(step, learner, state)
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward/total']:.3f}")
-    bar.close()
-    final = ray.get(learner.export.remote(str(out), state["version"]))
-    if final.adapter_dir is not None:
-        shutil.rmtree(out / "adapter", ignore_errors=True)
-        shutil.copytree(final.adapter_dir, out / "adapter")
-    tracker.end()
-    pool.shutdown()
-    fleet.shutdown()
+        return metrics
+
+    def _log_evidence(self, step: int, sample_and_prepared, text: str) -> None:
+        sample, prepared = sample_and_prepared
+        picture = evidence_picture(
+            self.out / f"evidence-step{step}.png",
+            np.asarray(prepared.slices),
+            np.asarray(prepared.mask),
+            text,
+            f"step {step}: {sample.query}",
+        )
+        if picture is not None:
+            self.tracker.log_artifact(picture, "evidence")
+
+    def checkpoint(self) -> Path:
+        return self.checkpoints.save(self.state["step"], self.learner, self.state)
+
+    def fit(self) -> dict:
+        """Steps until the run's step count, checkpointing on schedule; the last step's metrics.
+        Ends with the trained policy as one adapter in ``<output_dir>/grpo/adapter``."""
+        import ray
+        from tqdm import tqdm
+
+        metrics: dict = {}
+        with tqdm(total=self.steps, initial=self.state["step"], desc="GRPO") as bar:
+            while self.state["step"] < self.steps:
+                metrics = self.step()
+                step = self.state["step"]
+                if step % self.cfg.checkpoint_every == 0 or step == self.steps:
+                    self.checkpoint()
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward/total']:.3f}")
+        ray.get(self.learner.export_final.remote(str(self.out / "adapter")))
+        return metrics
+
+    def close(self) -> None:
+        self.tracker.end()
+        self.pool.shutdown()
+        self.fleet.shutdown()
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """The GRPO run; returns the last step's metrics."""
+    trainer = GRPOTrainer(cfg, resume)
+    metrics = trainer.fit()
+    trainer.close()  # only after success: a killed run's MLflow run stays open for --resume
     return metrics
 
 

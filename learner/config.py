@@ -9,7 +9,9 @@ from dataclasses import dataclass
 class LoraSettings:
     rank: int = 128  # LoRA rank on all linear layers of the language model (paper: 128)
     alpha: int = 256  # LoRA scaling numerator (alpha / rank = 2)
-    dropout: float = 0.05  # dropout on the LoRA branch
+    # Dropout on the LoRA branch; None: 0.05 for SFT, 0 for GRPO (whose pi must equal pi_old, so
+    # GRPO refuses any other value).
+    dropout: float | None = None
     # Linear layers that get LoRA: every projection of the language model. The vision tower and
     # merger stay frozen, as vLLM serves LoRA on the language model only.
     target_modules: str = (
@@ -37,6 +39,8 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.lora is None:
             self.lora = LoraSettings()
+        if self.lora.dropout is None:
+            self.lora.dropout = 0.05
 
 
 @dataclass
@@ -45,7 +49,9 @@ class GRPOConfig:
     epochs: int = 3  # passes over the training prompts (paper: 3)
     batch_size: int = 1  # prompts per update per GPU (paper: 1); each brings G completions
     updates_per_batch: int = 1  # optimizer updates on one batch of rollouts (mu)
-    clip_eps: float = 0.2  # PPO clip range eps (paper: 0.2)
+    clip_eps: float = (
+        0.2  # PPO clip range eps (the paper gives none; 0.2 is PPO's and GRPO's usual)
+    )
     beta: float = 0.01  # KL weight (paper: 0.01)
     adv_eps: float = 1e-6  # added to the group std in A_i = (r_i - mean) / (std + eps)
     warmup_ratio: float = 0.1
@@ -56,10 +62,21 @@ class GRPOConfig:
     zero_stage: int = 2
     max_steps: int | None = None  # stop after this many GRPO steps (smoke runs, tests)
     export: str = "adapter"  # weights pushed to rollout: "adapter" (LoRA) or "merged"
+    # Truncated importance sampling for the sampler/learner gap: each token's surrogate times
+    # min(pi_old_learner / pi_vllm, tis_cap). None: off (the paper has no such correction).
+    tis_cap: float | None = None
     lora: LoraSettings = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.lora is None:
             self.lora = LoraSettings()
+        if self.lora.dropout is None:
+            self.lora.dropout = 0.0
+        if self.lora.dropout != 0.0:
+            raise ValueError(
+                f"grpo.lora.dropout must be 0 (pi must equal pi_old), got {self.lora.dropout}"
+            )
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"grpo.tis_cap must be > 0 or null, got {self.tis_cap}")
         if self.export not in ("adapter", "merged"):
             raise ValueError(f"grpo.export must be 'adapter' or 'merged', got {self.export!r}")

@@ -9,7 +9,16 @@ Choices made here:
 - std is the population standard deviation of the group (``unbiased=False``); a group whose
   rewards are all equal gets A_i = 0 for every i (and is counted, see ``zero_std_groups``).
 - KL uses the k3 estimator of DeepSeekMath/R1, per token: exp(ref - new) - (ref - new) - 1,
-  which is unbiased for KL(pi || pi_ref) and always >= 0.
+  which is unbiased for KL(pi || pi_ref) and always >= 0. It grows exponentially in ref - new, so
+  one token far from the reference could swamp the loss: each token's value is clamped to
+  [-10, 10] (as verl's ``low_var_kl``; the lower bound never binds since k3 >= 0).
+- The clip fraction counts the tokens where clipping changes the loss (the clipped term is the
+  one taken: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0), the usual PPO statistic;
+  a ratio outside the range on the other side is not clipped (min keeps the unclipped term).
+- Truncated importance sampling (optional): the sampler (vLLM) and the learner compute
+  slightly different probabilities of the same tokens. With ``is_weights`` w_t =
+  min(pi_old_learner / pi_sampler, C), detached, the surrogate of each token is multiplied by
+  w_t, correcting for that gap; the KL term is not weighted.
 - Aggregation: mean over the tokens of each completion, then mean over completions (the 1/G sum
   of 1/|o_i| sums above), so every completion weighs the same whatever its length.
 """
@@ -35,23 +44,28 @@ def zero_std_groups(rewards: torch.Tensor, tol: float = 1e-8) -> int:
     return int((rewards.std(dim=1, unbiased=False) <= tol).sum())
 
 
+KL_CLAMP = 10.0  # per-token bound of the k3 estimate (verl's low_var_kl uses the same)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1."""
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1, clamped
+    to [-KL_CLAMP, KL_CLAMP]."""
     delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1.0
+    return torch.clamp(torch.exp(delta) - delta - 1.0, -KL_CLAMP, KL_CLAMP)
 
 
 def clipped_surrogate(
     logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token min(rho A, clip(rho, 1-eps, 1+eps) A) and whether rho fell outside the clip range.
+    """Per-token min(rho A, clip(rho, 1-eps, 1+eps) A) and whether the clipped term was taken
+    (clipping changed the loss: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0).
 
     ``logp``/``old_logp`` are (N, T); ``advantages`` (N,) broadcast over tokens.
     """
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    clipped = (ratio < 1 - clip_eps) | (ratio > 1 + clip_eps)
+    clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
     return surrogate, clipped
 
 
@@ -65,7 +79,7 @@ def masked_mean_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 class LossParts:
     loss: torch.Tensor  # scalar to minimise
     kl: torch.Tensor  # mean per-token k3 KL (same aggregation as the loss)
-    clip_fraction: torch.Tensor  # share of completion tokens with rho outside the clip range
+    clip_fraction: torch.Tensor  # share of completion tokens where clipping changed the loss
     ratio_mean: torch.Tensor
 
 
@@ -77,9 +91,16 @@ def grpo_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     beta: float = 0.01,
+    is_weights: torch.Tensor | None = None,
 ) -> LossParts:
-    """The GRPO loss of N completions (tensors (N, T), ``mask`` 1 on completion tokens)."""
+    """The GRPO loss of N completions (tensors (N, T), ``mask`` 1 on completion tokens).
+
+    ``is_weights`` (N, T), optional: truncated importance weights min(pi_old / pi_sampler, C)
+    multiplying each token's surrogate (see the module docstring); treated as constants.
+    """
     surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    if is_weights is not None:
+        surrogate = surrogate * is_weights.detach()
     kl = k3_kl(logp, ref_logp)
     per_token = -(surrogate - beta * kl)
     loss = masked_mean_per_row(per_token, mask).mean()
@@ -96,3 +117,13 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position: (..., V) -> (...)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+def truncated_is_weights(
+    learner_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """w_t = min(pi_old(o_t) / pi_sampler(o_t), C): the learner's probability of a sampled token
+    over the sampler's, truncated at ``cap`` (truncated importance sampling)."""
+    if cap <= 0:
+        raise ValueError(f"the importance-weight cap must be > 0, got {cap}")
+    return torch.exp(learner_logp - sampler_logp).clamp(max=cap)

@@ -4,7 +4,13 @@ Each training sequence is one prompt (chat messages with slice images) followed 
 completion; the loss looks only at the completion tokens (prompt and image tokens are masked).
 Sequences go through the model one at a time (micro-batch 1, as Qwen3-VL's multimodal positions
 make padding images awkward) and DeepSpeed accumulates gradients over a batch.
-The reference policy pi_ref is the same model with its adapter disabled: no second copy.
+
+GRPO starts from the SFT policy and regularises toward it: the SFT adapter is merged into the
+base weights and a fresh adapter is trained on top, so the model with its adapter disabled *is*
+the SFT policy (pi_ref) and no second copy is kept. The rollout engines serve the same merged
+weights (written once as a checkpoint folder) plus the GRPO adapter; the adapter a run finally
+exports stacks both (rank r_sft + r_grpo) on the original base, loadable wherever the SFT
+adapter is.
 """
 
 from __future__ import annotations
@@ -103,29 +109,28 @@ def load_lora_policy(
     lora: LoraSettings,
     precision: str,
     gradient_checkpointing: bool,
-    adapter: Path | None = None,
+    merge: Path | None = None,
 ):
-    """The base Qwen3-VL with a (new, or loaded and trainable) LoRA adapter; base frozen."""
+    """The base Qwen3-VL (with the adapter ``merge`` folded into its weights, if given) and a
+    fresh trainable LoRA adapter on top; everything but the adapter frozen."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     processor = AutoProcessor.from_pretrained(model_path)
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
+    if merge is not None:
+        model = PeftModel.from_pretrained(model, str(merge)).merge_and_unload()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: let checkpoints see a grad input
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    else:
-        config = LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-        )
-        model = get_peft_model(model, config)
-    return model, processor
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    return get_peft_model(model, config), processor
 
 
 def lr_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
@@ -213,39 +218,152 @@ def save_adapter(engine, processor, out_dir: Path, write: bool = True) -> Path:
     Written to a temporary folder and renamed, so readers never see half an adapter. Every
     process calls it (ZeRO-3 gathers the adapter collectively); only ``write`` ones write.
     """
+    state = lora_state(engine)
+    if not write:
+        return Path(out_dir)
+
+    def write_to(tmp: Path) -> None:
+        engine.module.save_pretrained(str(tmp), state_dict=state, save_embedding_layers=False)
+        processor.save_pretrained(str(tmp))
+
+    return _write_folder(out_dir, write_to)
+
+
+def _write_folder(out_dir: Path, write) -> Path:
+    """Run ``write(tmp)`` into a temporary sibling folder, then rename it to ``out_dir``."""
     import shutil
 
     out_dir = Path(out_dir)
-    state = lora_state(engine)
-    if not write:
-        return out_dir
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    engine.module.save_pretrained(str(tmp), state_dict=state, save_embedding_layers=False)
-    processor.save_pretrained(str(tmp))
+    write(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def _checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in (config.json), float32 if unsaid."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32)
 
 
 def save_merged(engine, processor, base_path: Path, out_dir: Path) -> Path:
     """Full weights with the adapter folded in, as an HF checkpoint folder (for full pushes)."""
-    import shutil
-
     from peft import PeftModel, set_peft_model_state_dict
     from transformers import Qwen3VLForConditionalGeneration
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
-    peft_model = PeftModel(base, engine.module.peft_config["default"])
-    set_peft_model_state_dict(peft_model, lora_state(engine))
-    peft_model.merge_and_unload().save_pretrained(str(tmp))
-    processor.save_pretrained(str(tmp))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    def write(tmp: Path) -> None:
+        base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+        peft_model = PeftModel(base, engine.module.peft_config["default"])
+        set_peft_model_state_dict(peft_model, lora_state(engine))
+        merged = peft_model.merge_and_unload().to(_checkpoint_dtype(base_path))
+        merged.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+
+    return _write_folder(out_dir, write)
+
+
+def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """A checkpoint folder of the base with an adapter folder merged in (merged in fp32, saved in
+    the base's dtype), with the processor: the weights vLLM serves as the SFT policy."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    def write(tmp: Path) -> None:
+        base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.to(_checkpoint_dtype(base_path)).save_pretrained(str(tmp))
+        AutoProcessor.from_pretrained(base_path).save_pretrained(str(tmp))
+
+    return _write_folder(out_dir, write)
+
+
+class AdapterStackError(ValueError):
+    """Two adapters that cannot be stacked into one; names the adapter and the field."""
+
+
+def _adapter_files(folder: Path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return config, load_file(str(folder / "adapter_model.safetensors"))
+
+
+def stack_adapters(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:
+    """One LoRA adapter equal to applying ``first`` then ``second`` on the same base.
+
+    Each is (adapter_config, state dict with peft's saved keys). LoRA adds
+    delta W = (alpha / r) B A per module, and the deltas of two adapters add up, so the stacked
+    adapter has rank r1 + r2, A = [A1; A2], B = [s1 B1, s2 B2] and alpha = r1 + r2 (scale 1):
+    exactly the sum. A module that only one adapter touches gets zeros for the other half.
+    """
+    (c1, w1), (c2, w2) = first, second
+    for c, which in ((c1, "first"), (c2, "second")):
+        for key in ("rank_pattern", "alpha_pattern"):
+            if c.get(key):
+                raise AdapterStackError(
+                    f"{which} adapter: {key} is set; only one rank is supported"
+                )
+        if c.get("use_rslora") or c.get("use_dora"):
+            raise AdapterStackError(f"{which} adapter: rsLoRA/DoRA adapters cannot be stacked")
+    r1, r2 = int(c1["r"]), int(c2["r"])
+    s1, s2 = c1["lora_alpha"] / r1, c2["lora_alpha"] / r2
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in (*w1, *w2) if ".lora_" in k})
+    state = {}
+    for module in modules:
+        a1, b1 = w1.get(f"{module}.lora_A.weight"), w1.get(f"{module}.lora_B.weight")
+        a2, b2 = w2.get(f"{module}.lora_A.weight"), w2.get(f"{module}.lora_B.weight")
+        like_a, like_b = (a1, b1) if a1 is not None else (a2, b2)
+        if a1 is None:
+            a1, b1 = like_a.new_zeros(r1, like_a.shape[1]), like_b.new_zeros(like_b.shape[0], r1)
+        if a2 is None:
+            a2, b2 = like_a.new_zeros(r2, like_a.shape[1]), like_b.new_zeros(like_b.shape[0], r2)
+        state[f"{module}.lora_A.weight"] = torch.cat([a1.float(), a2.float()], dim=0)
+        state[f"{module}.lora_B.weight"] = torch.cat([s1 * b1.float(), s2 * b2.float()], dim=1)
+    targets = []
+    for c in (c1, c2):
+        t = c["target_modules"]
+        targets.append(t if isinstance(t, str) else "|".join(f".*\\.{m}" for m in t))
+    config = dict(c1)
+    config.update(
+        r=r1 + r2,
+        lora_alpha=r1 + r2,
+        target_modules=targets[0] if targets[0] == targets[1] else f"({targets[0]})|({targets[1]})",
+    )
+    return config, state
+
+
+def save_stacked_adapter(engine, processor, first_adapter: Path, out_dir: Path) -> Path:
+    """The adapter folder of ``first_adapter`` (the SFT adapter merged under this run) stacked
+    with this engine's adapter: one adapter on the original base (see :func:`stack_adapters`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    module = engine.module
+    config = module.peft_config["default"].to_dict()
+    config = json.loads(
+        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
+    mine = {k: v for k, v in lora_state(engine).items()}
+    stacked_config, stacked = stack_adapters(_adapter_files(first_adapter), (config, mine))
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        save_file(
+            {k: v.contiguous() for k, v in stacked.items()}, str(tmp / "adapter_model.safetensors")
+        )
+        (tmp / "adapter_config.json").write_text(json.dumps(stacked_config, indent=2))
+        processor.save_pretrained(str(tmp))
+
+    return _write_folder(out_dir, write)
 
 
 def adapter_grad_norm(engine) -> float:

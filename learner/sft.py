@@ -26,7 +26,7 @@ from tqdm import tqdm
 from cluster.config import RunConfig, load_run_config, to_dict
 from cluster.runtime import set_default_environment
 from cluster.tracking import Tracker, flatten
-from data.dataset import VolumeDataset
+from data.dataset import VolumeDataset, anchorable
 from data.prompts import build_messages, sft_target_text
 from data.targets import evidence_target
 from learner.policy import (
@@ -66,15 +66,12 @@ def sft_examples(dataset: VolumeDataset, indices: list[int], top_k: int, seed: i
 
 
 def shard(dataset: VolumeDataset, seed: int, rank: int, world: int) -> tuple[list[int], int]:
-    """Samples with a visible target (a small one can fall between sampled slices: skipped with
-    a warning), and how many each of ``world`` processes takes per epoch (equal counts, so the
-    processes' gradient all-reduces stay in step)."""
-    valid = []
-    for i, sample in enumerate(dataset.samples):
-        if dataset[i][1].areas.max() > 0:
-            valid.append(i)
-        else:
-            log.warning("skipping %s: target empty on every sampled slice", sample.id)
+    """Samples that can anchor an answer (the others skipped with a warning), and how many each
+    of ``world`` processes takes per epoch (equal counts, so the processes' gradient
+    all-reduces stay in step)."""
+    valid, skipped = anchorable(dataset)
+    for sample_id in skipped:
+        log.warning("skipping %s: no box of its target on any sampled slice", sample_id)
     return valid, len(valid) // world
 
 
@@ -113,6 +110,9 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
         total,
         s.warmup_ratio,
     )
+    # Training mode: LoRA dropout applies and gradient checkpointing takes effect (transformers
+    # checkpoints only in training mode).
+    engine.module.train()
     step, run_id = 0, None
     if resume and (ckpt_dir / "latest").exists():
         _, state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)

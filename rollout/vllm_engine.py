@@ -28,6 +28,25 @@ def _dtype(model_cfg: ModelConfig) -> str:
     return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+# LoRA ranks vLLM can be started with (its ``max_lora_rank`` choices).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_to_serve(adapter_dir: Path, at_least: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that serves the adapter in ``adapter_dir``
+    (a GRPO run's final adapter stacks the SFT and GRPO ranks) and is at least ``at_least``."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        rank = int(json.loads(config_path.read_text())["r"])
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        raise RolloutError(f"{config_path}: not a peft adapter ({err})") from None
+    need = max(rank, at_least)
+    for choice in VLLM_LORA_RANKS:
+        if choice >= need:
+            return choice
+    raise RolloutError(f"{adapter_dir}: LoRA rank {rank} is above vLLM's largest, 512")
+
+
 class VLLMEngine:
     """vLLM ``LLM`` over a Qwen3-VL checkpoint folder."""
 

@@ -1,6 +1,7 @@
 """The GRPO run as users meet it: dry run, `ray job submit` on a local head, kill and resume,
 and the reward worker count changed while the run goes on."""
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,10 @@ METRICS = [
     "learner/loss",
     "learner/kl",
     "learner/clip_fraction",
+    "learner/ratio_mean",
+    "learner/logprob_gap_mean",
+    "learner/logprob_gap_max",
+    "data/skipped_samples",
     "learner/entropy",
     "learner/grad_norm",
     "rollout/response_length",
@@ -86,7 +91,13 @@ def metric_steps(uri: str, experiment: str):
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_args, tmp_path):
+    """From an SFT adapter: the engines serve base + SFT under the GRPO adapter, the KL of the
+    first step is ~0 (the reference is the SFT policy), the final adapter stacks both."""
     from cluster.services import RayHead
+    from tests.conftest import SFT_LIKE_TARGETS, random_adapter
+
+    model = next(a.split("=", 1)[1] for a in run_args if a.startswith("model.path="))
+    sft = random_adapter(Path(model), tmp_path / "sft-adapter", SFT_LIKE_TARGETS, 4, 0.05, 2)
 
     head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-test-{os.getpid()}")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -99,6 +110,7 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
                 *run_args,
                 f"output_dir={tmp_path}",
                 f"tracking.tracking_uri={uri}",
+                f"sft_adapter={sft}",
                 "steps=2",
             ],
             cwd=REPO,
@@ -113,7 +125,17 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
     runs, steps = metric_steps(uri, "medvol-r1-tiny")
     assert len(runs) == 1
     assert all(steps[m] == [1, 2] for m in METRICS), steps
-    assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
+    from mlflow.tracking import MlflowClient
+
+    first = {
+        m: MlflowClient(uri).get_metric_history(runs[0].info.run_id, m)[0].value
+        for m in ("learner/kl", "learner/ratio_mean", "learner/clip_fraction")
+    }
+    assert first["learner/kl"] < 0.01, first  # pi_ref = SFT policy = pi at step 1
+    assert first["learner/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert first["learner/clip_fraction"] == 0.0
+    final = json.loads((tmp_path / "grpo" / "adapter" / "adapter_config.json").read_text())
+    assert final["r"] == 4 + 16  # SFT rank + configs/tiny.yaml's GRPO rank, stacked
 
 
 @pytest.mark.slow

@@ -10,3 +10,13 @@ def tiny_model(tmp_path_factory):
     from rollout.tiny_model import build_tiny_qwen3vl
 
     return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen3vl"), size="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(tiny_model, tmp_path_factory):
+    """A LoRA adapter standing for an SFT result (rank 4, random non-zero weights)."""
+    from tests.conftest import SFT_LIKE_TARGETS, random_adapter
+
+    return random_adapter(
+        tiny_model, tmp_path_factory.mktemp("sft-adapter"), SFT_LIKE_TARGETS, 4, 0.05, seed=2
+    )

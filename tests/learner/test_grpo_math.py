@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from learner.grpo import (
+    KL_CLAMP,
     clipped_surrogate,
     group_advantages,
     grpo_loss,
     k3_kl,
     token_entropy,
+    truncated_is_weights,
     zero_std_groups,
 )
 
@@ -36,16 +38,26 @@ def test_k3_kl_by_hand():
     assert k3_kl(logp, ref).tolist() == pytest.approx([0.5 + math.log(2) - 1, 0.0])
 
 
+def test_k3_kl_is_clamped_at_ten_per_token():
+    # ref - new = 3: e^3 - 3 - 1 = 16.09 > 10; ref - new = 2: e^2 - 3 = 4.39 stays
+    logp = torch.tensor([0.0, 0.0, 0.0])
+    ref = torch.tensor([3.0, 2.0, -20.0])  # -20: e^-20 + 20 - 1 = 19.0 -> 10
+    assert KL_CLAMP == 10.0
+    assert k3_kl(logp, ref).tolist() == pytest.approx([10.0, math.exp(2) - 3, 10.0])
+
+
 def test_clipped_surrogate_by_hand():
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # rho = 1.5, 0.5, 1.1
     surrogate, clipped = clipped_surrogate(new, old, torch.tensor([2.0]), 0.2)
     # A > 0: min(rho A, clip(rho) A) = min(3.0, 2.4), min(1.0, 1.6), min(2.2, 2.2)
     assert surrogate[0].tolist() == pytest.approx([2.4, 1.0, 2.2])
-    assert clipped[0].tolist() == [True, True, False]
-    surrogate, _ = clipped_surrogate(new, old, torch.tensor([-1.0]), 0.2)
+    # clipping changed the loss only for rho = 1.5 (rho = 0.5 keeps its unclipped 1.0)
+    assert clipped[0].tolist() == [True, False, False]
+    surrogate, clipped = clipped_surrogate(new, old, torch.tensor([-1.0]), 0.2)
     # A < 0: min(-1.5, -1.2) = -1.5, min(-0.5, -0.8) = -0.8, -1.1
     assert surrogate[0].tolist() == pytest.approx([-1.5, -0.8, -1.1])
+    assert clipped[0].tolist() == [False, True, False]  # only rho = 0.5 took the clipped -0.8
 
 
 def test_grpo_loss_on_a_toy_batch_by_hand():
@@ -65,7 +77,8 @@ def test_grpo_loss_on_a_toy_batch_by_hand():
     # completion 2 (A = -1): rho = 1.0, 0.5, 1.5 -> min(-rho, -clip(rho)) = -1, -0.8, -1.5
     c2 = -((-1.0 - 0.1 * 0.0) + (-0.8 - 0.1 * k3(0.2, 0.4)) + (-1.5 - 0.1 * k3(0.6, 0.4))) / 3
     assert parts.loss.item() == pytest.approx((c1 + c2) / 2, rel=1e-5)
-    assert parts.clip_fraction.item() == pytest.approx(2 / 5)  # 0.5 and 1.5 of 5 real tokens
+    # of 5 real tokens only rho = 0.5 with A < 0 took the clipped term (1.5 with A < 0 did not)
+    assert parts.clip_fraction.item() == pytest.approx(1 / 5)
     kl = (k3(0.6, 0.3) / 2 + (k3(0.2, 0.4) + k3(0.6, 0.4)) / 3) / 2
     assert parts.kl.item() == pytest.approx(kl, rel=1e-5)
 
@@ -79,6 +92,25 @@ def test_on_policy_loss_is_minus_mean_advantage_and_its_gradient_follows_the_adv
     parts.loss.backward()
     # d/dlogp of -(exp(logp - old) A) / 2 at logp = old is -A / 2 per token
     assert logp.grad[0].tolist() == pytest.approx([-1.0, -1.0])
+
+
+def test_truncated_importance_weights_scale_the_surrogate_not_the_kl():
+    learner = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    sampler = torch.log(torch.tensor([[0.25, 0.3, 0.02]]))
+    w = truncated_is_weights(learner, sampler, cap=2.0)
+    assert w[0].tolist() == pytest.approx([2.0, 1.0, 2.0])  # 0.5/0.25 = 2, 1, 10 -> capped at 2
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(learner, sampler, cap=0.0)
+    new = torch.log(torch.tensor([[0.5, 0.3, 0.25]]))  # rho = 1, 1, 1.25 against learner
+    ref = torch.log(torch.tensor([[0.25, 0.3, 0.25]]))
+    parts = grpo_loss(new, learner, ref, torch.tensor([1.0]), torch.ones(1, 3), 0.2, 0.1, w)
+
+    def k3(p, r):
+        return r / p - math.log(r / p) - 1
+
+    # surrogates 1, 1, min(1.25, 1.2) = 1.2, times w = 2, 1, 2; kl on token 1 only, unweighted
+    expected = -((2 * 1.0 - 0.1 * k3(0.5, 0.25)) + 1.0 + 2 * 1.2) / 3
+    assert parts.loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_entropy_by_hand():

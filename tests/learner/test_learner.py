@@ -1,5 +1,8 @@
 """The DeepSpeed GRPO learner and the SFT cold start on the tiny Qwen3-VL, for real."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,19 +14,26 @@ from tests.rollout.conftest import make_prompt
 
 pytestmark = pytest.mark.slow
 
-LORA = LoraSettings(rank=8, alpha=16, dropout=0.0)
 
-
-def learner(tiny_model, zero_stage=0, lr=1e-2, group_size=4):
+def learner(tiny_model, zero_stage=0, lr=1e-2, group_size=4, sft_adapter=None, **grpo):
     cfg = GRPOConfig(
         lr=lr,
         zero_stage=zero_stage,
         warmup_ratio=0.0,
         precision="fp32",
         gradient_checkpointing=True,
-        lora=LORA,
+        lora=LoraSettings(rank=8, alpha=16),
+        **grpo,
     )
-    return GRPOLearner(tiny_model, cfg, group_size=group_size, total_steps=20)
+    return GRPOLearner(
+        tiny_model, cfg, group_size=group_size, total_steps=20, sft_adapter=sft_adapter
+    )
+
+
+def logprobs_of(model, processor, messages, ids):
+    seq = encode(processor, messages, ids)
+    with torch.no_grad():
+        return token_logprobs(completion_logits(model, seq, "cpu"), seq.completion_ids)
 
 
 def current_logprobs(lrn, messages, ids):
@@ -84,7 +94,7 @@ def test_bad_batches_raise_before_any_weight_changes(grpo):
         ([good] * 3, "3 completions, the learner was built for 4"),
         (
             [good] * 3 + [GRPOExample(prompt.messages, (20, 21), (-1.0,), 1.0)],
-            "2 tokens but 1 old logprobs",
+            "2 tokens but 1 sampler logprobs",
         ),
         ([good] * 3 + [GRPOExample(prompt.messages, (20, 21), (-1.0, float("nan")), 1.0)], "NaN"),
         (
@@ -144,3 +154,144 @@ def test_zero_stages_train(tiny_model, stage):
     metrics = lrn.step(batch)
     assert np.isfinite(metrics.loss) and metrics.grad_norm > 0
     del lrn, before
+
+
+COMPLETIONS = [(20, 31, 40), (21, 30), (22, 33, 44, 55), (23,)]
+ADVANTAGES = [1.5, -0.5, 0.5, 0.0]
+
+
+@pytest.fixture(scope="module")
+def from_sft(tiny_model, sft_adapter):
+    return learner(tiny_model, sft_adapter=sft_adapter)
+
+
+def test_reference_is_the_sft_policy_and_the_first_step_has_zero_kl(
+    from_sft, tiny_model, sft_adapter
+):
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    prompt = make_prompt("a")
+    base = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    base_lp = logprobs_of(base, from_sft.processor, prompt.messages, [20, 31, 40])
+    sft = PeftModel.from_pretrained(base, str(sft_adapter)).eval()
+    sft_lp = logprobs_of(sft, from_sft.processor, prompt.messages, [20, 31, 40])
+    assert (sft_lp - base_lp).abs().max() > 1e-3  # the SFT adapter changes the policy
+    with from_sft.engine.module.disable_adapter():
+        ref_lp = logprobs_of(
+            from_sft.engine.module, from_sft.processor, prompt.messages, [20, 31, 40]
+        )
+    torch.testing.assert_close(ref_lp, sft_lp, atol=1e-5, rtol=1e-5)
+    # Sampler logprobs from the SFT policy itself: step 1 starts at pi = pi_old = pi_ref.
+    batch = [
+        GRPOExample(
+            prompt.messages,
+            ids,
+            tuple(logprobs_of(sft, from_sft.processor, prompt.messages, list(ids)).tolist()),
+            a,
+        )
+        for ids, a in zip(COMPLETIONS, ADVANTAGES)
+    ]
+    metrics = from_sft.step(batch)
+    assert metrics.kl == pytest.approx(0.0, abs=1e-6)
+    assert metrics.loss == pytest.approx(-0.375, abs=1e-5)  # -(1/G) sum_i A_i
+    assert metrics.logprob_gap_max < 1e-4
+
+
+def test_policy_base_and_stacked_adapter_reproduce_the_trained_policy(
+    from_sft, tiny_model, tmp_path
+):
+    from peft import PeftModel
+    from transformers import Qwen3VLForConditionalGeneration
+
+    prompt = make_prompt("b", seed=3)
+    ids = [20, 31, 40, 41]
+    ours = logprobs_of(from_sft.engine.module, from_sft.processor, prompt.messages, ids)
+    with from_sft.engine.module.disable_adapter():
+        ref = logprobs_of(from_sft.engine.module, from_sft.processor, prompt.messages, ids)
+    assert (ours - ref).abs().max() > 1e-4  # the GRPO adapter has moved (previous test's step)
+    # The rollout engines' weights: base with SFT merged, plus the pushed GRPO adapter.
+    folder = from_sft.write_policy_base(tmp_path / "policy-base")
+    assert from_sft.write_policy_base(tmp_path / "policy-base") == folder  # kept, not redone
+    merged = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    torch.testing.assert_close(
+        logprobs_of(merged, from_sft.processor, prompt.messages, ids), ref, atol=1e-5, rtol=1e-5
+    )
+    update = from_sft.export(tmp_path / "weights", version=1)
+    served = PeftModel.from_pretrained(merged, str(update.adapter_dir)).eval()
+    torch.testing.assert_close(
+        logprobs_of(served, from_sft.processor, prompt.messages, ids), ours, atol=1e-5, rtol=1e-5
+    )
+    # The final export: one adapter (rank 4 + 8) on the original base gives the same policy.
+    final = from_sft.export_final(tmp_path / "adapter")
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["r"] == 12 and config["lora_alpha"] == 12
+    base = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
+    stacked = PeftModel.from_pretrained(base, str(final)).eval()
+    torch.testing.assert_close(
+        logprobs_of(stacked, from_sft.processor, prompt.messages, ids), ours, atol=1e-5, rtol=1e-5
+    )
+
+
+def test_pi_old_comes_from_the_learner_and_the_sampler_gap_is_reported(tiny_model):
+    lrn = learner(tiny_model)
+    prompt = make_prompt("c", seed=4)
+    true = [
+        logprobs_of(lrn.engine.module, lrn.processor, prompt.messages, list(i)) for i in COMPLETIONS
+    ]
+    # A sampler that disagrees with the learner by 0.3 nats on every token.
+    batch = [
+        GRPOExample(prompt.messages, ids, tuple((lp + 0.3).tolist()), a)
+        for ids, lp, a in zip(COMPLETIONS, true, ADVANTAGES)
+    ]
+    metrics = lrn.step(batch)
+    # rho = pi / pi_old = 1 exactly on the first update: nothing is clipped, loss = -mean A.
+    assert metrics.ratio_mean == pytest.approx(1.0, abs=1e-6)
+    assert metrics.clip_fraction == 0.0
+    assert metrics.loss == pytest.approx(-0.375, abs=1e-5)
+    assert metrics.logprob_gap_mean == pytest.approx(0.3, abs=1e-4)
+    assert metrics.logprob_gap_max == pytest.approx(0.3, abs=1e-4)
+
+
+def test_truncated_importance_sampling_weights_each_token(tiny_model):
+    lrn = learner(tiny_model, tis_cap=1.2)
+    prompt = make_prompt("d", seed=5)
+    true = [
+        logprobs_of(lrn.engine.module, lrn.processor, prompt.messages, list(i)) for i in COMPLETIONS
+    ]
+    # sampler logprobs lower by 0.1 (w = e^0.1 = 1.105) on completion 0, by 1 on completion 2
+    # (w = e = 2.72, capped at 1.2), equal elsewhere (w = 1)
+    shifts = [0.1, 0.0, 1.0, 0.0]
+    batch = [
+        GRPOExample(prompt.messages, ids, tuple((lp - d).tolist()), a)
+        for ids, lp, d, a in zip(COMPLETIONS, true, shifts, ADVANTAGES)
+    ]
+    metrics = lrn.step(batch)
+    expected = -(1.5 * math.exp(0.1) - 0.5 * 1.0 + 0.5 * 1.2 + 0.0) / 4
+    assert metrics.loss == pytest.approx(expected, abs=1e-5)
+
+
+def saved_activation_bytes(lrn, messages, ids) -> int:
+    """Bytes autograd keeps for backward during one forward pass of the policy."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    seq = encode(lrn.processor, messages, ids)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_logits(lrn.engine.module, seq, lrn.device)
+    return total
+
+
+def test_the_learner_trains_in_training_mode_so_checkpointing_saves_memory(tiny_model):
+    lrn = learner(tiny_model)  # gradient_checkpointing=True
+    assert lrn.engine.module.training
+    prompt = make_prompt("e", slices=8, seed=6)
+    kept = saved_activation_bytes(lrn, prompt.messages, list(range(20, 84)))
+    lrn.engine.module.eval()  # transformers checkpoints only in training mode
+    full = saved_activation_bytes(lrn, prompt.messages, list(range(20, 84)))
+    lrn.engine.module.train()
+    assert kept < 0.5 * full, (kept, full)

@@ -28,23 +28,13 @@ def prompts():
 @pytest.fixture(scope="session")
 def adapter(tiny_model, tmp_path_factory):
     """A LoRA adapter on every linear layer of the language model, with random (non-zero) B."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3VLForConditionalGeneration
+    from tests.conftest import random_adapter
 
-    torch.manual_seed(1)
-    model = Qwen3VLForConditionalGeneration.from_pretrained(tiny_model, dtype=torch.float32)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        init_lora_weights=False,
-        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|"
-        r"gate_proj|up_proj|down_proj)",
+    return random_adapter(
+        tiny_model,
+        tmp_path_factory.mktemp("adapter"),
+        r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        rank=8,
+        std=0.5,
+        seed=1,
     )
-    peft_model = get_peft_model(model, config)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(out)
-    return out
