@@ -3,6 +3,9 @@
 Each target has at least ten phrasings. The last ``TEST_PHRASINGS`` of each list are held out for
 the test split, so a test query is never seen in training (as the paper paraphrased the KiTS23
 test queries into implicit ones).
+
+Label names as datasets publish them ("kidney tumor", "kidneys" in M3D-Seg's ``dataset_info``)
+reach their target through ``ALIASES``; :func:`target_of` is the one place that mapping is made.
 """
 
 from __future__ import annotations
@@ -182,6 +185,54 @@ QUERIES: dict[str, list[str]] = {
         "Delineate the kidney containing a benign fluid collection.",
         "Highlight the kidney with a thin-walled cystic structure.",
     ],
+    "bladder": [
+        "Segment the urinary bladder.",
+        "Where is the bladder?",
+        "Outline the bladder.",
+        "Find the organ that stores urine.",
+        "Locate the hollow organ in the pelvis filled by the ureters.",
+        "Show the fluid-filled organ behind the pubic symphysis.",
+        "Mark the organ emptied through the urethra.",
+        "Identify the pelvic organ that distends as it fills.",
+        "Which organ is drained by a urinary catheter?",
+        "Delineate the muscular reservoir of the lower urinary tract.",
+        "Highlight the organ whose wall is the detrusor muscle.",
+    ],
+    "bone": [
+        "Segment the bones.",
+        "Where is the skeleton?",
+        "Outline all bony structures.",
+        "Find the densest tissue in the scan.",
+        "Locate the spine, ribs and pelvis.",
+        "Show the structures that contain the bone marrow.",
+        "Mark the calcified framework of the body.",
+        "Identify the tissue that appears brightest on CT.",
+        "Which tissue is made of cortical and trabecular parts?",
+        "Delineate the structures where osteolytic metastases would appear.",
+        "Highlight the rigid framework that protects the organs.",
+    ],
+    "brain": [
+        "Segment the brain.",
+        "Where is the brain?",
+        "Outline the brain parenchyma.",
+        "Find the organ inside the skull.",
+        "Locate the cerebral hemispheres.",
+        "Show the organ bathed in cerebrospinal fluid within the cranium.",
+        "Mark the organ of grey and white matter in the head.",
+        "Identify the organ protected by the calvarium.",
+        "Which organ contains the ventricles and the basal ganglia?",
+        "Delineate the central nervous tissue above the foramen magnum.",
+        "Highlight the organ damaged in a stroke.",
+    ],
+}
+
+# Published label names -> the target whose phrasings they take. A label that is already a key of
+# QUERIES needs no entry; one that is neither gets an explicit query from the caller.
+ALIASES: dict[str, str] = {
+    "kidney tumor": "kidney tumour",  # KiTS23 in M3D-Seg
+    "kidneys": "kidney",  # CT-ORG in M3D-Seg
+    "lung": "lungs",
+    "urinary bladder": "bladder",
 }
 
 
@@ -189,13 +240,23 @@ class UnknownTargetError(KeyError):
     """A target name with no query phrasings."""
 
 
+def target_of(label: str) -> str | None:
+    """The target of ``QUERIES`` a label name stands for (case and spacing ignored, aliases
+    followed), or None when it has no phrasings."""
+    name = " ".join(label.replace("_", " ").split()).lower()
+    name = ALIASES.get(name, name)
+    return name if name in QUERIES else None
+
+
 def phrasings(target: str, split: str) -> list[str]:
-    """The phrasings of ``target`` for a split: all but the last few for train, those for test."""
-    if target not in QUERIES:
+    """The phrasings of ``target`` (a target or an alias of one) for a split: all but the last
+    few for train, those for test."""
+    key = target_of(target)
+    if key is None:
         raise UnknownTargetError(f"no queries for target {target!r}; known: {sorted(QUERIES)}")
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    items = QUERIES[target]
+    items = QUERIES[key]
     return items[:-TEST_PHRASINGS] if split == "train" else items[-TEST_PHRASINGS:]
 
 

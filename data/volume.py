@@ -5,12 +5,23 @@ anterior -> posterior and x patient-right -> patient-left (LPS, the DICOM patien
 slice z shown with ``imshow(arr[z])`` is then in the radiological convention (anterior at the
 top, the patient's right on the left of the image) for every file, whatever its stored
 orientation. Masks are written back on the source file's own grid, orientation and affine.
+
+M3D-Seg arrays (see :mod:`data.m3dseg` for the published layout and sources) carry no affine.
+They hold the source NIfTI's voxels in its stored order, as MONAI's loader gave them with no
+reorientation: ``(H, W, D)`` = (column, row, slice) of the DICOM-ordered source, read here as
+``(z, y, x) = transpose(2, 1, 0)``, which is M3D's own ``swapaxes(-1, -3)``. A source stored
+axial-first (KiTS's ``(z, y, x)`` layout) shows as two equal trailing axes and is already
+``(z, y, x)``. Images are z-scores of the foreground, not HU: they are rescaled to 0..1 by their
+own minimum and maximum (M3D's own input scaling), so they take the ``unit`` window. A mask's
+channels become a label map with channel c at value c + 1; channels that overlap are refused,
+since one voxel cannot hold two values.
 """
 
 from __future__ import annotations
 
-import ast
 import gzip
+import re
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,47 +73,119 @@ def _load_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.ascontiguousarray(data_c.transpose(2, 1, 0)), affine_c, np.asarray(img.affine)
 
 
+# The dense (C, H, W, D) shape M3D-Seg writes into a mask's file name, in both published forms:
+# "case_00000.(3, 512, 512, 611).npz" and "mask_(3, 512, 512, 611).npz".
+_M3D_MASK_SHAPE = re.compile(r"\(\s*(\d+(?:\s*,\s*\d+)*)\s*,?\s*\)\.npz$", re.IGNORECASE)
+
+
+def m3d_mask_shape(path: str | Path) -> tuple[int, int, int, int]:
+    """The dense ``(C, H, W, D)`` shape an M3D-Seg mask's file name carries.
+
+    Raises :class:`VolumeError` naming the file when the name holds no 4-number shape.
+    """
+    path = Path(path)
+    match = _M3D_MASK_SHAPE.search(path.name)
+    if match is None:
+        raise VolumeError(
+            f"{path}: M3D-Seg mask name carries no dense shape "
+            "(expected '<name>.(C, H, W, D).npz' or '<name>_(C, H, W, D).npz')"
+        )
+    shape = tuple(int(v) for v in match.group(1).split(","))
+    if len(shape) != 4 or min(shape) < 1:
+        raise VolumeError(f"{path}: mask shape {shape} in the file name is not (C, H, W, D)")
+    return shape  # type: ignore[return-value]
+
+
+def _m3d_sparse(path: Path):
+    """The mask's (C, H*W*D) sparse matrix in CSR form, explicit zeros dropped, and its shape."""
+    from scipy import sparse
+
+    shape = m3d_mask_shape(path)
+    try:
+        matrix = sparse.load_npz(path)
+    except FileNotFoundError:
+        raise VolumeError(f"{path}: mask file not found") from None
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise VolumeError(
+            f"{path}: not a scipy sparse matrix saved with save_npz ({type(err).__name__}: {err})"
+        ) from None
+    channels, h, w, d = shape
+    if matrix.shape != (channels, h * w * d):
+        raise VolumeError(
+            f"{path}: sparse matrix of shape {matrix.shape} is not the (C, H*W*D) = "
+            f"({channels}, {h * w * d}) its file name's shape {shape} gives"
+        )
+    matrix = matrix.tocsr()
+    matrix.eliminate_zeros()
+    return matrix, shape
+
+
+def m3d_channel_voxels(path: str | Path) -> np.ndarray:
+    """Foreground voxel count of each channel of an M3D-Seg mask, shape (C,), without
+    building the dense array (M3D-Seg keeps an all-zero channel for a label a case lacks)."""
+    matrix, _ = _m3d_sparse(Path(path))
+    return np.diff(matrix.indptr).astype(np.int64)
+
+
+def _m3d_canonical(array: np.ndarray) -> np.ndarray:
+    # No affine survives in M3D-Seg: the stored order is the source NIfTI's. Most sources are
+    # DICOM-ordered (i = column, j = row, k = slice), read as M3D reads them; a source stored
+    # axial-first (KiTS) has its two in-plane axes last and equal, and is already (z, y, x).
+    if array.shape[1] == array.shape[2] != array.shape[0]:
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array.transpose(2, 1, 0))
+
+
 def _load_m3d_image(path: Path) -> np.ndarray:
     try:
-        arr = np.load(path)
+        arr = np.load(path, mmap_mode="r")
     except FileNotFoundError:
         raise VolumeError(f"{path}: image file not found") from None
     except (ValueError, OSError, EOFError) as err:
         raise VolumeError(f"{path}: not a readable .npy array ({err})") from None
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.ndim != 3:
-        raise VolumeError(f"{path}: image must be (1, H, W, D) or (H, W, D), got {arr.shape}")
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))  # M3D-Seg stores (H, W, D): D is axial
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.number):
+        raise VolumeError(
+            f"{path}: M3D-Seg image must be a numeric (1, H, W, D) array, got {arr.dtype} "
+            f"{tuple(arr.shape)}"
+        )
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        return _m3d_canonical(arr)  # load_volume reports the bad voxels
+    # Stored as foreground z-scores clipped to the foreground's 0.05-99.95 percentiles, so the
+    # minimum and maximum are those clip bounds: min-max is a per-case window on them, the
+    # scaling M3D's own models were trained with.
+    low, high = float(arr.min()), float(arr.max())
+    scaled = (arr - low) / (high - low) if high > low else np.zeros_like(arr)
+    return _m3d_canonical(scaled)
 
 
 def _load_m3d_mask(path: Path) -> np.ndarray:
-    from scipy import sparse
-
-    try:
-        shape = ast.literal_eval(path.name.split("_", 1)[1].rsplit(".", 1)[0])
-        matrix = sparse.load_npz(path)
-        channels = matrix.toarray().reshape(shape)
-    except FileNotFoundError:
-        raise VolumeError(f"{path}: mask file not found") from None
-    except (ValueError, SyntaxError, IndexError, OSError, EOFError) as err:
-        raise VolumeError(
-            f"{path}: not an M3D-Seg mask 'mask_(C, H, W, D).npz' ({type(err).__name__}: {err})"
-        ) from None
-    if len(shape) != 4:
-        raise VolumeError(f"{path}: mask shape {shape} is not (C, H, W, D)")
-    # One channel per label: channel c holds label value c + 1 (later channels win overlaps).
-    labels = np.zeros(shape[1:], dtype=np.int16)
-    for c in range(shape[0]):
-        labels[channels[c] > 0] = c + 1
-    return np.ascontiguousarray(labels.transpose(2, 0, 1))
+    matrix, (channels, h, w, d) = _m3d_sparse(path)
+    # M3D builds channel c as (label map == c + 1), so published channels never overlap and the
+    # label map loses nothing; a mask whose channels do overlap is refused, not collapsed.
+    labels = np.zeros(h * w * d, dtype=np.uint8 if channels < 256 else np.uint16)
+    for c in range(channels):
+        voxels = matrix.indices[matrix.indptr[c] : matrix.indptr[c + 1]]
+        taken = labels[voxels]
+        if taken.any():
+            other = int(taken[taken > 0][0]) - 1
+            raise VolumeError(
+                f"{path}: channels {other} and {c} overlap in {int((taken > 0).sum())} voxels; "
+                "a label map (channel c -> value c + 1) cannot hold both"
+            )
+        labels[voxels] = c + 1
+    return _m3d_canonical(labels.reshape(h, w, d))
 
 
 def load_volume(path: str | Path, what: str = "image") -> Volume:
     """Read a CT (``what="image"``) or label map (``what="mask"``) in canonical orientation.
 
-    NIfTI (.nii, .nii.gz) via nibabel; M3D-Seg arrays (image .npy of (1, H, W, D), mask sparse
-    ``mask_(C, H, W, D).npz``) with an identity affine, since that layout stores no geometry.
+    NIfTI (.nii, .nii.gz) via nibabel; M3D-Seg arrays with an identity affine, since that layout
+    stores no geometry: an image .npy of (1, H, W, D) comes rescaled to 0..1, a sparse mask
+    ``<name>.(C, H, W, D).npz`` or ``<name>_(C, H, W, D).npz`` comes as a label map with channel c
+    at value c + 1 (see the module docstring).
     Raises :class:`VolumeError` naming the file for a missing, truncated or corrupt file, a shape
     that is not 3D, NaN or infinite voxels, or a volume too small to sample.
     """
