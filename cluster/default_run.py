@@ -1,8 +1,11 @@
-"""The embedded default, end to end on one machine: phantoms -> tiny Qwen3-VL -> SFT cold start ->
-local Ray head and MLflow on 127.0.0.1 -> GRPO submitted with ``ray job submit`` -> evaluation
-(SFT against SFT+RL on held-out phantoms) -> the table and where the MLflow UI is.
+"""The embedded default, end to end on one machine: phantoms -> tiny Qwen3-VL (and its grounding
+stage, which stands for pretraining) -> SFT cold start -> local Ray head and MLflow on 127.0.0.1
+-> GRPO submitted with ``ray job submit`` -> evaluation (base, SFT and SFT+RL on held-out
+phantoms, with 95% CIs and the paired SFT+RL - SFT difference) -> the table, the learning
+checks, ``learning.png`` and where the MLflow UI is.
 
-    python -m cluster.default_run [--config configs/tiny.yaml] [--cases 12] [--steps 8]
+    python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--steps N]
+        [--seed S] [--out DIR] [key=value ...]
 """
 
 from __future__ import annotations
@@ -21,19 +24,129 @@ def say(message: str) -> None:
     print(f"\n== {message}", flush=True)
 
 
+ORACLE = "oracle anchor (baseline)"
+
+
+def learning_report(out: Path, tracking_uri: str, experiment: str) -> str:
+    """The default run's claim, checked: SFT against the oracle-anchor ceiling, SFT+RL against
+    SFT (paired, per case), and the slope of the GRPO reward; draws ``learning.png``."""
+    import json
+
+    from cluster.tracking import latest_run_id, metric_history
+    from evaluation.evaluate import comparison_line, suite_scores
+    from evaluation.stats import bootstrap_ci, slope_ci
+
+    results = [json.loads(line) for line in (out / "eval" / "cases.jsonl").read_text().splitlines()]
+    rows = [r for r in dict.fromkeys(r["row"] for r in results)]
+    dsc = {}
+    for row in rows:
+        scores = {k: list(v.values()) for k, v in suite_scores(results, row).items()}
+        dsc[row] = tuple(100 * x for x in bootstrap_ci(scores))
+    comparisons = json.loads((out / "eval" / "comparisons.json").read_text())
+    run_id = latest_run_id(tracking_uri, experiment)
+    steps, rewards = metric_history(tracking_uri, run_id, "reward/total") if run_id else ([], [])
+    lines = ["", "Does it learn? (held-out cases; mean over suites of DSC, 95% CI)"]
+    oracle = dsc.get(ORACLE, (float("nan"),))[0]
+
+    def check(ok: bool) -> str:
+        return "yes" if ok else "NO"
+
+    for name, share in (("SFT", 0.5), ("SFT+RL", 0.75)):
+        if name in dsc:
+            got = dsc[name][0] / oracle
+            lines.append(
+                f"  {name}: {dsc[name][0]:.2f} DSC = {got:.2f} of the oracle anchor's "
+                f"{oracle:.2f} (at least {share}: {check(got >= share)})"
+            )
+    for c in comparisons:
+        if "(held-out phrasings)" not in c["before"]:
+            ok = c["dsc_difference"] >= 2 and c["ci_low"] > 0
+            lines.append(f"  {comparison_line(c)} (>= +2 with CI above 0: {check(ok)})")
+    for c in comparisons:
+        if "(held-out phrasings)" in c["before"]:
+            lines.append(f"  {comparison_line(c)}")
+    if len(steps) >= 2:
+        slope, low, high = slope_ci(steps, rewards)
+        lines.append(
+            f"  GRPO reward/total slope: {slope:+.4f} per step, 95% CI [{low:+.4f}, {high:+.4f}] "
+            f"over {len(steps)} steps (CI above 0: {check(low > 0)})"
+        )
+    learning_figure(out / "learning.png", steps, rewards, dsc)
+    return "\n".join(lines)
+
+
+def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
+    """Left: GRPO reward per step with its trailing mean; right: held-out DSC per checkpoint
+    with 95% CIs (hatched: asked with held-out phrasings)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.stats import moving_average
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[1, 1.3])
+    if steps:
+        left.plot(steps, rewards, "o", ms=2, alpha=0.35, label="reward/total per step")
+        left.plot(steps, moving_average(rewards, 10), lw=2, label="mean of 10 steps")
+        left.legend(fontsize=7)
+    left.set_xlabel("GRPO step")
+    left.set_title("GRPO training reward (R = Rf + Ra + Rs + Rc)", fontsize=9)
+    names = list(dsc)
+    means = [dsc[n][0] for n in names]
+    errors = [[dsc[n][0] - dsc[n][1] for n in names], [dsc[n][2] - dsc[n][0] for n in names]]
+    bars = right.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue")
+    for bar, name in zip(bars, names):
+        if "held-out phrasings" in name:
+            bar.set_hatch("//")
+            bar.set_alpha(0.6)
+        if name.startswith("oracle"):
+            bar.set_color("tab:gray")
+    right.set_xticks(range(len(names)))
+    right.set_xticklabels(
+        [
+            n.replace(" (held-out phrasings)", "\n(held-out\nphrasings)").replace(
+                " anchor ", "\nanchor\n"
+            )
+            for n in names
+        ],
+        fontsize=7,
+    )
+    right.set_ylabel("DSC (mean over suites)")
+    right.set_title("held-out cases, 95% CI", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = argparse.ArgumentParser(prog="python -m cluster.default_run")
     parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
-    parser.add_argument("--cases", type=int, default=12, help="phantom cases to generate")
-    parser.add_argument("--steps", type=int, default=8, help="GRPO steps")
+    parser.add_argument("--cases", type=int, default=60, help="phantom cases to generate")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="GRPO steps (default: grpo.epochs over the data)"
+    )
     parser.add_argument("--sft-epochs", type=int, default=None)
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seeds phantoms, model init and sampling"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default: output_dir)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     args = parser.parse_args(argv)
     start = time.time()
-    base = load_run_config(args.config)
-    out = Path(base.output_dir).resolve()
+    seed_override = [f"seed={args.seed}"] if args.seed is not None else []
+    base = load_run_config(args.config, [*seed_override, *args.overrides])
+    out = (args.out or Path(base.output_dir)).resolve()
     manifest = out / "phantoms" / "manifest.jsonl"
-    common = [f"output_dir={out}", f"data.manifest={manifest}", f"data.cache_dir={out / 'cache'}"]
+    common = [
+        *seed_override,
+        *args.overrides,
+        f"output_dir={out}",
+        f"data.manifest={manifest}",
+        f"data.cache_dir={out / 'cache'}",
+    ]
     if args.sft_epochs is not None:
         common.append(f"sft.epochs={args.sft_epochs}")
     py = sys.executable
@@ -44,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
 
         write_phantoms(manifest.parent, args.cases, seed=base.seed, shape=(48, 128, 128))
 
-    say("SFT cold start (python -m learner.sft)")
+    say(
+        "SFT cold start (python -m learner.sft), after the grounding stage that stands for "
+        "pretraining (built once per inputs)"
+        if base.model.path is None and base.model.grounding_epochs > 0
+        else "SFT cold start (python -m learner.sft)"
+    )
     subprocess.run(
         [
             py,
@@ -73,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 *common,
                 f"tracking.tracking_uri={mlflow.uri}",
                 f"sft_adapter={out / 'sft' / 'adapter'}",
-                f"steps={args.steps}",
+                *([f"steps={args.steps}"] if args.steps is not None else []),
             ],
             check=True,
         )
@@ -87,9 +205,15 @@ def main(argv: list[str] | None = None) -> int:
                 str(args.config),
                 *common,
                 "--checkpoint",
+                "base=base",
+                "--checkpoint",
                 f"SFT={out / 'sft' / 'adapter'}",
                 "--checkpoint",
                 f"SFT+RL={out / 'grpo' / 'adapter'}",
+                "--phrasings",
+                "both",
+                "--compare",
+                "SFT:SFT+RL",
             ],
             check=True,
         )
@@ -98,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.stop()
     from cluster.tracking import plot_reward_curves
 
-    curves = plot_reward_curves(
-        f"sqlite:///{out / 'mlflow.db'}", base.tracking.experiment, out / "reward_curves.png"
-    )
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    curves = plot_reward_curves(tracking, base.tracking.experiment, out / "reward_curves.png")
     say(f"done in {time.time() - start:.0f} s")
     print((out / "eval" / "table.md").read_text())
-    print(f"table: {out / 'eval' / 'table.md'}; reward curves: {curves}")
+    print(learning_report(out, tracking, base.tracking.experiment))
+    print(f"table: {out / 'eval' / 'table.md'}; reward curves: {curves}; {out / 'learning.png'}")
     print(
         "MLflow UI (reward curves of the SFT and GRPO runs):\n"
         f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "

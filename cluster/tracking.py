@@ -142,29 +142,46 @@ class Tracker:
                 self._warn(err)
 
 
-def plot_reward_curves(tracking_uri: str, experiment: str, out: Path, run_suffix: str = "grpo"):
-    """A PNG of the reward terms per step of the latest GRPO run of an experiment (the same
-    curves the MLflow UI draws), for READMEs and terminals without a browser."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def latest_run_id(tracking_uri: str, experiment: str, run_suffix: str = "grpo") -> str | None:
+    """The newest run of ``experiment`` whose name ends with ``run_suffix``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = (
-        [
-            r
-            for r in client.search_runs([exp.experiment_id], order_by=["start_time DESC"])
-            if (r.info.run_name or "").endswith(run_suffix)
-        ]
-        if exp
-        else []
-    )
-    if not runs:
+    if exp is None:
         return None
-    run_id = runs[0].info.run_id
+    for run in client.search_runs([exp.experiment_id], order_by=["start_time DESC"]):
+        if (run.info.run_name or "").endswith(run_suffix):
+            return run.info.run_id
+    return None
+
+
+def metric_history(tracking_uri: str, run_id: str, name: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of one metric of a run, in step order."""
+    from mlflow.tracking import MlflowClient
+
+    history = sorted(
+        MlflowClient(tracking_uri).get_metric_history(run_id, name), key=lambda m: m.step
+    )
+    return [m.step for m in history], [m.value for m in history]
+
+
+def plot_reward_curves(
+    tracking_uri: str, experiment: str, out: Path, run_suffix: str = "grpo", smooth: int = 10
+):
+    """A PNG of the reward terms per step of the latest GRPO run of an experiment (the same
+    curves the MLflow UI draws): raw points and a trailing mean over ``smooth`` steps (one
+    prompt per step is noisy), for READMEs and terminals without a browser."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evaluation.stats import moving_average
+
+    run_id = latest_run_id(tracking_uri, experiment, run_suffix)
+    if run_id is None:
+        return None
     names = [
         "reward/total",
         "reward/format",
@@ -175,11 +192,14 @@ def plot_reward_curves(tracking_uri: str, experiment: str, out: Path, run_suffix
     ]
     fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
     for ax, name in zip(axes.ravel(), names):
-        history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
-        ax.plot([m.step for m in history], [m.value for m in history], marker="o", ms=3)
+        steps, values = metric_history(tracking_uri, run_id, name)
+        ax.plot(steps, values, "o", ms=2, alpha=0.35, label="per step")
+        if values:
+            ax.plot(steps, moving_average(values, smooth), lw=2, label=f"mean of {smooth}")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("GRPO step", fontsize=8)
-    fig.suptitle(f"{experiment} / {runs[0].info.run_name}", fontsize=10)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"{experiment} / GRPO", fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,10 @@ class DataConfig:
     manifest: Path | None = None  # JSONL manifest of the dataset (paths relative to it)
     num_slices: int = 64  # axial slices sampled uniformly from each volume (paper: 64)
     slice_size: int = 256  # slices are resized to slice_size x slice_size (paper: 256)
-    top_k: int = 5  # SFT key slice drawn from the K slices of largest target area (paper: unstated)
+    # SFT key slice drawn from the K slices of largest target area, K given for 64 slices (the
+    # paper samples one of a Top-K without giving K; 5 here) and scaled to num_slices: the
+    # same share of the volume, at least 1 (see key_slice_top_k).
+    top_k: int = 5
     # Components smaller than this (pixels) give no box, in SFT targets as in the reward's true
     # boxes (keep equal to reward.min_box_area); a slice with none at least this big is never an
     # SFT key slice.
@@ -68,6 +71,12 @@ class DataConfig:
     suite_windows: dict[str, str | list[float]] = field(default_factory=dict)
     cache_dir: Path | None = None  # preprocessed samples (memory-mappable); None = no cache
     seed: int = 0  # seeds Top-K key-slice sampling
+
+    def key_slice_top_k(self, top_k: int | None = None) -> int:
+        """K of the Top-K key-slice draw at this slice count: ``top_k`` (default ``self.top_k``),
+        given for 64 slices, times num_slices / 64, rounded, at least 1 (5 of 64 -> 1 of 8)."""
+        k = self.top_k if top_k is None else top_k
+        return max(1, round(k * self.num_slices / 64))
 
     def __post_init__(self) -> None:
         # Resolve every window now, so a typo fails when the config loads, not mid-run.

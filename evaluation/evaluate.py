@@ -1,8 +1,9 @@
 """Evaluation in the shape of the paper's Table 1: voxel DSC / IoU per dataset, one row per policy
-checkpoint, plus an oracle-anchor row per propagator.
+checkpoint, plus an oracle-anchor row per propagator, with 95% confidence intervals.
 
     python -m evaluation.evaluate --config configs/<run>.yaml [--checkpoint NAME=ADAPTER ...]
-        [--split test] [--propagator baseline --propagator medsam2] [--workers 2] [key=value ...]
+        [--split test] [--propagator baseline --propagator medsam2] [--workers 2]
+        [--phrasings held-out|training|both] [--compare SFT:SFT+RL] [key=value ...]
 
 For every case of the split: the policy answers greedily (an evidence anchor), the propagator
 runs through the whole volume in both directions from the anchor, the mask is mapped back to the
@@ -10,6 +11,14 @@ source grid and compared with the ground truth there. The oracle row prompts the
 the true anchor (the largest slice and its component boxes): the ceiling propagation can give.
 Cases are scored in parallel on Ray; each result is appended to ``cases.jsonl`` as it arrives,
 and a re-run skips what is already there (resume). Writes ``table.md`` and ``table.csv``.
+
+Queries: test cases are asked with the held-out phrasings of the manifest (``held-out``, the
+paper's setting), or with one training phrasing per case (``training``: a phrasing the policy
+has seen, on a case it has not; drawn by a seed made from the case id, never chosen by
+results), or both (rows named ``NAME (held-out phrasings)``). The table's mean is the mean over
+suites of each suite's mean DSC, with a stratified bootstrap CI (``evaluation.stats``);
+``--compare A:B`` adds the paired difference B - A per case, with its CI
+(``comparisons.json``).
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
 ``<output_dir>/grpo/adapter`` when they exist.
 """
@@ -76,16 +85,31 @@ class CaseScorer:
             "suite": sample.suite,
             "dsc": dsc(pred, truth),
             "iou": iou(pred, truth),
+            "key_slice": job.key_slice,
+            "boxes": [list(b) for b in job.boxes],
             "failure": job.failure,
             "propagator": self.propagator.name,
         }
 
 
-def policy_answers(model_path: Path, adapter: Path | None, cfg: RunConfig, samples) -> list[str]:
-    """Greedy answers of a checkpoint for (Sample, PreparedVolume) pairs."""
-    from data.prompts import build_messages
+PHRASING_SUFFIX = " (held-out phrasings)"
+
+
+def with_training_phrasing(sample):
+    """The sample asked with one of its target's training phrasings, drawn by a seed made from
+    the case id (the same phrasing every run, whatever the results)."""
+    import zlib
+
+    from data.queries import sample_query
+
+    rng = np.random.default_rng(zlib.crc32(sample.id.encode()))
+    return replace(sample, query=sample_query(sample.label, "train", rng))
+
+
+def policy_engine(model_path: Path, adapter: Path | None, cfg: RunConfig):
+    """A rollout engine serving a checkpoint (the base, or the base plus an adapter)."""
     from rollout.actor import build_engine
-    from rollout.records import RolloutPrompt, WeightUpdate
+    from rollout.records import WeightUpdate
 
     rollout = cfg.rollout
     if adapter is not None and rollout.engine == "vllm" and rollout.enable_lora:
@@ -96,12 +120,56 @@ def policy_answers(model_path: Path, adapter: Path | None, cfg: RunConfig, sampl
     engine = build_engine(model_path, rollout, cfg.model)
     if adapter is not None:
         engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
-    prompts = [
-        RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples
-    ]
-    groups = engine.generate(prompts, greedy=True)
+    return engine
+
+
+def prompts_of(samples) -> list:
+    from data.prompts import build_messages
+    from rollout.records import RolloutPrompt
+
+    return [RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples]
+
+
+def policy_answers(
+    model_path: Path, adapter: Path | None, cfg: RunConfig, asked: list[list]
+) -> list[list[str]]:
+    """Greedy answers of a checkpoint for each list of (Sample, PreparedVolume) pairs (one
+    engine for all of them)."""
+    engine = policy_engine(model_path, adapter, cfg)
+    answers = []
+    for samples in asked:
+        groups = engine.generate(prompts_of(samples), greedy=True) if samples else []
+        answers.append([g.completions[0].text for g in groups])
     del engine
-    return [g.completions[0].text for g in groups]
+    return answers
+
+
+def sampled_rewards(
+    model_path: Path, adapter: Path | None, cfg: RunConfig, samples, seed: int = 0
+) -> list[dict]:
+    """What GRPO maximises, on held-out cases: per case, the mean reward (and its terms) of G
+    answers sampled as in training (rollout temperature), scored by the reward scorer."""
+    from reward_server.scorer import RewardScorer
+
+    engine = policy_engine(model_path, adapter, cfg)
+    groups = engine.generate(prompts_of(samples), seed=seed)
+    del engine
+    scorer = RewardScorer(cfg.reward)
+    out = []
+    for (sample, prepared), group in zip(samples, groups):
+        rewards = scorer.score_group(prepared, [c.text for c in group.completions])
+        out.append(
+            {
+                "id": sample.id,
+                "suite": sample.suite,
+                "reward": float(np.mean([r.total for r in rewards])),
+                "format": float(np.mean([r.format for r in rewards])),
+                "axial": float(np.mean([r.axial for r in rewards])),
+                "spatial": float(np.mean([r.spatial for r in rewards])),
+                "consistency": float(np.mean([r.consistency for r in rewards])),
+            }
+        )
+    return out
 
 
 def anchor_jobs(row: str, samples, texts: list[str]) -> list[CaseJob]:
@@ -131,8 +199,20 @@ def oracle_jobs(row: str, samples, min_area: int, top_k: int = 1) -> list[CaseJo
     return jobs
 
 
+def suite_scores(results: list[dict], row: str, metric: str = "dsc") -> dict[str, dict]:
+    """{suite: {case id: score}} of one table row."""
+    out: dict[str, dict] = {}
+    for r in results:
+        if r["row"] == row:
+            out.setdefault(r["suite"], {})[r["id"]] = r[metric]
+    return out
+
+
 def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
-    """Markdown and CSV rows: mean DSC / IoU (x100) per dataset, one row per table row."""
+    """Markdown and CSV rows: mean DSC / IoU (x100) per dataset, the mean over datasets with
+    its 95% CI (stratified bootstrap over cases), one row per table row."""
+    from evaluation.stats import bootstrap_ci
+
     suites = sorted(
         {r["suite"] for r in results},
         key=lambda s: list(SUITE_NAMES).index(s) if s in SUITE_NAMES else 99,
@@ -140,7 +220,7 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
     header = (
         ["checkpoint"]
         + [f"{SUITE_NAMES.get(s, s)} {m}" for s in suites for m in ("DSC", "IoU")]
-        + ["cases", "malformed"]
+        + ["mean DSC", "95% CI", "cases", "malformed"]
     )
     body = []
     for row in rows:
@@ -152,11 +232,38 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
             vals = [r for r in mine if r["suite"] == suite]
             for metric in ("dsc", "iou"):
                 cells.append(f"{100 * np.mean([v[metric] for v in vals]):.2f}" if vals else "-")
+        scores = {suite: list(cases.values()) for suite, cases in suite_scores(mine, row).items()}
+        mean, low, high = bootstrap_ci(scores)
+        cells += [f"{100 * mean:.2f}", f"[{100 * low:.2f}, {100 * high:.2f}]"]
         cells += [str(len(mine)), str(sum(1 for r in mine if r.get("failure")))]
         body.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines), [header] + body
+
+
+def compare(results: list[dict], before: str, after: str) -> dict:
+    """The paired per-case DSC difference ``after - before`` (x100) with its 95% CI."""
+    from evaluation.stats import paired_difference_ci
+
+    mean, low, high, cases = paired_difference_ci(
+        suite_scores(results, before), suite_scores(results, after)
+    )
+    return {
+        "before": before,
+        "after": after,
+        "dsc_difference": 100 * mean,
+        "ci_low": 100 * low,
+        "ci_high": 100 * high,
+        "cases": cases,
+    }
+
+
+def comparison_line(c: dict) -> str:
+    return (
+        f"{c['after']} - {c['before']}: {c['dsc_difference']:+.2f} DSC per case, 95% CI "
+        f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['cases']} cases (paired bootstrap)"
+    )
 
 
 def evaluate(
@@ -168,8 +275,11 @@ def evaluate(
     oracle: bool = True,
     workers: int = 2,
     progress: bool = True,
+    phrasings: str = "held-out",
+    comparisons: tuple[tuple[str, str], ...] = (),
 ) -> str:
-    """Run the evaluation; returns the markdown table (also written as table.md / table.csv)."""
+    """Run the evaluation; returns the markdown table (also written as table.md / table.csv)
+    followed by the paired comparisons (also in comparisons.json)."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -194,13 +304,26 @@ def evaluate(
         row = f"oracle anchor ({prop})"
         rows.append(row)
         jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
+    if phrasings not in ("held-out", "training", "both"):
+        raise ValueError(f"phrasings must be held-out, training or both, got {phrasings!r}")
+    askings = {
+        "held-out": [("", samples)],
+        "training": [("", [(with_training_phrasing(s), p) for s, p in samples])],
+        "both": [
+            ("", [(with_training_phrasing(s), p) for s, p in samples]),
+            (PHRASING_SUFFIX, samples),
+        ],
+    }[phrasings]
     for name, adapter in checkpoints.items():
-        row = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
-        rows.append(row)
-        todo = [(s, p) for s, p in samples if (row, s.id) not in seen]
-        if todo:
-            texts = policy_answers(base, adapter, cfg, todo)
-            jobs_by_propagator[propagators[0]] += anchor_jobs(row, todo, texts)
+        named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
+        todo = {}
+        for suffix, asked in askings:
+            rows.append(named + suffix)
+            todo[named + suffix] = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
+        if any(todo.values()):
+            texts = policy_answers(base, adapter, cfg, list(todo.values()))
+            for (row, pairs), answers in zip(todo.items(), texts):
+                jobs_by_propagator[propagators[0]] += anchor_jobs(row, pairs, answers)
     started = ray.is_initialized()
     if not started:
         ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
@@ -235,7 +358,13 @@ def evaluate(
     (out_dir / "table.md").write_text(markdown + "\n")
     with (out_dir / "table.csv").open("w", newline="") as f:
         csv.writer(f).writerows(csv_rows)
-    return markdown
+    found = []
+    for before, after in comparisons:
+        for suffix, _ in askings:
+            if f"{before}{suffix}" in rows and f"{after}{suffix}" in rows:
+                found.append(compare(done, f"{before}{suffix}", f"{after}{suffix}"))
+    (out_dir / "comparisons.json").write_text(json.dumps(found, indent=1))
+    return "\n".join([markdown, "", *map(comparison_line, found)]).rstrip()
 
 
 def default_checkpoints(cfg: RunConfig) -> dict[str, Path | None]:
@@ -265,10 +394,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--propagator", action="append", choices=["baseline", "medsam2"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-oracle", action="store_true")
+    parser.add_argument(
+        "--phrasings",
+        choices=["held-out", "training", "both"],
+        default="held-out",
+        help="ask test cases with held-out phrasings (paper), training phrasings, or both",
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="paired per-case DSC difference B - A with its 95%% CI (e.g. SFT:SFT+RL)",
+    )
     parser.add_argument("--out", type=Path, help="default: <output_dir>/eval")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if any(":" not in c for c in args.compare):
+        parser.error("--compare takes A:B, two row names")
     cfg = load_run_config(args.config, args.overrides)
     checkpoints: dict[str, Path | None] = {}
     for item in args.checkpoint:
@@ -282,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         tuple(args.propagator or [cfg.reward.propagator]),
         not args.no_oracle,
         args.workers,
+        phrasings=args.phrasings,
+        comparisons=tuple(tuple(c.split(":", 1)) for c in args.compare),
     )
     print(markdown)
     return 0

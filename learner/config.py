@@ -31,7 +31,7 @@ class SFTConfig:
     precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp32; or bf16 | fp32
     gradient_checkpointing: bool = True  # paper: on
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    top_k: int | None = None  # Top-K for key slices; None = data.top_k
+    top_k: int | None = None  # Top-K for key slices, given for 64 slices; None = data.top_k
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     lora: LoraSettings = None  # type: ignore[assignment]

@@ -45,12 +45,18 @@ log = logging.getLogger(__name__)
 
 
 def model_path(cfg: RunConfig) -> Path:
-    """The checkpoint folder to train: the configured one, or the tiny model built on demand."""
+    """The checkpoint folder to train: the configured one, or the tiny model built on demand
+    (grounded first when ``model.grounding_epochs`` asks: see learner.grounding)."""
     if cfg.model.path is not None:
         return Path(cfg.model.path)
     from rollout.tiny_model import build_tiny_qwen3vl
 
-    return build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
+    tiny = build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
+    if cfg.model.grounding_epochs <= 0:
+        return tiny
+    from learner.grounding import ground
+
+    return ground(tiny, cfg, Path(cfg.output_dir) / "grounded-model")
 
 
 def sft_examples(dataset: VolumeDataset, indices: list[int], top_k: int, seed: int, epoch: int):
@@ -90,7 +96,7 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     lead = rank == 0  # logs, shows progress and writes the adapter
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
-    top_k = s.top_k or cfg.data.top_k
+    top_k = cfg.data.key_slice_top_k(s.top_k)
     valid, per_rank = shard(dataset, cfg.seed, rank, world)
     steps_per_epoch = per_rank // s.batch_size
     if steps_per_epoch == 0:

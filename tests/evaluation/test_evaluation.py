@@ -50,11 +50,18 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
         ],
     )
     markdown = evaluate(
-        cfg, {"base": None}, tmp_path / "eval", split="test", workers=2, progress=False
+        cfg,
+        {"base": None},
+        tmp_path / "eval",
+        split="test",
+        workers=2,
+        progress=False,
+        phrasings="both",
     )
     rows = {line.split("|")[1].strip(): line for line in markdown.splitlines()[2:]}
-    assert set(rows) == {"oracle anchor (baseline)", "base"}
+    assert set(rows) == {"oracle anchor (baseline)", "base", "base (held-out phrasings)"}
     assert "| CT-ORG DSC | CT-ORG IoU |" in markdown  # the test split holds a CT-ORG case
+    assert "| mean DSC | 95% CI |" in markdown
     cases = [
         json.loads(line) for line in (tmp_path / "eval" / "cases.jsonl").read_text().splitlines()
     ]
@@ -64,8 +71,44 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     assert all(c["dsc"] == 0.0 and c["failure"] for c in base)  # a random model: nonsense
     assert (tmp_path / "eval" / "table.csv").read_text().startswith("checkpoint,")
     n = len(cases)
-    evaluate(cfg, {"base": None}, tmp_path / "eval", split="test", progress=False)
+    evaluate(cfg, {"base": None}, tmp_path / "eval", split="test", progress=False, phrasings="both")
     assert len((tmp_path / "eval" / "cases.jsonl").read_text().splitlines()) == n  # resumed
+
+
+def test_held_out_cases_asked_with_training_phrasings_are_fixed_by_the_case_id(phantom_manifest):
+    from data.config import DataConfig
+    from data.dataset import VolumeDataset
+    from data.queries import phrasings
+    from evaluation.evaluate import with_training_phrasing
+
+    ds = VolumeDataset(phantom_manifest, DataConfig(num_slices=8, slice_size=32), split="test")
+    for sample in ds.samples:
+        asked = with_training_phrasing(sample)
+        assert sample.query in phrasings(sample.label, "test")
+        assert asked.query in phrasings(sample.label, "train")
+        assert asked.id == sample.id and with_training_phrasing(sample).query == asked.query
+
+
+def test_table_ci_columns_and_the_paired_comparison_by_hand():
+    from evaluation.evaluate import compare, comparison_line, table
+
+    results = [
+        {"row": r, "id": i, "suite": s, "dsc": d, "iou": d / 2, "failure": None}
+        for r, shift in (("SFT", 0.0), ("SFT+RL", 0.1))
+        for i, s, d in (("a", "ctorg", 0.5), ("b", "ctorg", 0.7), ("c", "kits23", 0.2))
+        for d in [d + shift]
+    ]
+    markdown, rows = table(results, ["SFT", "SFT+RL"])
+    header = rows[0]
+    sft = dict(zip(header, rows[1]))
+    # mean over suites: (mean(0.5, 0.7) + 0.2) / 2 = 0.4
+    assert sft["mean DSC"] == "40.00" and sft["CT-ORG DSC"] == "60.00"
+    low, high = (float(x) for x in sft["95% CI"].strip("[]").split(","))
+    assert 0 <= low <= 40.0 <= high <= 60.0
+    c = compare(results, "SFT", "SFT+RL")
+    assert c["cases"] == 3
+    assert (c["dsc_difference"], c["ci_low"], c["ci_high"]) == pytest.approx((10.0, 10.0, 10.0))
+    assert comparison_line(c).startswith("SFT+RL - SFT: +10.00 DSC per case")
 
 
 def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
