@@ -7,11 +7,13 @@ process, never with a bare ``ray stop`` (which would stop every Ray on the machi
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,17 @@ class RayHead:
                 "--disable-usage-stats",
                 "--ray-client-server-port",
                 str(free_port()),
+                # The agents' default ports are fixed: a second Ray on the machine (a test's
+                # local instance, another head) would hold them and this head's job agent would
+                # never come up ("No available agent to submit job").
+                "--dashboard-agent-listen-port",
+                str(free_port()),
+                "--dashboard-agent-grpc-port",
+                str(free_port()),
+                "--runtime-env-agent-port",
+                str(free_port()),
+                "--metrics-export-port",
+                str(free_port()),
                 "--min-worker-port",
                 "20000",
                 "--max-worker-port",
@@ -74,15 +87,28 @@ class RayHead:
         )
         return head
 
-    def submit_grpo(self, working_dir: Path, grpo_args: list[str], **run_kwargs):
+    def submit_grpo(
+        self, working_dir: Path, grpo_args: list[str], agent_wait_s: float = 120.0, **run_kwargs
+    ):
         """``ray job submit`` of ``python -m cluster.grpo <grpo_args>`` to this head, uploading
-        ``working_dir`` without run outputs; returns the finished CompletedProcess."""
-        command = [
+        ``working_dir`` without run outputs, then its logs followed to the end; returns a
+        CompletedProcess whose return code is 0 only if the job succeeded.
+
+        A head that has just started can refuse jobs until its job agent registers ("No
+        available agent to submit job"); the submission is retried for ``agent_wait_s``.
+        """
+        check = run_kwargs.pop("check", False)
+        capture = run_kwargs.get("capture_output", False)
+        job_id = f"medvol-grpo-{uuid.uuid4().hex[:12]}"
+        submit = [
             _bin("ray"),
             "job",
             "submit",
             "--address",
             self.dashboard,
+            "--submission-id",
+            job_id,
+            "--no-wait",
             "--working-dir",
             str(working_dir),
             "--runtime-env-json",
@@ -93,7 +119,57 @@ class RayHead:
             "cluster.grpo",
             *grpo_args,
         ]
-        return subprocess.run(command, env=self.env(), **run_kwargs)
+        deadline = time.time() + agent_wait_s
+        while True:
+            sent = subprocess.run(
+                submit, env=self.env(), capture_output=True, text=True, cwd=run_kwargs.get("cwd")
+            )
+            if sent.returncode == 0 or "No available agent" not in sent.stdout + sent.stderr:
+                break
+            if time.time() > deadline:
+                break
+            time.sleep(2.0)
+        if sent.returncode != 0:
+            if not capture:
+                sys.stderr.write(sent.stdout + sent.stderr)
+            if check:
+                raise subprocess.CalledProcessError(
+                    sent.returncode, submit, sent.stdout, sent.stderr
+                )
+            return sent
+        logs = subprocess.run(
+            [_bin("ray"), "job", "logs", "--address", self.dashboard, "--follow", job_id],
+            env=self.env(),
+            **run_kwargs,
+        )
+        status = self.job_status(job_id)
+        line = f"Job '{job_id}' {status.lower()}\n"
+        code = 0 if status == "SUCCEEDED" else 1
+        if capture:
+            logs.stdout = (logs.stdout or "") + line
+        else:
+            print(line, end="", flush=True)
+        if check and code:
+            raise subprocess.CalledProcessError(code, submit, logs.stdout, logs.stderr)
+        return subprocess.CompletedProcess(submit, code, logs.stdout, logs.stderr)
+
+    def job_status(self, job_id: str, timeout_s: float = 60.0) -> str:
+        """SUCCEEDED, FAILED, STOPPED, ... of a job on this head, waiting for it to end."""
+        deadline = time.time() + timeout_s
+        while True:
+            out = subprocess.run(
+                [_bin("ray"), "job", "status", "--address", self.dashboard, job_id],
+                env=self.env(),
+                capture_output=True,
+                text=True,
+            )
+            # The CLI reports an ended job as "Job '<id>' succeeded" (failed, was stopped).
+            found = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", out.stdout)
+            if found:
+                return {"succeeded": "SUCCEEDED", "failed": "FAILED"}.get(found[1], "STOPPED")
+            if time.time() > deadline:
+                return "UNKNOWN"
+            time.sleep(1.0)
 
     @staticmethod
     def env() -> dict[str, str]:

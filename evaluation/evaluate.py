@@ -145,14 +145,20 @@ def policy_answers(
 
 
 def sampled_rewards(
-    model_path: Path, adapter: Path | None, cfg: RunConfig, samples, seed: int = 0
+    model_path: Path,
+    adapter: Path | None,
+    cfg: RunConfig,
+    samples,
+    seed: int = 0,
+    group_size: int | None = None,
 ) -> list[dict]:
-    """What GRPO maximises, on held-out cases: per case, the mean reward (and its terms) of G
-    answers sampled as in training (rollout temperature), scored by the reward scorer."""
+    """What GRPO maximises, on held-out cases: per case, the mean reward (and its terms) of
+    ``group_size`` (default G) answers sampled as in training (rollout temperature), scored by
+    the reward scorer."""
     from reward_server.scorer import RewardScorer
 
     engine = policy_engine(model_path, adapter, cfg)
-    groups = engine.generate(prompts_of(samples), seed=seed)
+    groups = engine.generate(prompts_of(samples), group_size=group_size, seed=seed)
     del engine
     scorer = RewardScorer(cfg.reward)
     out = []
