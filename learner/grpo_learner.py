@@ -131,9 +131,15 @@ class GRPOLearner:
         SFT adapter merged (written once, kept across resumes), or the base itself."""
         if self.sft_adapter is None:
             return self.model_path
+        import hashlib
+
         out_dir = Path(out_dir)
         marker = out_dir / "merged_from.txt"
-        source = f"{self.model_path.resolve()}\n{self.sft_adapter.resolve()}\n"
+        # By content: an SFT re-run writes a new adapter to the same folder.
+        digest = hashlib.sha256()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            digest.update((self.sft_adapter / name).read_bytes())
+        source = f"{self.model_path.resolve()}\n{digest.hexdigest()}\n"
         if not (marker.exists() and marker.read_text() == source):
             merge_adapter(self.model_path, self.sft_adapter, out_dir)
             marker.write_text(source)
