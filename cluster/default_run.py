@@ -33,7 +33,7 @@ def learning_report(out: Path, tracking_uri: str, experiment: str) -> str:
     import json
 
     from cluster.tracking import latest_run_id, metric_history
-    from evaluation.evaluate import comparison_line, suite_scores
+    from evaluation.evaluate import PHRASING_SUFFIX, comparison_line, suite_scores
     from evaluation.stats import bootstrap_ci, slope_ci
 
     results = [json.loads(line) for line in (out / "eval" / "cases.jsonl").read_text().splitlines()]
@@ -59,11 +59,11 @@ def learning_report(out: Path, tracking_uri: str, experiment: str) -> str:
                 f"{oracle:.2f} (at least {share}: {check(got >= share)})"
             )
     for c in comparisons:
-        if "(held-out phrasings)" not in c["before"]:
+        if PHRASING_SUFFIX not in c["before"]:
             ok = c["dsc_difference"] >= 2 and c["ci_low"] > 0
             lines.append(f"  {comparison_line(c)} (>= +2 with CI above 0: {check(ok)})")
     for c in comparisons:
-        if "(held-out phrasings)" in c["before"]:
+        if PHRASING_SUFFIX in c["before"]:
             lines.append(f"  {comparison_line(c)}")
     if len(steps) >= 2:
         slope, low, high = slope_ci(steps, rewards)
@@ -83,6 +83,7 @@ def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from evaluation.evaluate import PHRASING_SUFFIX
     from evaluation.stats import moving_average
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[1, 1.3])
@@ -97,7 +98,7 @@ def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
     errors = [[dsc[n][0] - dsc[n][1] for n in names], [dsc[n][2] - dsc[n][0] for n in names]]
     bars = right.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue")
     for bar, name in zip(bars, names):
-        if "held-out phrasings" in name:
+        if PHRASING_SUFFIX in name:
             bar.set_hatch("//")
             bar.set_alpha(0.6)
         if name.startswith("oracle"):
@@ -105,9 +106,7 @@ def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
     right.set_xticks(range(len(names)))
     right.set_xticklabels(
         [
-            n.replace(" (held-out phrasings)", "\n(held-out\nphrasings)").replace(
-                " anchor ", "\nanchor\n"
-            )
+            n.replace(PHRASING_SUFFIX, "\n(held-out\nphrasings)").replace(" anchor ", "\nanchor\n")
             for n in names
         ],
         fontsize=7,
