@@ -45,7 +45,37 @@ class Volume:
     path: Path
     array: np.ndarray  # (Z, Y, X)
     affine: np.ndarray  # (4, 4): canonical voxel (x, y, z) -> world, like a NIfTI affine
-    source_affine: np.ndarray  # (4, 4): the affine stored in the file
+    source_affine: np.ndarray  # (4, 4): the affine stored in the file (or made from DICOM)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the canonical (z, y, x) axes (the affine's column lengths, so
+        an oblique grid gives its true spacing)."""
+        z, y, x = (float(np.linalg.norm(self.affine[:3, axis])) for axis in (2, 1, 0))
+        return z, y, x
+
+
+def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A stored 3D array (voxel axes i, j, k of ``affine``, a NIfTI-style RAS affine) as the
+    canonical (z, y, x) array and the affine of that array.
+
+    The one orientation step of every reader: NIfTI files and DICOM series both come through
+    here, so the same scan stored either way gives the same array (an oblique affine is turned to
+    its nearest axes, as nibabel's ``io_orientation`` rounds it; the affine keeps the obliquity).
+    """
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(CANONICAL_AXES))
+    data_c = nib.orientations.apply_orientation(data, transform)
+    affine_c = affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
+    return np.ascontiguousarray(data_c.transpose(2, 1, 0)), affine_c
+
+
+def to_stored(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A canonical (z, y, x) array back in the stored voxel order (i, j, k) of ``affine``:
+    the inverse of :func:`to_canonical`."""
+    back = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(affine))
+    return np.ascontiguousarray(
+        nib.orientations.apply_orientation(np.asarray(mask).transpose(2, 1, 0), back)
+    )
 
 
 def _load_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,10 +97,8 @@ def _load_nifti(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"{path}: {what} must be a 3D volume, got shape {data.shape}")
-    transform = ornt_transform(io_orientation(img.affine), axcodes2ornt(CANONICAL_AXES))
-    data_c = nib.orientations.apply_orientation(data, transform)
-    affine_c = img.affine @ nib.orientations.inv_ornt_aff(transform, data.shape)
-    return np.ascontiguousarray(data_c.transpose(2, 1, 0)), affine_c, np.asarray(img.affine)
+    array, affine_c = to_canonical(data, img.affine)
+    return array, affine_c, np.asarray(img.affine)
 
 
 # The dense (C, H, W, D) shape M3D-Seg writes into a mask's file name, in both published forms:
@@ -182,15 +210,20 @@ def _load_m3d_mask(path: Path) -> np.ndarray:
 def load_volume(path: str | Path, what: str = "image") -> Volume:
     """Read a CT (``what="image"``) or label map (``what="mask"``) in canonical orientation.
 
-    NIfTI (.nii, .nii.gz) via nibabel; M3D-Seg arrays with an identity affine, since that layout
-    stores no geometry: an image .npy of (1, H, W, D) comes rescaled to 0..1, a sparse mask
-    ``<name>.(C, H, W, D).npz`` or ``<name>_(C, H, W, D).npz`` comes as a label map with channel c
-    at value c + 1 (see the module docstring).
+    NIfTI (.nii, .nii.gz) via nibabel; a folder holding one DICOM series via
+    :func:`data.dicom.read_series` (same orientation step); M3D-Seg arrays with an identity
+    affine, since that layout stores no geometry: an image .npy of (1, H, W, D) comes rescaled
+    to 0..1, a sparse mask ``<name>.(C, H, W, D).npz`` or ``<name>_(C, H, W, D).npz`` comes as a
+    label map with channel c at value c + 1 (see the module docstring).
     Raises :class:`VolumeError` naming the file for a missing, truncated or corrupt file, a shape
     that is not 3D, NaN or infinite voxels, or a volume too small to sample.
     """
     path = Path(path)
     name = path.name.lower()
+    if path.is_dir():
+        from data.dicom import read_series
+
+        return read_series(path).volume
     if name.endswith((".nii", ".nii.gz")):
         array, affine, source_affine = _load_nifti(path, what)
     elif name.endswith(".npy"):
@@ -200,7 +233,10 @@ def load_volume(path: str | Path, what: str = "image") -> Volume:
         array = _load_m3d_mask(path)
         affine = source_affine = np.eye(4)
     else:
-        raise VolumeError(f"{path}: unknown volume format (expected .nii, .nii.gz, .npy or .npz)")
+        raise VolumeError(
+            f"{path}: unknown volume format (expected .nii, .nii.gz, .npy, .npz or a folder "
+            "holding one DICOM series)"
+        )
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int((~np.isfinite(array)).sum())
         raise VolumeError(f"{path}: {what} has {bad} NaN or infinite voxels")
@@ -226,30 +262,39 @@ def check_pair(image: Volume, mask: Volume) -> None:
         )
 
 
-def save_mask(mask: np.ndarray, like: str | Path, out: str | Path) -> Path:
-    """Write a canonical (z, y, x) mask as NIfTI on the grid, orientation and affine of ``like``.
+def save_mask(mask: np.ndarray, like: str | Path | Volume, out: str | Path) -> Path:
+    """Write a canonical (z, y, x) mask or label map as NIfTI on the grid, orientation and affine
+    of ``like``.
 
-    ``like`` is the source NIfTI the mask was predicted on; the written file overlays it in any
-    viewer. The file is written to a temporary name and renamed, so no partial file is left.
+    ``like`` is the source NIfTI the mask was predicted on (its header is kept), or the
+    :class:`Volume` it was read into (a DICOM series: the affine made from its geometry); the
+    written file overlays the source in any viewer. Values are stored as uint8 (a label map of at
+    most 255 labels). The file is written to a temporary name and renamed, so no partial file is
+    left.
     """
-    like, out = Path(like), Path(out)
-    src = nib.load(str(like))
-    src_shape = src.shape[:3]
-    transform = ornt_transform(io_orientation(src.affine), axcodes2ornt(CANONICAL_AXES))
-    canonical_shape = tuple(
-        int(src_shape[int(axis)]) for axis in sorted(range(3), key=lambda i: transform[i, 0])
-    )
-    xyz = np.asarray(mask).transpose(2, 1, 0)
-    if xyz.shape != canonical_shape:
+    out = Path(out)
+    if isinstance(like, Volume):
+        affine, header, canonical_shape = like.source_affine, None, like.array.shape
+    else:
+        like = Path(like)
+        src = nib.load(str(like))
+        affine, header = src.affine, src.header.copy()
+        transform = ornt_transform(io_orientation(src.affine), axcodes2ornt(CANONICAL_AXES))
+        xyz_shape = tuple(
+            int(src.shape[int(axis)]) for axis in sorted(range(3), key=lambda i: transform[i, 0])
+        )
+        canonical_shape = xyz_shape[::-1]
+    mask = np.asarray(mask)
+    if mask.shape != tuple(canonical_shape):
         raise VolumeError(
             f"{out}: mask shape (z, y, x) {mask.shape} does not fit {like} "
-            f"(canonical (x, y, z) {canonical_shape})"
+            f"(canonical (z, y, x) {tuple(canonical_shape)})"
         )
-    back = ornt_transform(axcodes2ornt(CANONICAL_AXES), io_orientation(src.affine))
-    data = nib.orientations.apply_orientation(xyz.astype(np.uint8), back)
-    header = src.header.copy()
-    header.set_data_dtype(np.uint8)
-    img = nib.Nifti1Image(np.ascontiguousarray(data), src.affine, header)
+    if mask.size and int(mask.max()) > 255:
+        raise VolumeError(f"{out}: label value {int(mask.max())} does not fit uint8")
+    data = to_stored(mask.astype(np.uint8), affine)
+    img = nib.Nifti1Image(data, affine, header)
+    img.header.set_data_dtype(np.uint8)
     img.header.set_slope_inter(1, 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if out.name.endswith(".gz") else ".nii"
