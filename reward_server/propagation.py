@@ -1,17 +1,39 @@
-"""Propagating an evidence anchor (key slice + boxes) to a 3D mask: MedSAM2 or a baseline.
+"""Propagating evidence anchors (key slice + boxes) to 3D masks: MedSAM2 or a baseline.
 
 Both propagators take a volume already in the policy's frame (``PreparedVolume.slices``, uint8
-(S, H, W), HU-windowed) and return an (S, H, W) bool mask. ``window=delta`` propagates only the
-slices within +-delta of the key slice (the Rc reward); ``window=None`` runs through the whole
-volume in both directions (evaluation).
+(S, H, W), HU-windowed) and return (S, H, W) bool masks: ``propagate`` one anchor,
+``propagate_group`` the anchors of a group (the G completions of one prompt) at once.
+``window=delta`` propagates only the slices within +-delta of the key slice (the Rc reward);
+``window=None`` runs through the whole volume in both directions (evaluation).
 
 ``MedSAM2Propagator`` is SAM2.1 Hiera-tiny from the ``sam2`` package with MedSAM2's settings
-(image size 512, memory-attention RoPE at 32x32) and a MedSAM2 checkpoint, fed from memory. Each
-box prompts one object on the key slice; the objects are propagated forward, then, from a reset
-state with the same boxes, in reverse; the mask is the union over objects of ``logits > 0``,
-each object keeping its largest 3D connected component (MedSAM2's post-processing, per object so
-that two kidneys stay two). The image encoder runs once per slice per volume, batched, and its
-output is kept in an LRU of volumes and reused by every completion and request on that volume.
+(image size 512, memory-attention RoPE at 32x32) and a MedSAM2 checkpoint, fed from memory.
+MedSAM2's procedure (its CT script, kept as ``propagate_reference``): each box prompts one object
+on the key slice; the objects are propagated forward, then, from a reset state with the same
+boxes, in reverse; the mask is the union over objects of ``logits > 0``, each object keeping its
+largest 3D connected component (per object, so that two kidneys stay two). The image encoder
+runs once per slice per volume, batched, and its output is kept in an LRU of volumes and reused
+by every completion and request on that volume.
+
+A group is propagated as one SAM2 state: every distinct (key slice, box) of the group's anchors
+is one object, its prompt decoded once, and then every object, forward and in reverse, advances
+one frame per batched SAM2 tracking step (``track_step`` with the objects on the batch axis).
+This gives MedSAM2's masks exactly, bit for bit, for these reasons:
+- SAM2 1.1.0 tracks objects independently: each object has its own memory bank and runs its own
+  ``track_step`` with batch size 1; nothing in it mixes objects (``non_overlap_masks`` is off).
+  Batching the objects' steps changes the batch axis only.
+- SAM2's ``propagate_in_video`` cannot run objects prompted on different key slices together:
+  it walks one frame range for all objects of a state from one start frame, so an object would
+  be tracked on frames before its own prompt, and those frames would then sit in its memory
+  when a separate run's would not. The batched step instead indexes each object's memory by the
+  offset from its own key slice. SAM2 reads frame indices only relative to the current one
+  (memory frames t-1..t-6, object pointers at distance d, with the sign flipped in reverse), so
+  offset i from the key reads the same memories as frame k+i forward or k-i in reverse; the
+  image features are each object's own frame's.
+- MedSAM2 resets the state between the two directions and prompts the same box again: the
+  prompt's decoded mask and memory are the same both times, so they are computed once and start
+  both directions' memories.
+- A window clipped at a volume end ends that object's direction early; it leaves the batch.
 
 Post-processing, as MedSAM2's CT script (``medsam2_infer_3D_CT.py``) and its predictor do it:
 - Largest component: MedSAM2 labels with ``skimage.measure.label``, whose default connectivity is
@@ -28,8 +50,10 @@ Post-processing, as MedSAM2's CT script (``medsam2_infer_3D_CT.py``) and its pre
 
 ``BaselinePropagator`` needs no weights: seeded region growing with scikit-image (Gaussian
 smoothing, an intensity band estimated inside the box, morphological reconstruction from the
-seed), carried slice to slice from the previous slice's mask. It is the embedded default when no
-MedSAM2 checkpoint is given, and says so in its name.
+seed), carried slice to slice from the previous slice's mask; a group is one anchor after the
+other. It is the embedded default when no MedSAM2 checkpoint is given, and says so in its name.
+
+On CUDA, encoding and tracking run under bf16 autocast, as MedSAM2 does; on the CPU, fp32.
 
     python -m reward_server.propagation --write-random-checkpoint PATH [--image-size 512]
 
@@ -42,6 +66,9 @@ import argparse
 import logging
 import sys
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +77,7 @@ from scipy import ndimage
 from skimage.filters import gaussian
 from skimage.morphology import reconstruction
 
-from data.answer import Box
+from data.answer import Box, EvidenceAnchor
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +297,8 @@ class MedSAM2Propagator:
         images = entry["images"]
         for start in range(0, len(todo), self.feature_batch):
             chunk = todo[start : start + self.feature_batch]
-            out = self.model.forward_image(images[chunk])
+            with self._autocast():
+                out = self.model.forward_image(images[chunk])
             for j, frame in enumerate(chunk):
                 entry["features"][frame] = (
                     images[frame : frame + 1],
@@ -282,7 +310,12 @@ class MedSAM2Propagator:
             self.encoded_frames += len(chunk)
         return entry
 
-    @torch.inference_mode()
+    def _autocast(self):
+        # MedSAM2 runs SAM2 under bf16 autocast on the GPU; the CPU keeps fp32.
+        if str(self.device).startswith("cuda"):
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
     def propagate(
         self,
         volume_id: str,
@@ -292,6 +325,119 @@ class MedSAM2Propagator:
         window: int | None,
     ) -> np.ndarray:
         """(S, H, W) bool mask from boxes on key slice k (1-based), within +-window or all."""
+        anchor = EvidenceAnchor(key_slice, boxes)
+        return self.propagate_group(volume_id, slices, [anchor], window)[0]
+
+    @torch.inference_mode()
+    def propagate_group(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        anchors: Sequence[EvidenceAnchor],
+        window: int | None,
+    ) -> list[np.ndarray]:
+        """One (S, H, W) bool mask per anchor, all anchors on one SAM2 state (see module doc).
+
+        A box given on the same key slice by several anchors is one object, propagated once.
+        """
+        num, height, width = slices.shape
+        objects = sorted({(a.key_slice - 1, box) for a in anchors for box in a.boxes})
+        spans = {key: _span(key, window, num) for key, _ in objects}
+        frames = {f for key, (fwd, bwd) in spans.items() for f in range(key - bwd, key + fwd + 1)}
+        per_object = {}
+        if objects:
+            entry = self.encode(volume_id, slices, sorted(frames))
+            found = [np.zeros((num, height, width), bool) for _ in objects]
+            with self._autocast():
+                for obj, frame, logits in self._track_group(entry, objects, spans, height, width):
+                    found[obj][frame] = (logits > 0).cpu().numpy()
+            for (key, box), mask in zip(objects, found):
+                forward, backward = spans[key]
+                lo, hi = key - backward, key + forward + 1  # nothing outside: label less
+                mask[lo:hi] = largest_component(mask[lo:hi])
+                per_object[key, box] = mask
+        out = []
+        for anchor in anchors:
+            mask = np.zeros((num, height, width), bool)
+            for box in anchor.boxes:
+                mask |= per_object[anchor.key_slice - 1, box]
+            out.append(mask)
+        return out
+
+    def _track_group(
+        self,
+        entry: dict,
+        objects: list[tuple[int, Box]],
+        spans: dict[int, tuple[int, int]],
+        height: int,
+        width: int,
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(object index, frame, (H, W) logits) of each (key frame, box) object on every frame
+        of its window: prompts decoded once, then one batched tracking step per frame offset."""
+        model = self.model
+        state = model.init_state_from_frames(entry["images"], height, width, entry["features"])
+        for obj, (key, box) in enumerate(objects):
+            model.add_new_points_or_box(
+                state, frame_idx=key, obj_id=obj, box=np.asarray(box, dtype=np.float32)
+            )
+        # SAM2's own step before tracking: each prompt's mask is encoded into its memory.
+        model.propagate_in_video_preflight(state)
+        tracks: list[_Track] = []
+        for obj, (key, _) in enumerate(objects):
+            prompted = state["output_dict_per_obj"][obj]["cond_frame_outputs"][key]
+            _, logits = model._get_orig_video_res_output(state, prompted["pred_masks"])
+            yield obj, key, logits[0, 0]
+            forward, backward = spans[key]
+            for step, count in ((1, forward), (-1, backward)):
+                if count:
+                    tracks.append(_Track(obj, key, step, count, {0: prompted}))
+        # Frames SAM2 still reads, counted back from the current one: memories (num_maskmem - 1
+        # of them, every stride-th frame) and object pointers (max_obj_ptrs_in_encoder - 1).
+        stride = model.memory_temporal_stride_for_eval
+        lookback = max(model.max_obj_ptrs_in_encoder, (model.num_maskmem + 1) * stride)
+        for offset in range(1, max((t.count for t in tracks), default=0) + 1):
+            active = [t for t in tracks if t.count >= offset]
+            frames = [t.key + t.step * offset for t in active]
+            # The batch's "frame" is the offset from each object's key frame, always forward:
+            # SAM2 reads frame indices relative to the current one only (see module doc).
+            view = dict(state, cached_features={offset: _stacked_features(entry, frames)})
+            memory = {
+                "cond_frame_outputs": {0: _stacked_outputs([t.memory[0] for t in active])},
+                "non_cond_frame_outputs": {
+                    o: _stacked_outputs([t.memory[o] for t in active])
+                    for o in range(max(1, offset - lookback), offset)
+                },
+            }
+            out, low_res = model._run_single_frame_inference(
+                inference_state=view,
+                output_dict=memory,
+                frame_idx=offset,
+                batch_size=len(active),
+                is_init_cond_frame=False,
+                point_inputs=None,
+                mask_inputs=None,
+                reverse=False,
+                run_mem_encoder=True,
+            )
+            _, logits = model._get_orig_video_res_output(state, low_res)
+            for i, (track, frame) in enumerate(zip(active, frames)):
+                track.memory[offset] = _output_of(out, i)
+                if offset - lookback >= 1:
+                    del track.memory[offset - lookback]
+                yield track.obj, frame, logits[i, 0]
+
+    @torch.inference_mode()
+    def propagate_reference(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        key_slice: int,
+        boxes: tuple[Box, ...],
+        window: int | None,
+    ) -> np.ndarray:
+        """MedSAM2's own procedure for one anchor, through SAM2's ``propagate_in_video``: the
+        boxes as objects, forward; reset, the same boxes, in reverse. ``propagate_group`` is
+        tested against it, and it is the per-completion path the benchmark compares with."""
         num, height, width = slices.shape
         result = np.zeros((num, height, width), bool)
         if not boxes:
@@ -300,23 +446,69 @@ class MedSAM2Propagator:
         forward, backward = _span(key, window, num)
         entry = self.encode(volume_id, slices, list(range(key - backward, key + forward + 1)))
         state = self.model.init_state_from_frames(entry["images"], height, width, entry["features"])
-        logits: dict[int, np.ndarray] = {}
-        for reverse, count in ((False, forward), (True, backward)):
-            self.model.reset_state(state)
-            for obj_id, box in enumerate(boxes, start=1):
-                self.model.add_new_points_or_box(
-                    state, frame_idx=key, obj_id=obj_id, box=np.asarray(box, dtype=np.float32)
+        found: dict[int, np.ndarray] = {}
+        with self._autocast():
+            for reverse, count in ((False, forward), (True, backward)):
+                self.model.reset_state(state)
+                for obj_id, box in enumerate(boxes):
+                    self.model.add_new_points_or_box(
+                        state, frame_idx=key, obj_id=obj_id, box=np.asarray(box, dtype=np.float32)
+                    )
+                stream = self.model.propagate_in_video(
+                    state, start_frame_idx=key, max_frame_num_to_track=count, reverse=reverse
                 )
-            stream = self.model.propagate_in_video(
-                state, start_frame_idx=key, max_frame_num_to_track=count, reverse=reverse
-            )
-            for frame, obj_ids, masks in stream:
-                for i, obj_id in enumerate(obj_ids):
-                    per_obj = logits.setdefault(obj_id, np.zeros((num, height, width), bool))
-                    per_obj[frame] |= (masks[i, 0] > 0).cpu().numpy()
-        for per_obj in logits.values():
+                for frame, obj_ids, masks in stream:
+                    for i, obj_id in enumerate(obj_ids):
+                        per_obj = found.setdefault(obj_id, np.zeros((num, height, width), bool))
+                        per_obj[frame] |= (masks[i, 0] > 0).cpu().numpy()
+        for per_obj in found.values():
             result |= largest_component(per_obj)
         return result
+
+
+@dataclass(frozen=True)
+class _Track:
+    """One object tracked one way from its key frame; ``memory`` holds SAM2's output for each
+    frame offset from the key (0: the prompt), as SAM2 keeps one object's memory bank."""
+
+    obj: int  # index of the (key frame, box) object
+    key: int  # 0-based key frame
+    step: int  # +1 forward, -1 in reverse
+    count: int  # frames tracked after the key frame
+    memory: dict[int, dict]
+
+
+# SAM2's compact per-frame output; maskmem_pos_enc, a constant, is handled apart.
+_OUTPUT_TENSORS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits")
+
+
+def _stacked_outputs(outputs: list[dict]) -> dict:
+    """Single-object SAM2 frame outputs as one output with the objects on the batch axis."""
+    stacked = {name: torch.cat([o[name] for o in outputs]) for name in _OUTPUT_TENSORS}
+    # One constant for every frame and object (SAM2 caches it so): expanded, not copied.
+    stacked["maskmem_pos_enc"] = [
+        x[:1].expand(len(outputs), *x.shape[1:]) for x in outputs[0]["maskmem_pos_enc"]
+    ]
+    return stacked
+
+
+def _output_of(batched: dict, i: int) -> dict:
+    """Object ``i``'s part of a batched SAM2 frame output."""
+    one = {name: batched[name][i : i + 1] for name in _OUTPUT_TENSORS}
+    one["maskmem_pos_enc"] = [x[i : i + 1] for x in batched["maskmem_pos_enc"]]
+    return one
+
+
+def _stacked_features(entry: dict, frames: list[int]) -> tuple:
+    """Cached (image, backbone output) of ``frames`` with the frames on the batch axis; one
+    frame's own entry when all are the same (SAM2 expands it to the batch without a copy)."""
+    if len(set(frames)) == 1:
+        return entry["features"][frames[0]]
+    images, backbones = zip(*(entry["features"][f] for f in frames))
+    return torch.cat(images), {
+        name: [torch.cat(level) for level in zip(*(b[name] for b in backbones))]
+        for name in ("backbone_fpn", "vision_pos_enc")
+    }
 
 
 class BaselinePropagator:
@@ -413,6 +605,17 @@ class BaselinePropagator:
         for box in boxes:
             result |= self._one_box(smooth, key, box, forward, backward)
         return result
+
+    def propagate_group(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        anchors: Sequence[EvidenceAnchor],
+        window: int | None,
+    ) -> list[np.ndarray]:
+        """One mask per anchor, one anchor after the other: region growing has no image
+        features to share, and each box is cheap."""
+        return [self.propagate(volume_id, slices, a.key_slice, a.boxes, window) for a in anchors]
 
 
 def build_propagator(

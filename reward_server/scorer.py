@@ -48,41 +48,54 @@ class RewardScorer:
         self.weights = (cfg.w_format, cfg.w_axial, cfg.w_spatial, cfg.w_consistency)
         log.info("reward scorer ready, propagator: %s", self.propagator.name)
 
-    def score_anchor(self, prepared: PreparedVolume, anchor: EvidenceAnchor) -> RewardBreakdown:
-        """All terms for a well-formed anchor on a prepared volume."""
+    def score_group(
+        self, prepared: PreparedVolume, completions: list[str]
+    ) -> list[RewardBreakdown]:
+        """Score the completions of one prompt. Identical anchors are scored once, and the
+        distinct anchors' propagations (Rc) run together in one ``propagate_group`` call, so
+        they share the volume's image features and one predictor state."""
+        parsed = [parse_answer(text, prepared.num_slices, prepared.size) for text in completions]
+        anchors = list(dict.fromkeys(p.anchor for p in parsed if isinstance(p, ParsedAnswer)))
+        terms = {anchor: self._box_terms(prepared, anchor) for anchor in anchors}
+        # The matched predicted boxes prompt propagation (paper: "the matched boxes prompt
+        # MedSAM2"); unmatched extras already cost in Rs. Two anchors that differ only in
+        # unmatched boxes prompt the same propagation.
+        prompts = list(dict.fromkeys(prompt for _, _, prompt in terms.values() if prompt.boxes))
+        masks = self.propagator.propagate_group(
+            prepared.sample_id, prepared.slices, prompts, self.cfg.delta
+        )
+        propagated = dict(zip(prompts, masks))
+        scored = {}
+        for anchor, (ra, rs, prompt) in terms.items():
+            rc = 0.0
+            if prompt.boxes:
+                rc = consistency_reward(
+                    propagated[prompt], prepared.mask, anchor.key_slice, self.cfg.delta
+                )
+            scored[anchor] = RewardBreakdown(
+                1.0, ra, rs, rc, total_reward(1.0, ra, rs, rc, self.weights)
+            )
+        out = []
+        for answer in parsed:
+            if isinstance(answer, AnswerFailure):
+                out.append(RewardBreakdown(0.0, 0.0, 0.0, 0.0, 0.0, failure=answer.reason))
+            else:
+                assert format_reward(answer) == 1.0
+                out.append(scored[answer.anchor])
+        return out
+
+    def _box_terms(
+        self, prepared: PreparedVolume, anchor: EvidenceAnchor
+    ) -> tuple[float, float, EvidenceAnchor]:
+        """Ra, Rs and the propagation prompt (key slice, matched boxes) of a well-formed anchor."""
         k = anchor.key_slice
         ra = axial_reward(prepared.areas, k)
         true_boxes = boxes_on_slice(prepared.mask[k - 1], min_area=self.cfg.min_box_area)
         rs = spatial_reward(anchor.boxes, true_boxes)
-        # The matched predicted boxes prompt propagation (paper: "the matched boxes prompt
-        # MedSAM2"); unmatched extras already cost in Rs.
-        matched = [
+        matched = tuple(
             anchor.boxes[p] for p, _, iou in match_boxes(anchor.boxes, true_boxes) if iou > 0
-        ]
-        rc = 0.0
-        if matched:
-            propagated = self.propagator.propagate(
-                prepared.sample_id, prepared.slices, k, tuple(matched), self.cfg.delta
-            )
-            rc = consistency_reward(propagated, prepared.mask, k, self.cfg.delta)
-        return RewardBreakdown(1.0, ra, rs, rc, total_reward(1.0, ra, rs, rc, self.weights))
-
-    def score_group(
-        self, prepared: PreparedVolume, completions: list[str]
-    ) -> list[RewardBreakdown]:
-        """Score the completions of one prompt; identical anchors are scored once."""
-        done: dict[EvidenceAnchor, RewardBreakdown] = {}
-        out = []
-        for text in completions:
-            parsed = parse_answer(text, prepared.num_slices, prepared.size)
-            if isinstance(parsed, AnswerFailure):
-                out.append(RewardBreakdown(0.0, 0.0, 0.0, 0.0, 0.0, failure=parsed.reason))
-                continue
-            assert isinstance(parsed, ParsedAnswer) and format_reward(parsed) == 1.0
-            if parsed.anchor not in done:
-                done[parsed.anchor] = self.score_anchor(prepared, parsed.anchor)
-            out.append(done[parsed.anchor])
-        return out
+        )
+        return ra, rs, EvidenceAnchor(k, matched)
 
     def score_requests(
         self,

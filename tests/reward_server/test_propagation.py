@@ -92,6 +92,48 @@ def test_cached_features_give_the_same_masks_as_a_fresh_predictor(
     np.testing.assert_array_equal(cached, one_by_one)
 
 
+def test_a_group_on_one_state_gives_each_anchor_its_own_masks(medsam2, dataset, true_anchor):
+    """The anchors of a group as objects of one state, advanced by batched tracking steps, give
+    bit for bit the masks of MedSAM2's own procedure run for each anchor alone (SAM2's
+    propagate_in_video forward, reset, reverse): key slices apart, a window clipped at the
+    volume's end, a box two anchors share (one object), an anchor with no box."""
+    _, prepared = dataset.by_id("ctorg_0000/kidney")
+    anchor = true_anchor(prepared)
+    k, (x1, y1, x2, y2) = anchor.key_slice, anchor.boxes[0]
+    last = prepared.num_slices
+    anchors = [
+        anchor,
+        EvidenceAnchor(k, ((x1 + 3, y1, x2, y2 - 2),)),
+        EvidenceAnchor(k - 4, ((x1, y1, x2, y2), (5, 5, 40, 40))),
+        EvidenceAnchor(last - 1, ((20, 20, 90, 100),)),  # forward window clipped to 1 slice
+        EvidenceAnchor(k - 4, ((x1, y1, x2, y2),)),  # its box is also the third anchor's
+        EvidenceAnchor(k, ()),
+    ]
+    before = medsam2.encoded_frames
+    group = medsam2.propagate_group("kidney-group", prepared.slices, anchors, 3)
+    windows = {f for a in anchors for f in range(a.key_slice - 4, min(a.key_slice + 3, last))}
+    assert medsam2.encoded_frames - before == len(windows)  # every slice encoded once
+    assert not group[-1].any()
+    for a, mask in zip(anchors, group):
+        alone = medsam2.propagate_reference(
+            "kidney-group", prepared.slices, a.key_slice, a.boxes, 3
+        )
+        np.testing.assert_array_equal(mask, alone, err_msg=str(a))
+    # Not vacuous: the masks differ from each other and are neither empty nor full.
+    assert 0 < group[0].sum() < group[0][k - 4 : k + 3].size
+    assert (group[0] != group[1]).any() and (group[2] != group[4]).any()
+
+
+def test_whole_volume_group_propagation_equals_medsam2s_procedure(medsam2, dataset, true_anchor):
+    _, prepared = dataset.by_id("ctorg_0000/kidney")
+    anchor = true_anchor(prepared)
+    (mask,) = medsam2.propagate_group("kidney-whole", prepared.slices, [anchor], None)
+    alone = medsam2.propagate_reference(
+        "kidney-whole", prepared.slices, anchor.key_slice, anchor.boxes, None
+    )
+    np.testing.assert_array_equal(mask, alone)
+
+
 def test_whole_volume_propagation_runs_both_ways(medsam2, dataset, true_anchor):
     _, prepared = dataset.by_id("ctorg_0000/kidney")
     anchor = true_anchor(prepared)

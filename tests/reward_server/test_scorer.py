@@ -77,3 +77,32 @@ def test_weights_and_delta_come_from_the_config(dataset, true_anchor):
     )
     (reward,) = RewardScorer(cfg).score_group(prepared, [text])
     assert reward.total == pytest.approx(2.0)
+
+
+def test_a_group_propagates_its_distinct_anchors_once_and_together(dataset, true_anchor):
+    scorer = RewardScorer(RewardConfig(propagator="baseline"))
+    calls = []
+    real = scorer.propagator.propagate_group
+
+    def spying(volume_id, slices, anchors, window):
+        calls.append(list(anchors))
+        return real(volume_id, slices, anchors, window)
+
+    scorer.propagator.propagate_group = spying
+    _, prepared = dataset.by_id("ctorg_0000/liver")
+    anchor = true_anchor(prepared)
+    (x1, y1, x2, y2), k = anchor.boxes[0], anchor.key_slice
+    shifted = EvidenceAnchor(k, ((x1 + 2, y1, x2, y2),))
+    earlier = EvidenceAnchor(k - 1, anchor.boxes)
+    group = [
+        format_answer(anchor, "a"),
+        format_answer(shifted, "b"),
+        format_answer(anchor, "same anchor, other words"),
+        format_answer(earlier, "c"),
+    ]
+    rewards = scorer.score_group(prepared, group)
+    assert calls == [[anchor, shifted, earlier]]  # one call, the distinct anchors only
+    assert rewards[0] == rewards[2] and rewards[0] != rewards[1]
+    # Each reward is the one the anchor gets scored alone.
+    for text, reward in zip(group, rewards):
+        assert scorer.score_group(prepared, [text]) == [reward]
