@@ -21,9 +21,8 @@ class RewardConfig:
     min_box_area: int = 4  # true-box components smaller than this (pixels) are ignored
     num_workers: int = 1  # reward worker replicas (one GPU each on a GPU cluster)
     gpus_per_worker: float = 0.0  # 1 on a GPU cluster; 0 runs workers on CPU
-    max_batch_size: int = 8  # requests a worker takes in one batch (Serve batching)
-    batch_wait_s: float = 0.05  # how long a worker waits to fill a batch
     request_retries: int = 3  # times a request is retried on another worker after a failure
+    request_timeout_s: float = 300.0  # a request unanswered this long after its start scores 0
 
     def __post_init__(self) -> None:
         if self.propagator not in ("medsam2", "baseline"):
@@ -32,5 +31,9 @@ class RewardConfig:
             )
         if self.delta < 0:
             raise ValueError(f"reward.delta must be >= 0, got {self.delta}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(
+                f"reward.request_timeout_s must be > 0 seconds, got {self.request_timeout_s}"
+            )
         if self.image_size % 16:
             raise ValueError(f"reward.image_size must be a multiple of 16, got {self.image_size}")
