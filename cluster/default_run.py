@@ -5,12 +5,16 @@ phantoms, with 95% CIs and the paired SFT+RL - SFT difference) -> the table, the
 checks, ``learning.png`` and where the MLflow UI is.
 
     python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--steps N]
-        [--seed S] [--out DIR] [key=value ...]
+        [--seed S] [--out DIR] [-v] [--debug] [key=value ...]
+
+Quiet by default: the console shows the stages, their progress bars and results; each part logs
+to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``evaluate.log``,
+``ray.log``), and ``-v`` shows third-party logs on the console as well.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +22,16 @@ from pathlib import Path
 
 from cluster.config import load_run_config
 from cluster.runtime import set_default_environment
+from data.cli import (
+    LOG_FILE_ENV,
+    VERBOSE_ENV,
+    ArgumentParser,
+    UsageError,
+    existing_file,
+    log_to_file,
+    output_to,
+    run_cli,
+)
 
 
 def say(message: str) -> None:
@@ -119,10 +133,26 @@ def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
     return path
 
 
+class StageFailed(RuntimeError):
+    """A stage of the default run ended with an error; it printed its own error line."""
+
+
+def run_stage(name: str, command: list[str], logs: Path) -> None:
+    """Run one stage as its own process; its log goes to ``logs/<name>.log``."""
+    env = {**os.environ, LOG_FILE_ENV: str(logs / f"{name}.log")}
+    done = subprocess.run(command, env=env)
+    if done.returncode:
+        raise StageFailed(
+            f"{name}: exited with status {done.returncode} (log: {logs / f'{name}.log'})"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = argparse.ArgumentParser(prog="python -m cluster.default_run")
-    parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
+    parser = ArgumentParser(
+        prog="python -m cluster.default_run", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", type=existing_file, default=Path("configs/tiny.yaml"))
     parser.add_argument("--cases", type=int, default=60, help="phantom cases to generate")
     parser.add_argument(
         "--steps", type=int, default=None, help="GRPO steps (default: grpo.epochs over the data)"
@@ -134,10 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: output_dir)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     args = parser.parse_args(argv)
+    # every fourth phantom is a test case: fewer than 4 leaves nothing to evaluate
+    if args.cases < 4:
+        raise UsageError(f"--cases {args.cases}: need at least 4 (every 4th case is a test case)")
+    for flag, value in (("--steps", args.steps), ("--sft-epochs", args.sft_epochs)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
     start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
     base = load_run_config(args.config, [*seed_override, *args.overrides])
     out = (args.out or Path(base.output_dir)).resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    logs = out / "logs"
+    log_to_file(logs / "default_run.log")
     manifest = out / "phantoms" / "manifest.jsonl"
     common = [
         *seed_override,
@@ -149,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft_epochs is not None:
         common.append(f"sft.epochs={args.sft_epochs}")
     py = sys.executable
+    quiet = os.environ.get(VERBOSE_ENV) != "1"
 
     say(f"phantoms: {args.cases} cases -> {manifest.parent}")
     if not manifest.exists():
@@ -162,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         if base.model.path is None and base.model.grounding_epochs > 0
         else "SFT cold start (python -m learner.sft)"
     )
-    subprocess.run(
+    run_stage(
+        "sft",
         [
             py,
             "-m",
@@ -172,30 +214,46 @@ def main(argv: list[str] | None = None) -> int:
             *common,
             f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
         ],
-        check=True,
+        logs,
     )
 
     from cluster.services import MlflowServer, RayHead
 
-    say("local Ray head and MLflow server on 127.0.0.1")
+    say(f"local Ray head and MLflow server on 127.0.0.1 (logs: {logs})")
     mlflow = MlflowServer.start(out / "mlflow.db", out / "mlartifacts", out / "mlflow.log")
-    head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-ray-{out.name}")
+    # The head and everything it runs (the GRPO job, its actors) inherit this environment:
+    # quiet settings, and where the GRPO driver logs.
+    head = None
     try:
+        # The head and everything it runs (the GRPO job, its actors) inherit this environment:
+        # the quiet settings, and where the GRPO driver logs.
+        os.environ[LOG_FILE_ENV] = str(logs / "grpo.log")
+        try:
+            with output_to(logs / "ray.log" if quiet else None):  # `ray start` prints a page
+                head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-ray-{out.name}")
+        finally:
+            os.environ.pop(LOG_FILE_ENV)
         say(f"GRPO: ray job submit to {head.dashboard}")
-        head.submit_grpo(
-            Path("."),
-            [
-                "--config",
-                str(args.config),
-                *common,
-                f"tracking.tracking_uri={mlflow.uri}",
-                f"sft_adapter={out / 'sft' / 'adapter'}",
-                *([f"steps={args.steps}"] if args.steps is not None else []),
-            ],
-            check=True,
-        )
+        try:
+            head.submit_grpo(
+                Path("."),
+                [
+                    "--config",
+                    str(args.config),
+                    *common,
+                    f"tracking.tracking_uri={mlflow.uri}",
+                    f"sft_adapter={out / 'sft' / 'adapter'}",
+                    *([f"steps={args.steps}"] if args.steps is not None else []),
+                ],
+                check=True,
+            )
+        except subprocess.CalledProcessError as err:
+            raise StageFailed(
+                f"grpo: the Ray job failed (status {err.returncode}; log: {logs / 'grpo.log'})"
+            ) from None
         say("evaluation on held-out phantoms (python -m evaluation.evaluate)")
-        subprocess.run(
+        run_stage(
+            "evaluate",
             [
                 py,
                 "-m",
@@ -214,10 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                 "--compare",
                 "SFT:SFT+RL",
             ],
-            check=True,
+            logs,
         )
     finally:
-        head.stop()
+        if head is not None:
+            with output_to(logs / "ray.log" if quiet else None):
+                head.stop()
         mlflow.stop()
     from cluster.tracking import plot_reward_curves
 
@@ -227,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "eval" / "table.md").read_text())
     print(learning_report(out, tracking, base.tracking.experiment))
     print(f"table: {out / 'eval' / 'table.md'}; reward curves: {curves}; {out / 'learning.png'}")
+    print(f"logs of every part: {logs}")
     print(
         "MLflow UI (reward curves of the SFT and GRPO runs):\n"
         f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "
@@ -236,4 +297,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, errors=(StageFailed,)))

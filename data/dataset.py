@@ -103,7 +103,7 @@ class VolumeDataset:
         try:
             lines = self.manifest.read_text().splitlines()
         except FileNotFoundError:
-            raise ManifestError(f"manifest not found: {self.manifest}") from None
+            raise ManifestError(f"{self.manifest}: manifest not found") from None
         samples: list[Sample] = []
         values: list[list[int]] = []
         seen: set[str] = set()

@@ -74,6 +74,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from data.cli import ArgumentParser, run_cli
 from data.queries import sample_query, target_of
 from data.volume import VolumeError, m3d_channel_voxels, m3d_mask_shape
 
@@ -335,15 +336,6 @@ def write_manifest(rows: list[dict], manifest: str | Path) -> Path:
     return manifest
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit status 2, as for bad files
-        raise _UsageError(message if message.startswith("argument") else f"arguments: {message}")
-
-
 def _code(value: str) -> str:
     if len(value) != 4 or not value.isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not a 4-digit M3D-Seg subset code")
@@ -351,7 +343,7 @@ def _code(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m data.m3dseg", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data.m3dseg", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="the M3D-Seg folder")
     parser.add_argument(
         "--subsets",
@@ -363,26 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="manifest to write (JSONL)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the query draws")
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        rows = []
-        for code in args.subsets:
-            rows += read_subset(args.root, code, seed=args.seed)
-        write_manifest(rows, args.out)
-    except M3DSegError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.filename or args.out}: {err.strerror}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    rows = []
+    for code in args.subsets:
+        rows += read_subset(args.root, code, seed=args.seed)
+    write_manifest(rows, args.out)  # written last, under a temporary name
     per_suite = Counter(row["suite"] for row in rows)
     print(f"{args.out}: {len(rows)} rows ({', '.join(f'{s} {n}' for s, n in per_suite.items())})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -21,7 +21,6 @@ Files are stored in RAS+ orientation (as most converters write them); readers re
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from data.cli import ArgumentParser, UsageError, removed_on_failure, run_cli
 from data.queries import sample_query
+from data.volume import MIN_SHAPE
 
 LABELS = {
     "liver": 1,
@@ -333,9 +334,7 @@ def write_phantoms(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.phantoms", description=__doc__.split("\n")[0]
-    )
+    parser = ArgumentParser(prog="python -m data.phantoms", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--n", type=int, default=8, help="number of cases")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
@@ -348,11 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         help="volume shape (slices, rows, columns)",
     )
     args = parser.parse_args(argv)
-    manifest = write_phantoms(args.out, args.n, args.seed, tuple(args.shape))
+    if args.n < 1:
+        raise UsageError(f"--n {args.n}: need at least 1 case")
+    if any(s < m for s, m in zip(args.shape, MIN_SHAPE)):
+        raise UsageError(
+            f"--shape {' '.join(map(str, args.shape))}: at least {' '.join(map(str, MIN_SHAPE))} "
+            "(smaller volumes cannot be sampled)"
+        )
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a folder")
+    with removed_on_failure(args.out):  # a new folder half-filled by a failed run goes again
+        manifest = write_phantoms(args.out, args.n, args.seed, tuple(args.shape))
     lines = manifest.read_text().splitlines()
     print(f"wrote {args.n} cases, {len(lines)} samples: {manifest}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

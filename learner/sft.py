@@ -12,7 +12,6 @@ with ``--resume``.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from cluster.config import RunConfig, load_run_config, to_dict
 from cluster.runtime import set_default_environment
 from cluster.tracking import Tracker, flatten
+from data.cli import ArgumentParser, UsageError, existing_file, log_to_file, resolve_device, run_cli
 from data.dataset import VolumeDataset, anchorable
 from data.prompts import build_messages, sft_target_text
 from data.targets import evidence_target
@@ -178,17 +178,18 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m learner.sft", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", type=Path, help="run config YAML (configs/*.yaml)")
+    parser = ArgumentParser(prog="python -m learner.sft", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=existing_file, help="run config YAML (configs/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=1e-4")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_run_config(args.config, args.overrides)
     if cfg.data.manifest is None:
-        parser.error("data.manifest is not set (in the config or as data.manifest=PATH)")
+        raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
+    if not Path(cfg.data.manifest).is_file():
+        raise UsageError(f"data.manifest: {cfg.data.manifest}: no such file")
+    resolve_device(None)  # tells DeepSpeed the accelerator instead of letting it guess and warn
+    log_to_file(Path(cfg.output_dir) / "sft" / "sft.log")
     torch.manual_seed(cfg.seed)
     adapter = train_sft(cfg, resume=args.resume)
     print(f"SFT adapter: {adapter}")
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

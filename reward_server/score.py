@@ -11,9 +11,7 @@ joins ``--address``) with N reward workers. Reward settings come from ``--config
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from cluster.config import load_config
 from cluster.runtime import set_default_environment
+from data.cli import ArgumentParser, UsageError, existing_file, run_cli
 from data.config import DataConfig
 from data.dataset import VolumeDataset
 from reward_server.config import RewardConfig
@@ -75,18 +74,23 @@ def score_in_process(
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m reward_server.score", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--manifest", required=True, type=Path)
-    parser.add_argument("--completions", required=True, type=Path)
+    parser.add_argument("--manifest", required=True, type=existing_file)
+    parser.add_argument("--completions", required=True, type=existing_file)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--workers", type=int, default=0, help="reward workers (0: no Ray)")
-    parser.add_argument("--config", type=Path, help="YAML with 'reward' and 'data' sections")
+    parser.add_argument(
+        "--config", type=existing_file, help="YAML with 'reward' and 'data' sections"
+    )
     parser.add_argument("--address", help="Ray address to join (default: a local instance)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. reward.delta=3")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: must be 0 (no Ray) or more")
+    if args.out.is_dir():
+        raise UsageError(f"--out {args.out}: is a folder, give a file name")
 
     cfg = load_config(ScoreConfig, args.config, args.overrides, sections=("data", "reward"))
     dataset = VolumeDataset(args.manifest, cfg.data)
@@ -119,4 +123,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from reward_server.propagation import CheckpointError
+
+    sys.exit(run_cli(main, errors=(CheckpointError,)))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import sparse
 
+from data.cli import run_cli
 from data.config import DataConfig
 from data.dataset import VolumeDataset
 from data.m3dseg import SUBSETS, WINDOW, M3DSegError, main, read_subset, write_manifest
@@ -267,6 +268,6 @@ def test_cli_writes_the_three_subsets_and_reports_bad_input_on_one_line(tmp_path
         f"error: {missing}: M3D-Seg root not found (not a folder)"
     ]
 
-    assert main(["--root", str(root), "--subsets", "12", "--out", str(out)]) == 2
+    assert run_cli(main, ["--root", str(root), "--subsets", "12", "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == ["error: argument --subsets: '12' is not a 4-digit M3D-Seg subset code"]
+    assert err == ["error: --subsets: '12' is not a 4-digit M3D-Seg subset code"]
