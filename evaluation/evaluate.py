@@ -1,9 +1,11 @@
 """Evaluation in the shape of the paper's Table 1: voxel DSC / IoU per dataset, one row per policy
-checkpoint, plus an oracle-anchor row per propagator, with 95% confidence intervals.
+checkpoint, plus an oracle-anchor row per propagator, with 95% confidence intervals; and the
+surface metrics imaging people expect, NSD and HD95 in mm.
 
     python -m evaluation.evaluate --config configs/<run>.yaml [--checkpoint NAME=ADAPTER ...]
         [--split test] [--propagator baseline --propagator medsam2] [--workers 2]
-        [--phrasings held-out|training|both] [--compare SFT:SFT+RL] [key=value ...]
+        [--phrasings held-out|training|both] [--compare SFT:SFT+RL] [--device cpu|cuda]
+        [-v] [--debug] [key=value ...]
 
 For every case of the split: the policy answers greedily (an evidence anchor), the propagator
 runs through the whole volume in both directions from the anchor, the mask is mapped back to the
@@ -20,13 +22,15 @@ suites of each suite's mean DSC, with a stratified bootstrap CI (``evaluation.st
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
-``<output_dir>/grpo/adapter`` when they exist.
+``<output_dir>/grpo/adapter`` when they exist. ``--device`` runs the policy (transformers engine)
+and the propagator on the CPU or the GPU (default: the GPU when there is one). The log goes to
+``<out>/evaluate.log``.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import json
 import logging
 import sys
@@ -35,8 +39,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import RunConfig, load_run_config
+from cluster.config import EvaluationConfig, RunConfig, load_run_config
 from cluster.runtime import set_default_environment
+from data.cli import (
+    ArgumentParser,
+    UsageError,
+    existing_file,
+    log_to_file,
+    resolve_device,
+    run_cli,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +67,34 @@ class CaseJob:
 class CaseScorer:
     """Propagates an anchor through a whole volume and scores it on the source grid."""
 
-    def __init__(self, manifest: str, data_cfg, reward_cfg, propagator: str):
+    def __init__(
+        self,
+        manifest: str,
+        data_cfg,
+        reward_cfg,
+        propagator: str,
+        eval_cfg: EvaluationConfig | None = None,
+        device: str = "cpu",
+    ):
         set_default_environment()
         from data.dataset import VolumeDataset
         from reward_server.propagation import build_propagator
 
         self.dataset = VolumeDataset(manifest, data_cfg, check_labels=False)
+        self.eval_cfg = eval_cfg or EvaluationConfig()
         checkpoint = reward_cfg.checkpoint if propagator == "medsam2" else None
-        self.propagator = build_propagator(propagator, checkpoint, reward_cfg.image_size)
+        self.propagator = build_propagator(
+            propagator, checkpoint, reward_cfg.image_size, device=device
+        )
 
     def score(self, job: CaseJob) -> dict:
         from data.preprocess import to_source_grid
         from data.volume import load_volume
-        from evaluation.metrics import dsc, iou
+        from evaluation.metrics import dsc, hd95, iou, nsd
 
         sample, prepared = self.dataset.by_id(job.sample_id)
-        labels = load_volume(sample.mask, "mask").array
-        truth = np.isin(labels, self.dataset.label_values(sample.id))
+        labels = load_volume(sample.mask, "mask")
+        truth = np.isin(labels.array, self.dataset.label_values(sample.id))
         if job.key_slice is None:
             pred = np.zeros_like(truth)
         else:
@@ -79,12 +102,17 @@ class CaseScorer:
                 sample.id, np.asarray(prepared.slices), job.key_slice, job.boxes, None
             )
             pred = to_source_grid(mask, prepared)
+        tolerance = self.eval_cfg.nsd_tolerance_for(sample.suite)
         return {
             "row": job.row,
             "id": sample.id,
             "suite": sample.suite,
             "dsc": dsc(pred, truth),
             "iou": iou(pred, truth),
+            "nsd": nsd(pred, truth, labels.spacing, tolerance),
+            "nsd_tolerance_mm": tolerance,
+            "hd95": hd95(pred, truth, labels.spacing),
+            "spacing_mm": [round(s, 4) for s in labels.spacing],
             "key_slice": job.key_slice,
             "boxes": [list(b) for b in job.boxes],
             "failure": job.failure,
@@ -106,8 +134,12 @@ def with_training_phrasing(sample):
     return replace(sample, query=sample_query(sample.label, "train", rng))
 
 
-def policy_engine(model_path: Path, adapter: Path | None, cfg: RunConfig):
-    """A rollout engine serving a checkpoint (the base, or the base plus an adapter)."""
+def policy_engine(
+    model_path: Path, adapter: Path | None, cfg: RunConfig, device: str | None = None
+):
+    """A rollout engine serving a checkpoint (the base, or the base plus an adapter). ``device``
+    places the transformers engine (default: the GPU when there is one); vLLM runs where its
+    build runs."""
     from rollout.actor import build_engine
     from rollout.records import WeightUpdate
 
@@ -117,7 +149,12 @@ def policy_engine(model_path: Path, adapter: Path | None, cfg: RunConfig):
 
         # a GRPO run's final adapter stacks SFT and GRPO ranks
         rollout = replace(rollout, max_lora_rank=lora_rank_to_serve(adapter, rollout.max_lora_rank))
-    engine = build_engine(model_path, rollout, cfg.model)
+    if rollout.engine == "transformers" and device is not None:
+        from rollout.hf_engine import TransformersEngine
+
+        engine = TransformersEngine(model_path, rollout, cfg.model, device=device)
+    else:
+        engine = build_engine(model_path, rollout, cfg.model)
     if adapter is not None:
         engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
     return engine
@@ -131,11 +168,15 @@ def prompts_of(samples) -> list:
 
 
 def policy_answers(
-    model_path: Path, adapter: Path | None, cfg: RunConfig, asked: list[list]
+    model_path: Path,
+    adapter: Path | None,
+    cfg: RunConfig,
+    asked: list[list],
+    device: str | None = None,
 ) -> list[list[str]]:
     """Greedy answers of a checkpoint for each list of (Sample, PreparedVolume) pairs (one
     engine for all of them)."""
-    engine = policy_engine(model_path, adapter, cfg)
+    engine = policy_engine(model_path, adapter, cfg, device)
     answers = []
     for samples in asked:
         groups = engine.generate(prompts_of(samples), greedy=True) if samples else []
@@ -214,9 +255,26 @@ def suite_scores(results: list[dict], row: str, metric: str = "dsc") -> dict[str
     return out
 
 
+# Per-case metrics in the table: (key in cases.jsonl, column name, scale, format)
+TABLE_METRICS = (
+    ("dsc", "DSC", 100.0),
+    ("iou", "IoU", 100.0),
+    ("nsd", "NSD", 100.0),
+    ("hd95", "HD95 mm", 1.0),
+)
+
+
+def _mean_cell(values: list, scale: float) -> str:
+    # cases.jsonl of an earlier version has no surface metrics: "-" rather than a wrong mean
+    if not values or any(v is None for v in values):
+        return "-"
+    return f"{scale * float(np.mean(values)):.2f}"
+
+
 def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
-    """Markdown and CSV rows: mean DSC / IoU (x100) per dataset, the mean over datasets with
-    its 95% CI (stratified bootstrap over cases), one row per table row."""
+    """Markdown and CSV rows: mean DSC / IoU / NSD (x100) and HD95 (mm) per dataset, the mean
+    DSC over datasets with its 95% CI (stratified bootstrap over cases), the mean NSD and HD95
+    over datasets, one row per table row."""
     from evaluation.stats import bootstrap_ci
 
     suites = sorted(
@@ -225,8 +283,8 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
     )
     header = (
         ["checkpoint"]
-        + [f"{SUITE_NAMES.get(s, s)} {m}" for s in suites for m in ("DSC", "IoU")]
-        + ["mean DSC", "95% CI", "cases", "malformed"]
+        + [f"{SUITE_NAMES.get(s, s)} {name}" for s in suites for _, name, _ in TABLE_METRICS]
+        + ["mean DSC", "95% CI", "mean NSD", "mean HD95 mm", "cases", "malformed"]
     )
     body = []
     for row in rows:
@@ -236,11 +294,17 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
         cells = [row]
         for suite in suites:
             vals = [r for r in mine if r["suite"] == suite]
-            for metric in ("dsc", "iou"):
-                cells.append(f"{100 * np.mean([v[metric] for v in vals]):.2f}" if vals else "-")
+            for key, _, scale in TABLE_METRICS:
+                cells.append(_mean_cell([v.get(key) for v in vals], scale))
         scores = {suite: list(cases.values()) for suite, cases in suite_scores(mine, row).items()}
         mean, low, high = bootstrap_ci(scores)
         cells += [f"{100 * mean:.2f}", f"[{100 * low:.2f}, {100 * high:.2f}]"]
+        for key, scale in (("nsd", 100.0), ("hd95", 1.0)):
+            per_suite = [[v.get(key) for v in mine if v["suite"] == s] for s in suites]
+            if any(v is None for values in per_suite for v in values):
+                cells.append("-")
+            else:
+                cells.append(f"{scale * np.mean([np.mean(v) for v in per_suite if v]):.2f}")
         cells += [str(len(mine)), str(sum(1 for r in mine if r.get("failure")))]
         body.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -283,9 +347,13 @@ def evaluate(
     progress: bool = True,
     phrasings: str = "held-out",
     comparisons: tuple[tuple[str, str], ...] = (),
+    device: str | None = None,
+    log_file: Path | None = None,
 ) -> str:
     """Run the evaluation; returns the markdown table (also written as table.md / table.csv)
-    followed by the paired comparisons (also in comparisons.json)."""
+    followed by the paired comparisons (also in comparisons.json). ``device`` is ``cpu`` or
+    ``cuda`` for the policy and the propagator (default: the GPU when there is one). With
+    ``log_file``, this process's log goes there too once the inputs are checked."""
     import ray
     from ray.util import ActorPool
     from tqdm import tqdm
@@ -293,7 +361,17 @@ def evaluate(
     from data.dataset import VolumeDataset
     from learner.sft import model_path
 
+    device = resolve_device(device)
+    if phrasings not in ("held-out", "training", "both"):
+        raise ValueError(f"phrasings must be held-out, training or both, got {phrasings!r}")
+    for name, adapter in checkpoints.items():
+        if adapter is not None and not Path(adapter).is_dir():
+            raise UsageError(f"--checkpoint {name}={adapter}: no such adapter folder")
+    # the dataset is checked before anything is written
+    dataset = VolumeDataset(cfg.data.manifest, cfg.data, split=split)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if log_file is not None:
+        log_to_file(log_file)
     cases_file = out_dir / "cases.jsonl"
     done = (
         [json.loads(line) for line in cases_file.read_text().splitlines()]
@@ -301,7 +379,6 @@ def evaluate(
         else []
     )
     seen = {(r["row"], r["id"]) for r in done}
-    dataset = VolumeDataset(cfg.data.manifest, cfg.data, split=split)
     samples = [dataset[i] for i in range(len(dataset))]
     base = model_path(cfg)
     jobs_by_propagator: dict[str, list[CaseJob]] = {p: [] for p in propagators}
@@ -310,8 +387,6 @@ def evaluate(
         row = f"oracle anchor ({prop})"
         rows.append(row)
         jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
-    if phrasings not in ("held-out", "training", "both"):
-        raise ValueError(f"phrasings must be held-out, training or both, got {phrasings!r}")
     askings = {
         "held-out": [("", samples)],
         "training": [("", [(with_training_phrasing(s), p) for s, p in samples])],
@@ -327,22 +402,31 @@ def evaluate(
             rows.append(named + suffix)
             todo[named + suffix] = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
         if any(todo.values()):
-            texts = policy_answers(base, adapter, cfg, list(todo.values()))
+            texts = policy_answers(base, adapter, cfg, list(todo.values()), device)
             for (row, pairs), answers in zip(todo.items(), texts):
                 jobs_by_propagator[propagators[0]] += anchor_jobs(row, pairs, answers)
     started = ray.is_initialized()
     if not started:
-        ray.init(num_cpus=max(2, workers), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=max(2, workers),
+            num_gpus=1 if device == "cuda" else 0,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     try:
         with cases_file.open("a") as sink:
             for prop, jobs in jobs_by_propagator.items():
                 jobs = [j for j in jobs if (j.row, j.sample_id) not in seen]
                 if not jobs:
                     continue
+                # scorers share the one GPU when there is one
+                gpus = 1.0 / workers if device == "cuda" else 0
                 actors = [
                     ray.remote(CaseScorer)
-                    .options(num_cpus=1)
-                    .remote(str(cfg.data.manifest), cfg.data, cfg.reward, prop)
+                    .options(num_cpus=1, num_gpus=gpus)
+                    .remote(
+                        str(cfg.data.manifest), cfg.data, cfg.reward, prop, cfg.evaluation, device
+                    )
                     for _ in range(workers)
                 ]
                 pool = ActorPool(actors)
@@ -361,16 +445,23 @@ def evaluate(
         if not started:
             ray.shutdown()
     markdown, csv_rows = table(done, rows)
-    (out_dir / "table.md").write_text(markdown + "\n")
-    with (out_dir / "table.csv").open("w", newline="") as f:
-        csv.writer(f).writerows(csv_rows)
+    _write_atomically(out_dir / "table.md", markdown + "\n")
+    text = io.StringIO()
+    csv.writer(text).writerows(csv_rows)
+    _write_atomically(out_dir / "table.csv", text.getvalue())
     found = []
     for before, after in comparisons:
         for suffix, _ in askings:
             if f"{before}{suffix}" in rows and f"{after}{suffix}" in rows:
                 found.append(compare(done, f"{before}{suffix}", f"{after}{suffix}"))
-    (out_dir / "comparisons.json").write_text(json.dumps(found, indent=1))
+    _write_atomically(out_dir / "comparisons.json", json.dumps(found, indent=1))
     return "\n".join([markdown, "", *map(comparison_line, found)]).rstrip()
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def default_checkpoints(cfg: RunConfig) -> dict[str, Path | None]:
@@ -385,10 +476,10 @@ def default_checkpoints(cfg: RunConfig) -> dict[str, Path | None]:
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", type=Path)
+    parser.add_argument("--config", type=existing_file)
     parser.add_argument(
         "--checkpoint",
         action="append",
@@ -413,31 +504,44 @@ def main(argv: list[str] | None = None) -> int:
         metavar="A:B",
         help="paired per-case DSC difference B - A with its 95%% CI (e.g. SFT:SFT+RL)",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="policy and propagator device (default: the GPU when there is one)",
+    )
     parser.add_argument("--out", type=Path, help="default: <output_dir>/eval")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if any(":" not in c for c in args.compare):
-        parser.error("--compare takes A:B, two row names")
+    for item in args.compare:
+        if ":" not in item:
+            raise UsageError(f"--compare {item}: takes A:B, two row names")
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be at least 1")
     cfg = load_run_config(args.config, args.overrides)
+    if cfg.data.manifest is None:
+        raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     checkpoints: dict[str, Path | None] = {}
     for item in args.checkpoint:
         name, _, path = item.partition("=")
         checkpoints[name] = None if path in ("", "base") else Path(path)
+    out = args.out or Path(cfg.output_dir) / "eval"
+    device = resolve_device(args.device)
     markdown = evaluate(
         cfg,
         checkpoints or default_checkpoints(cfg),
-        args.out or Path(cfg.output_dir) / "eval",
+        out,
         args.split,
         tuple(args.propagator or [cfg.reward.propagator]),
         not args.no_oracle,
         args.workers,
         phrasings=args.phrasings,
         comparisons=tuple(tuple(c.split(":", 1)) for c in args.compare),
+        device=device,
+        log_file=out / "evaluate.log",
     )
     print(markdown)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
