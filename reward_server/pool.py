@@ -1,8 +1,8 @@
 """The reward pool on Ray: MedSAM2 reward workers as a Ray Serve deployment, scaled on their own.
 
 Why Ray Serve rather than an actor pool: Serve already does what the pool needs and a hand-made
-scheduler would re-implement — it routes each request to a live replica (the less loaded of
-two), replaces a replica that dies, and changes the replica count of a running deployment in
+scheduler would re-implement — it routes each request to a live replica with room for it,
+replaces a replica that dies, and changes the replica count of a running deployment in
 place (new replicas start, in-flight requests finish). What Serve does not do is resend a
 request whose replica died under it; :class:`RewardPool` does that, resending only requests that
 failed for a system reason (dead or unreachable worker), never ones whose scoring itself raised.
@@ -10,14 +10,14 @@ No HTTP proxy is started: requests go through deployment handles only.
 
 The completions of one sample (a group) travel as one Serve request, so they meet on one worker
 and share its cached image features and one propagation (``RewardScorer.score_group``); routed
-one by one they would land on different workers, each encoding the same volume. A worker scores
-one group at a time with as many torch threads as CPUs it was given, so workers on one machine
-do not fight over cores.
+one by one they would land on different workers, each encoding the same volume. A worker takes
+one group at a time and scores it with as many torch threads as CPUs it was given, so workers
+on one machine do not fight over cores; waiting groups go to the first worker that frees.
 
 :meth:`RewardPool.start` submits and returns at once; ``result()`` collects later (the GRPO
 driver scores a group while others are still generating). A request not answered within
 ``reward.request_timeout_s`` of its start scores 0 with ``failure="reward timeout"``, is counted
-(``RewardPool.timed_out``), and the run goes on; a request still waiting on a worker is
+(``RewardPool.timed_out``), and the run goes on; a request still waiting for a worker is
 cancelled, one already running finishes there and its answer is dropped.
 
 Requests carry a sample id and the completion text. Volumes reach the workers by reference: each
@@ -49,7 +49,10 @@ TIMEOUT_FAILURE = "reward timeout"
 TIMED_OUT = RewardBreakdown(0.0, 0.0, 0.0, 0.0, 0.0, failure=TIMEOUT_FAILURE)
 
 
-@serve.deployment(max_ongoing_requests=32, ray_actor_options={"num_cpus": 1})
+# One group at a time per worker: the others wait at the router and go to whichever worker
+# frees first, instead of being spread at submission by queue lengths that are already stale
+# (measured: 4 groups on one worker and 2 on the other).
+@serve.deployment(max_ongoing_requests=1, ray_actor_options={"num_cpus": 1})
 class RewardWorker:
     """One frozen propagator and the reward terms; one request is the completions of a group."""
 
@@ -69,8 +72,9 @@ class RewardWorker:
         self.scored = 0
 
     async def score(self, requests: list[ScoreRequest]) -> list[RewardBreakdown]:
-        # Scored without yielding to the replica's event loop: one group at a time on this
-        # worker's threads, and requests still queued behind it can be cancelled (timeouts).
+        # A coroutine that never yields: Serve runs it on the replica's event loop, so groups
+        # never overlap on a worker even if more were let in (a plain method would go to a
+        # thread pool).
         out = self.scorer.score_requests(requests, lambda i: self.dataset.by_id(i)[1])
         self.scored += len(requests)
         return out
