@@ -1,7 +1,16 @@
-"""Learner step time and memory on the tiny Qwen3-VL: gradient checkpointing on and off, ZeRO-2
-against ZeRO-0, and the peak memory of one GRPO step at the paper's prompt shape (64 slices of
-256 px, G = 4) with checkpointing on and off. Run from the repository root:
-``python -m bench.learner``."""
+"""Learner step time and memory on the tiny Qwen3-VL. Run from the repository root:
+
+    python -m bench.learner                 # checkpointing on/off, ZeRO-2 vs ZeRO-0, peak memory
+    python -m bench.learner --shape paper   # the learner phase, per-completion vs grouped pass
+
+``--shape paper`` times one GRPO learner step (reference pass, policy pass, backward, update) at
+the paper's prompt shape, 64 slices of 256 px (4,096 image tokens), G = 4 completions of 256
+tokens, LoRA r = 128, ZeRO-0, fp32, checkpointing on: the per-completion pass (prompt +
+completion for every completion, twice with the reference) against the grouped pass (vision
+tower once, prompt once per group). The two sides alternate, each timed ``--repeats`` times
+after a warm-up; it ends with the median ratio, its spread, and ``speed-up: N.NNx``.
+``--shape tiny`` does the same at 16 slices of 128 px.
+"""
 
 from __future__ import annotations
 
@@ -53,10 +62,66 @@ def peak_memory(model: str, checkpointing: bool) -> dict:
     return {"step_mb": (peak - before) / 1024, "seconds": seconds}
 
 
+def compare_passes(model: Path, slices: int, size: int, tokens: int, repeats: int) -> None:
+    """Per-completion against grouped learner steps on the same batch, interleaved."""
+    from learner.config import GRPOConfig, LoraSettings
+    from learner.grpo_learner import GRPOLearner
+
+    batch = build_batch(slices, size, tokens)
+    learners = {}
+    for learner_pass in ("per_completion", "grouped"):
+        cfg = GRPOConfig(
+            zero_stage=0,
+            gradient_checkpointing=True,
+            precision="fp32",
+            learner_pass=learner_pass,
+            lora=LoraSettings(rank=128, alpha=256),
+        )
+        learners[learner_pass] = GRPOLearner(model, cfg, group_size=4, total_steps=100)
+        learners[learner_pass].step(batch)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in learners}
+    for _ in range(repeats):
+        for name, lrn in learners.items():
+            start = time.perf_counter()
+            lrn.step(batch)
+            times[name].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["per_completion"], times["grouped"])]
+    print(
+        f"GRPO learner step: {slices} slices of {size} px ({slices * (size // 32) ** 2} image "
+        f"tokens), G = 4 x {tokens} tokens, LoRA r=128, ZeRO-0, fp32, checkpointing on, "
+        f"{repeats} interleaved repeats"
+    )
+    for name, values in times.items():
+        print(
+            f"  {name:15s} median {np.median(values):7.2f} s/step "
+            f"(min {min(values):.2f}, max {max(values):.2f})"
+        )
+    print(
+        f"per-completion / grouped: median {np.median(ratios):.2f}x, "
+        f"spread {min(ratios):.2f}x-{max(ratios):.2f}x"
+    )
+    print(f"speed-up: {np.median(ratios):.2f}x")
+
+
 def main() -> None:
     from cluster.runtime import set_default_environment
 
     set_default_environment()
+    if "--shape" in sys.argv:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="python -m bench.learner")
+        parser.add_argument("--shape", choices=("paper", "tiny"), required=True)
+        parser.add_argument("--tokens", type=int, default=256, help="tokens per completion")
+        parser.add_argument("--repeats", type=int, default=3)
+        args = parser.parse_args()
+        from rollout.tiny_model import build_tiny_qwen3vl
+
+        slices, size = (64, 256) if args.shape == "paper" else (16, 128)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = build_tiny_qwen3vl(Path(tmp) / "tiny", "test")
+            compare_passes(model, slices, size, args.tokens, args.repeats)
+        return
     if len(sys.argv) == 4 and sys.argv[1] == "--peak-memory":
         print(json.dumps(peak_memory(sys.argv[2], sys.argv[3] == "on")))
         return

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_sum_norm")
+KL_ESTIMATORS = ("k3", "k1", "none")
+
 
 @dataclass
 class LoraSettings:
@@ -52,7 +55,17 @@ class GRPOConfig:
     clip_eps: float = (
         0.2  # PPO clip range eps (the paper gives none; 0.2 is PPO's and GRPO's usual)
     )
-    beta: float = 0.01  # KL weight (paper: 0.01)
+    # Upper clip range eps_high (DAPO's clip-higher); None: eps_high = clip_eps (the paper's form)
+    clip_eps_high: float | None = None
+    beta: float = 0.01  # KL weight (paper: 0.01); 0 drops the KL term and the reference pass
+    kl_estimator: str = "k3"  # per-token KL estimate: k3 (paper), k1, or none (no reference pass)
+    # Loss aggregation: seq_mean_token_mean (paper: 1/G sum_i 1/|o_i| sum_t), token_mean (DAPO),
+    # seq_sum_norm (Dr. GRPO: each completion's token sum over rollout.max_tokens)
+    loss_agg: str = "seq_mean_token_mean"
+    # How the learner runs a group: "grouped" packs the prompt once with its G completions (one
+    # pass per group, vision tower once per step); "per_completion" runs prompt + completion
+    # for each completion (the reference path, and the fallback for flash attention).
+    learner_pass: str = "grouped"
     adv_eps: float = 1e-6  # added to the group std in A_i = (r_i - mean) / (std + eps)
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
@@ -65,6 +78,15 @@ class GRPOConfig:
     # Truncated importance sampling for the sampler/learner gap: each token's surrogate times
     # min(pi_old_learner / pi_vllm, tis_cap). None: off (the paper has no such correction).
     tis_cap: float | None = None
+    # One-step off-policy overlap (a deviation from the paper, off by default): the rollout of
+    # batch t+1 runs on the previous weights while the learner learns on batch t; staleness is
+    # at most one version (logged as rollout/staleness). Needs tis_cap, which corrects for it.
+    overlap: bool = False
+    # Dynamic sampling (DAPO; off by default): drop groups whose rewards are all equal (zero
+    # advantage) and draw more prompts to refill the batch, at most this many extra rounds; a
+    # batch still short is topped up with dropped groups. Logged as data/dropped_group_share.
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3
     lora: LoraSettings = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -72,11 +94,40 @@ class GRPOConfig:
             self.lora = LoraSettings()
         if self.lora.dropout is None:
             self.lora.dropout = 0.0
+        if self.overlap and self.tis_cap is None:
+            raise ValueError(
+                "grpo.overlap samples each batch with the previous weights: set grpo.tis_cap "
+                "(e.g. 2.0) so truncated importance sampling corrects for it"
+            )
+        if self.dynamic_sampling_rounds < 0:
+            raise ValueError(
+                f"grpo.dynamic_sampling_rounds must be >= 0, got {self.dynamic_sampling_rounds}"
+            )
         if self.lora.dropout != 0.0:
             raise ValueError(
                 f"grpo.lora.dropout must be 0 (pi must equal pi_old), got {self.lora.dropout}"
             )
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"grpo.tis_cap must be > 0 or null, got {self.tis_cap}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"grpo.loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, "
+                f"got {self.loss_agg!r}"
+            )
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(
+                f"grpo.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
+                f"got {self.kl_estimator!r}"
+            )
+        if self.clip_eps_high is not None and self.clip_eps_high < self.clip_eps:
+            raise ValueError(
+                f"grpo.clip_eps_high ({self.clip_eps_high}) must be >= grpo.clip_eps "
+                f"({self.clip_eps})"
+            )
+        if self.learner_pass not in ("grouped", "per_completion"):
+            raise ValueError(
+                f"grpo.learner_pass must be 'grouped' or 'per_completion', "
+                f"got {self.learner_pass!r}"
+            )
         if self.export not in ("adapter", "merged"):
             raise ValueError(f"grpo.export must be 'adapter' or 'merged', got {self.export!r}")

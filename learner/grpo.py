@@ -19,8 +19,17 @@ Choices made here:
   slightly different probabilities of the same tokens. With ``is_weights`` w_t =
   min(pi_old_learner / pi_sampler, C), detached, the surrogate of each token is multiplied by
   w_t, correcting for that gap; the KL term is not weighted.
-- Aggregation: mean over the tokens of each completion, then mean over completions (the 1/G sum
-  of 1/|o_i| sums above), so every completion weighs the same whatever its length.
+- Aggregation (``loss_agg``): ``seq_mean_token_mean`` (the paper, default) is the mean over the
+  tokens of each completion, then over completions (the 1/G sum of 1/|o_i| sums above), so every
+  completion weighs the same whatever its length; ``token_mean`` (DAPO) is the mean over all
+  tokens of the batch, so long completions weigh more; ``seq_sum_norm`` (Dr. GRPO) sums each
+  completion's tokens and divides by a constant, the longest allowed completion L_max, then
+  takes the mean over completions, so no length normalisation biases the gradient.
+- Clip-higher (DAPO, optional): the ratio is clipped to [1 - eps, 1 + eps_high] with
+  eps_high >= eps, letting unlikely tokens with A > 0 grow further before clipping.
+- KL estimators: ``k3`` (above, default) or ``k1`` = log pi - log pi_ref per token (unbiased but
+  signed and of high variance, unclamped); with ``none`` or beta = 0 the KL term is dropped and
+  the learner skips the reference pass.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from learner.config import LOSS_AGGREGATIONS
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -54,18 +65,38 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.exp(delta) - delta - 1.0, -KL_CLAMP, KL_CLAMP)
 
 
+def k1_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimate of KL(pi || pi_ref): log pi - log pi_ref (signed, unclamped)."""
+    return logp - ref_logp
+
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate by name: ``k3`` or ``k1``."""
+    if estimator == "k3":
+        return k3_kl(logp, ref_logp)
+    if estimator == "k1":
+        return k1_kl(logp, ref_logp)
+    raise ValueError(f"KL estimator must be one of k3, k1 (or none: no KL), got {estimator!r}")
+
+
 def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, clip_eps: float
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float,
+    clip_eps_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token min(rho A, clip(rho, 1-eps, 1+eps) A) and whether the clipped term was taken
-    (clipping changed the loss: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0).
+    """Per-token min(rho A, clip(rho, 1-eps, 1+eps_high) A) and whether the clipped term was
+    taken (clipping changed the loss: rho > 1 + eps_high with A > 0, or rho < 1 - eps with
+    A < 0). ``clip_eps_high`` None: eps_high = eps (symmetric, the paper's form).
 
     ``logp``/``old_logp`` are (N, T); ``advantages`` (N,) broadcast over tokens.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     ratio = torch.exp(logp - old_logp)
     adv = advantages[:, None]
-    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)
+    clipped = ((ratio > 1 + high) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
     return surrogate, clipped
 
 
@@ -75,10 +106,37 @@ def masked_mean_per_row(values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
+def aggregate_loss(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    loss_agg: str = "seq_mean_token_mean",
+    token_count: float | None = None,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Per-token losses (N, T) to one scalar by ``loss_agg`` (see the module docstring).
+
+    ``token_count`` (``token_mean``): the count dividing the token sum; None is this call's own
+    token count. A batch split into M equal micro-batches whose losses are averaged passes the
+    batch's count over M, so that the average is the batch's token mean.
+    ``max_tokens`` (``seq_sum_norm``): L_max, the constant each completion's sum is divided by.
+    """
+    maskf = mask.to(per_token.dtype)
+    if loss_agg == "seq_mean_token_mean":
+        return masked_mean_per_row(per_token, mask).mean()
+    if loss_agg == "token_mean":
+        count = maskf.sum().clamp(min=1.0) if token_count is None else token_count
+        return (per_token * maskf).sum() / count
+    if loss_agg == "seq_sum_norm":
+        if not max_tokens or max_tokens <= 0:
+            raise ValueError(f"seq_sum_norm needs max_tokens (L_max) > 0, got {max_tokens}")
+        return (per_token * maskf).sum(dim=1).mean() / max_tokens
+    raise ValueError(f"loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {loss_agg!r}")
+
+
 @dataclass(frozen=True)
 class LossParts:
     loss: torch.Tensor  # scalar to minimise
-    kl: torch.Tensor  # mean per-token k3 KL (same aggregation as the loss)
+    kl: torch.Tensor  # per-token KL estimate, mean per completion then over them (NaN: no KL)
     clip_fraction: torch.Tensor  # share of completion tokens where clipping changed the loss
     ratio_mean: torch.Tensor
 
@@ -86,28 +144,43 @@ class LossParts:
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
     beta: float = 0.01,
     is_weights: torch.Tensor | None = None,
+    clip_eps_high: float | None = None,
+    kl_estimator: str = "k3",
+    loss_agg: str = "seq_mean_token_mean",
+    token_count: float | None = None,
+    max_tokens: int | None = None,
 ) -> LossParts:
     """The GRPO loss of N completions (tensors (N, T), ``mask`` 1 on completion tokens).
 
     ``is_weights`` (N, T), optional: truncated importance weights min(pi_old / pi_sampler, C)
     multiplying each token's surrogate (see the module docstring); treated as constants.
+    ``ref_logp`` may be None when there is no KL term (``kl_estimator="none"`` or beta = 0);
+    the reported KL is then NaN (not measured). ``loss_agg``, ``token_count`` and
+    ``max_tokens``: see :func:`aggregate_loss`. The reported KL is always the per-completion
+    token mean, whatever the loss's aggregation.
     """
-    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, clip_eps, clip_eps_high)
     if is_weights is not None:
         surrogate = surrogate * is_weights.detach()
-    kl = k3_kl(logp, ref_logp)
-    per_token = -(surrogate - beta * kl)
-    loss = masked_mean_per_row(per_token, mask).mean()
+    per_token = -surrogate
+    kl_value = torch.tensor(float("nan"))
+    if kl_estimator != "none" and beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("a KL term (beta > 0) needs the reference logprobs")
+        kl = kl_estimate(logp, ref_logp, kl_estimator)
+        per_token = per_token + beta * kl
+        kl_value = masked_mean_per_row(kl, mask).mean().detach()
+    loss = aggregate_loss(per_token, mask, loss_agg, token_count, max_tokens)
     maskf = mask.to(logp.dtype)
     return LossParts(
         loss=loss,
-        kl=masked_mean_per_row(kl, mask).mean().detach(),
+        kl=kl_value,
         clip_fraction=((clipped.to(logp.dtype) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
         ratio_mean=((torch.exp(logp - old_logp) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
     )

@@ -25,13 +25,17 @@ from learner.policy import (
     completion_logits,
     deepspeed_config,
     encode_prompt,
+    group_completion_logits,
     load_lora_policy,
     merge_adapter,
+    pack_group,
+    packing_supported,
     resolve_precision,
     save_adapter,
     save_merged,
     save_stacked_adapter,
     token_logprobs,
+    vision_features,
     with_completion,
 )
 from rollout.records import WeightUpdate
@@ -65,6 +69,14 @@ class StepMetrics:
     logprob_gap_mean: float  # mean |log pi_old (learner) - log pi (sampler)| over tokens
     logprob_gap_max: float  # its largest value in the batch
     ratio_mean: float  # mean pi / pi_old over tokens at the last update (1 with one update)
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths as one zero-padded (N, T) tensor and its 0/1 mask."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+    return pad_sequence(rows, batch_first=True), mask
 
 
 def validate_batch(batch: list[GRPOExample], expected: int) -> None:
@@ -103,8 +115,12 @@ class GRPOLearner:
         group_size: int,
         total_steps: int,
         sft_adapter: Path | None = None,
+        max_tokens: int | None = None,
     ):
         self.cfg = cfg
+        self.max_tokens = max_tokens  # L_max of loss_agg seq_sum_norm (rollout.max_tokens)
+        if cfg.loss_agg == "seq_sum_norm" and not max_tokens:
+            raise ValueError("grpo.loss_agg seq_sum_norm needs max_tokens (rollout.max_tokens)")
         self.model_path = Path(model_path)
         self.sft_adapter = Path(sft_adapter) if sft_adapter is not None else None
         self.precision = resolve_precision(cfg.precision)
@@ -116,8 +132,17 @@ class GRPOLearner:
             merge=self.sft_adapter,
         )
         self.batch_len = cfg.batch_size * group_size
+        self.learner_pass = cfg.learner_pass
+        if self.learner_pass == "grouped" and not packing_supported(model):
+            log.warning("this attention kernel takes no 4D mask: learning per completion")
+            self.learner_pass = "per_completion"
+        # The vision tower's output can be reused across passes only while it is frozen.
+        self.reuse_vision = not any(
+            p.requires_grad for n, p in model.named_parameters() if ".visual." in n
+        )
+        micro_batches = cfg.batch_size if self.learner_pass == "grouped" else self.batch_len
         ds = deepspeed_config(
-            cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.zero_stage, self.precision, self.batch_len
+            cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.zero_stage, self.precision, micro_batches
         )
         self.engine = build_engine(model, ds, total_steps * cfg.updates_per_batch, cfg.warmup_ratio)
         # Training mode, so gradient checkpointing takes effect; the GRPO adapter has no dropout
@@ -150,60 +175,106 @@ class GRPOLearner:
     def device(self):
         return self.engine.device
 
-    def _reference_logprobs(self, seq) -> torch.Tensor:
-        with torch.no_grad(), self.engine.module.disable_adapter():
-            logits = completion_logits(self.engine.module, seq, self.device)
-            return token_logprobs(logits, seq.completion_ids)
+    def _units(self, batch: list[GRPOExample]) -> list[list[int]]:
+        """The micro-batches of a batch as lists of completion indices: one per group (the
+        completions of one prompt) on the grouped pass, one per completion otherwise."""
+        if self.learner_pass == "per_completion":
+            return [[i] for i in range(len(batch))]
+        groups: dict[int, list[int]] = {}
+        for i, ex in enumerate(batch):
+            groups.setdefault(id(ex.messages), []).append(i)
+        units = list(groups.values())
+        if len(units) != self.cfg.batch_size or len({len(u) for u in units}) != 1:
+            raise BatchError(
+                f"the grouped pass needs {self.cfg.batch_size} prompts (grpo.batch_size) with "
+                f"the same number of completions each, got {[len(u) for u in units]} "
+                "completions per prompt"
+            )
+        return units
+
+    def _logits(self, model, unit: list[int], prompt: dict, seqs, vision) -> list[torch.Tensor]:
+        """Logits predicting the completion tokens of one micro-batch, one tensor per completion."""
+        if self.learner_pass == "per_completion":
+            return [completion_logits(model, seqs[i], self.device) for i in unit]
+        packed = pack_group(model, prompt, [seqs[i].completion_ids.tolist() for i in unit])
+        return group_completion_logits(model, packed, self.device, vision)
 
     def step(self, batch: list[GRPOExample]) -> StepMetrics:
         """``updates_per_batch`` optimizer updates on one batch; metrics of the last one."""
         validate_batch(batch, self.batch_len)
+        units = self._units(batch)
         # The G completions of a prompt share its messages: run the processor (images) once.
         prompts: dict[int, dict] = {}
         for ex in batch:
             if id(ex.messages) not in prompts:
                 prompts[id(ex.messages)] = encode_prompt(self.processor, ex.messages)
-        encoded = [
-            with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch
+        unit_prompts = [prompts[id(batch[u[0]].messages)] for u in units]
+        seqs = [with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch]
+        # The frozen vision tower, once per prompt for every pass of this step.
+        visions = [
+            vision_features(self.engine.module, p, self.device) if self.reuse_vision else None
+            for p in unit_prompts
         ]
-        refs = [self._reference_logprobs(seq) for seq in encoded]
-        olds: list[torch.Tensor] = []  # log pi_old per completion, from the first update's pass
+        refs: list[torch.Tensor | None] = [None] * len(batch)
+        if self.cfg.beta != 0.0 and self.cfg.kl_estimator != "none":
+            with torch.no_grad(), self.engine.module.disable_adapter():
+                for unit, prompt, vision in zip(units, unit_prompts, visions):
+                    logits = self._logits(self.engine.module, unit, prompt, seqs, vision)
+                    for i, lg in zip(unit, logits):
+                        refs[i] = token_logprobs(lg, seqs[i].completion_ids)
+        tokens = sum(len(ex.completion_ids) for ex in batch)
+        olds: list[torch.Tensor | None] = [None] * len(batch)  # log pi_old, from the first update
         gaps: list[torch.Tensor] = []
         for update in range(self.cfg.updates_per_batch):
             totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0}
-            tokens = 0
             grad_norm = float("nan")
-            for i, (ex, seq, ref) in enumerate(zip(batch, encoded, refs)):
-                logits = completion_logits(self.engine, seq, self.device)
-                logp = token_logprobs(logits, seq.completion_ids)
-                sampler = torch.tensor(ex.sampler_logprobs, dtype=logp.dtype, device=logp.device)
+            for u, (unit, prompt, vision) in enumerate(zip(units, unit_prompts, visions)):
+                logits = self._logits(self.engine, unit, prompt, seqs, vision)
+                logps = [token_logprobs(lg, seqs[i].completion_ids) for i, lg in zip(unit, logits)]
+                samplers = [
+                    torch.tensor(batch[i].sampler_logprobs, dtype=lp.dtype, device=lp.device)
+                    for i, lp in zip(unit, logps)
+                ]
                 if update == 0:
-                    olds.append(logp.detach())
-                    gaps.append((olds[i] - sampler).abs())
+                    for i, lp, sampler in zip(unit, logps, samplers):
+                        olds[i] = lp.detach()
+                        gaps.append((olds[i] - sampler).abs())
+                logp, mask = pad_rows(logps)
+                old, _ = pad_rows([olds[i] for i in unit])
+                ref = pad_rows([refs[i] for i in unit])[0] if refs[unit[0]] is not None else None
                 weights = None
                 if self.cfg.tis_cap is not None:
-                    weights = truncated_is_weights(olds[i], sampler, self.cfg.tis_cap)[None]
+                    sampler, _ = pad_rows(samplers)
+                    weights = truncated_is_weights(old, sampler, self.cfg.tis_cap)
+                advantages = [batch[i].advantage for i in unit]
                 parts = grpo_loss(
-                    logp[None],
-                    olds[i][None],
-                    ref.to(logp.device)[None],
-                    torch.tensor([ex.advantage], dtype=logp.dtype, device=logp.device),
-                    torch.ones_like(logp)[None],
+                    logp,
+                    old,
+                    ref,
+                    torch.tensor(advantages, dtype=logp.dtype, device=logp.device),
+                    mask,
                     self.cfg.clip_eps,
                     self.cfg.beta,
                     weights,
+                    clip_eps_high=self.cfg.clip_eps_high,
+                    kl_estimator=self.cfg.kl_estimator,
+                    loss_agg=self.cfg.loss_agg,
+                    # DeepSpeed averages the micro-batch losses: the batch's token mean needs
+                    # each micro-batch's token sum over (batch tokens / micro-batches).
+                    token_count=tokens / len(units),
+                    max_tokens=self.max_tokens,
                 )
-                self.engine.backward(parts.loss)  # DeepSpeed averages over the batch
-                if i == len(batch) - 1:
+                self.engine.backward(parts.loss)  # DeepSpeed averages over the micro-batches
+                if u == len(units) - 1:
                     grad_norm = adapter_grad_norm(self.engine)
                 self.engine.step()  # steps the optimizer at the end of the batch only
-                n = len(ex.completion_ids)
-                tokens += n
-                totals["loss"] += parts.loss.item() / len(batch)
-                totals["kl"] += parts.kl.item() / len(batch)
+                n = int(mask.sum())
+                totals["loss"] += parts.loss.item() / len(units)
+                totals["kl"] += parts.kl.item() / len(units)
                 totals["clip"] += parts.clip_fraction.item() * n
                 totals["ratio"] += parts.ratio_mean.item() * n
-                totals["entropy"] += token_entropy(logits.detach()).mean().item() / len(batch)
+                for lg in logits:
+                    totals["entropy"] += token_entropy(lg.detach()).mean().item() / len(batch)
             self.updates += 1
         gap = torch.cat(gaps)
         return StepMetrics(

@@ -7,9 +7,11 @@ import torch
 
 from learner.grpo import (
     KL_CLAMP,
+    aggregate_loss,
     clipped_surrogate,
     group_advantages,
     grpo_loss,
+    k1_kl,
     k3_kl,
     token_entropy,
     truncated_is_weights,
@@ -126,3 +128,68 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     assert factors[6] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert lr_factor(0, 10, 0.0) == 1.0 and lr_factor(10, 10, 0.0) == pytest.approx(0.0)
+
+
+def test_loss_aggregations_by_hand():
+    # Per-token losses of 2 completions, 2 and 3 tokens long (the first padded by one).
+    per_token = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # paper: mean per completion, then over completions: ((1+3)/2 + (2+2+5)/3) / 2 = (2 + 3) / 2
+    assert aggregate_loss(per_token, mask).item() == pytest.approx(2.5)
+    # DAPO token mean: (1+3+2+2+5) / 5 tokens
+    assert aggregate_loss(per_token, mask, "token_mean").item() == pytest.approx(13 / 5)
+    # ... over a given count: one of two micro-batches of a 20-token batch divides by 20 / 2
+    loss = aggregate_loss(per_token, mask, "token_mean", token_count=10.0)
+    assert loss.item() == pytest.approx(13 / 10)
+    # Dr. GRPO: sums 4 and 9 over L_max = 8, mean over completions: (4/8 + 9/8) / 2
+    assert aggregate_loss(per_token, mask, "seq_sum_norm", max_tokens=8).item() == pytest.approx(
+        13 / 16
+    )
+    with pytest.raises(ValueError, match="seq_sum_norm needs max_tokens"):
+        aggregate_loss(per_token, mask, "seq_sum_norm")
+    with pytest.raises(ValueError, match="loss_agg must be one of"):
+        aggregate_loss(per_token, mask, "sum")
+
+
+def test_clip_higher_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.25, 1.4, 0.7]]))  # rho = 1.25, 1.4, 0.7
+    surrogate, clipped = clipped_surrogate(new, old, torch.tensor([1.0]), 0.2, clip_eps_high=0.28)
+    # A > 0: upper bound 1.28, so 1.25 stays, 1.4 -> 1.28; rho = 0.7 keeps its unclipped 0.7
+    assert surrogate[0].tolist() == pytest.approx([1.25, 1.28, 0.7])
+    assert clipped[0].tolist() == [False, True, False]
+    surrogate, clipped = clipped_surrogate(new, old, torch.tensor([-1.0]), 0.2, clip_eps_high=0.28)
+    # A < 0: the lower bound is still 1 - 0.2: min(-0.7, -0.8) = -0.8 is clipped
+    assert surrogate[0].tolist() == pytest.approx([-1.25, -1.4, -0.8])
+    assert clipped[0].tolist() == [False, False, True]
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.4]]))
+    # k1 = log(p / ref): log 2 and log 0.5 (signed)
+    assert k1_kl(logp, ref)[0].tolist() == pytest.approx([math.log(2), math.log(0.5)])
+    adv = torch.tensor([0.0])
+    mask = torch.ones(1, 2)
+    k1 = grpo_loss(logp, logp, ref, adv, mask, beta=0.1, kl_estimator="k1")
+    assert k1.loss.item() == pytest.approx(0.1 * (math.log(2) + math.log(0.5)) / 2, abs=1e-7)
+    assert k1.kl.item() == pytest.approx(0.0, abs=1e-7)  # log 2 + log 0.5 = 0
+    # no KL term: the loss is the surrogate alone, the reference may be absent, KL unmeasured
+    for kwargs in ({"kl_estimator": "none"}, {"beta": 0.0}):
+        parts = grpo_loss(logp, logp, None, torch.tensor([2.0]), mask, **kwargs)
+        assert parts.loss.item() == pytest.approx(-2.0) and math.isnan(parts.kl.item())
+    with pytest.raises(ValueError, match="needs the reference logprobs"):
+        grpo_loss(logp, logp, None, adv, mask, beta=0.1)
+
+
+def test_grpo_config_refuses_unknown_options():
+    from learner.config import GRPOConfig
+
+    with pytest.raises(ValueError, match="grpo.loss_agg must be one of"):
+        GRPOConfig(loss_agg="sum")
+    with pytest.raises(ValueError, match="grpo.kl_estimator must be one of"):
+        GRPOConfig(kl_estimator="k2")
+    with pytest.raises(ValueError, match=r"clip_eps_high \(0.1\) must be >= grpo.clip_eps"):
+        GRPOConfig(clip_eps_high=0.1)
+    with pytest.raises(ValueError, match="grpo.learner_pass must be"):
+        GRPOConfig(learner_pass="batched")

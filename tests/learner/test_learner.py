@@ -15,7 +15,9 @@ from tests.rollout.conftest import make_prompt
 pytestmark = pytest.mark.slow
 
 
-def learner(tiny_model, zero_stage=0, lr=1e-2, group_size=4, sft_adapter=None, **grpo):
+def learner(
+    tiny_model, zero_stage=0, lr=1e-2, group_size=4, sft_adapter=None, max_tokens=None, **grpo
+):
     cfg = GRPOConfig(
         lr=lr,
         zero_stage=zero_stage,
@@ -26,7 +28,12 @@ def learner(tiny_model, zero_stage=0, lr=1e-2, group_size=4, sft_adapter=None, *
         **grpo,
     )
     return GRPOLearner(
-        tiny_model, cfg, group_size=group_size, total_steps=20, sft_adapter=sft_adapter
+        tiny_model,
+        cfg,
+        group_size=group_size,
+        total_steps=20,
+        sft_adapter=sft_adapter,
+        max_tokens=max_tokens,
     )
 
 
@@ -137,6 +144,74 @@ def test_checkpoint_round_trip(grpo, tmp_path):
     assert state["step"] == 3 and state["position"] == 12
     after = lora_params(grpo)
     assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def adapter_gradients(lrn, batch) -> tuple[float, dict]:
+    """One step's loss and the adapter gradients the optimizer received (seen by wrapping the
+    optimizer's step; ZeRO-0 keeps them on the parameters)."""
+    seen = {}
+    optimizer_step = lrn.engine.optimizer.step
+
+    def step_and_keep(*args, **kwargs):
+        for n, p in lrn.engine.module.named_parameters():
+            if p.requires_grad:
+                seen[n] = p.grad.detach().clone()
+        return optimizer_step(*args, **kwargs)
+
+    lrn.engine.optimizer.step = step_and_keep
+    metrics = lrn.step(batch)
+    lrn.engine.optimizer.step = optimizer_step
+    return metrics.loss, seen
+
+
+@pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "token_mean", "seq_sum_norm"])
+def test_grouped_pass_gives_the_per_completion_loss_and_gradients(tiny_model, loss_agg):
+    """The packed group (prompt once, G completions after it, vision tower once) against one
+    prompt + completion sequence per completion: loss and every adapter gradient equal to 1e-5
+    relative in fp32, over two prompts of four completions of different lengths, with a KL
+    term against a non-trivial reference (the adapters' B are not zero). One update: a second
+    one would start from Adam steps that amplify fp32 rounding of near-zero gradients."""
+    prompts = [make_prompt("a", seed=0), make_prompt("b", seed=1)]
+    lengths = [3, 1, 6, 2, 4, 5, 2, 7]
+    rng = np.random.default_rng(0)
+    batch = []
+    for i, n in enumerate(lengths):
+        ids = tuple(int(t) for t in rng.integers(20, 900, n))
+        batch.append(GRPOExample(prompts[i // 4].messages, ids, (-6.0,) * n, float(rng.normal())))
+    results = {}
+    for learner_pass in ("per_completion", "grouped"):
+        lrn = learner(
+            tiny_model,
+            batch_size=2,
+            grad_clip=1e9,
+            beta=0.05,
+            learner_pass=learner_pass,
+            loss_agg=loss_agg,
+            max_tokens=8,
+        )
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for _, p in sorted(lrn.engine.module.named_parameters(), key=lambda kv: kv[0]):
+                if p.requires_grad:  # the same adapter in both learners, B not zero
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        results[learner_pass] = adapter_gradients(lrn, batch)
+        del lrn
+    (loss_a, grads_a), (loss_b, grads_b) = results["per_completion"], results["grouped"]
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
+    assert sum(float(g.abs().sum()) for g in grads_a.values()) > 0
+    # relative to each gradient's norm (elementwise, entries near 0 carry fp32 rounding)
+    worst = max(float((grads_b[n] - grads_a[n]).norm() / grads_a[n].norm()) for n in grads_a)
+    assert worst < 1e-5, worst
+
+
+def test_grouped_pass_refuses_a_batch_that_is_not_whole_groups(tiny_model):
+    lrn = learner(tiny_model, batch_size=2, group_size=2)
+    a, b = make_prompt("a", seed=0), make_prompt("b", seed=1)
+    batch = [GRPOExample(m, (20, 21), (-1.0, -1.0), 1.0) for m in (a.messages,) * 3]
+    batch.append(GRPOExample(b.messages, (20, 21), (-1.0, -1.0), 1.0))
+    with pytest.raises(BatchError, match=r"needs 2 prompts .* got \[3, 1\]"):
+        lrn.step(batch)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
