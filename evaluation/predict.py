@@ -1,16 +1,35 @@
-"""Segment a user's CT from a free-form query: mask NIfTI, evidence JSON and an evidence card.
+"""Segment a user's CT scans from free-form queries: masks (NIfTI, DICOM SEG), evidence, cards.
 
-    python -m evaluation.predict --image CT.nii.gz --query "the organ that secretes bile" \
+    python -m evaluation.predict --image CT.nii.gz|SERIES_DIR|FOLDER_OF_SCANS \
+        --query "the organ that secretes bile" [--query ... | --queries FILE] \
         --model QWEN3VL_DIR [--adapter ADAPTER_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR \
-        [--window abdomen | --window -160 240]
+        [--window abdomen | --window -160 240] [--device cpu|cuda] [-v] [--debug]
 
-Writes ``OUTDIR/mask.nii.gz`` (on the input's grid, orientation and affine), ``evidence.json``
-(key slice in the source volume's own index and in the 64-slice frame, boxes in source pixels and
-in the 256 frame, the reasoning text, the propagator used) and ``OUTDIR/evidence_card.png``.
-A model answer that does not parse is reported in the JSON and gives an empty mask, not a crash.
-Without ``--checkpoint`` the scikit-image baseline propagates (and says so in the JSON).
-``--window`` must be the window the policy was trained with (``data.window`` or the suite's entry
-in ``data.suite_windows``): a preset name or ``LOW HIGH``; the default is ``data.window``'s default.
+Inputs (``--image``, repeatable): a NIfTI file; a folder holding one DICOM series (files in any
+order; read by :mod:`data.dicom`, through the same orientation step as NIfTI, so one scan gives
+the same mask in either format); or a folder of scans (its NIfTI files and its subfolders that
+hold a DICOM series). A folder with several series is refused with the series listed. Queries:
+``--query`` (repeatable) and/or ``--queries FILE`` (one per line; blank lines and lines starting
+with ``#`` skipped). The model is loaded once for all scans and queries.
+
+Outputs, per scan in ``OUTDIR`` (one scan) or ``OUTDIR/<scan name>/`` (several), each on the
+input's grid, orientation and affine:
+
+- one query: ``mask.nii.gz``, ``evidence.json``, ``evidence_card.png``;
+- several queries: that set in ``query-<n>/`` per query n, plus ``labels.nii.gz`` (value n is
+  query n; a voxel that several queries claim takes the smallest target's value, so a lesion
+  inside its organ stays visible) and ``labels.json`` (its legend);
+- DICOM input also ``segmentation.dcm``: a DICOM SEG with one segment per query that references
+  the source series (overlapping segments kept as they are).
+
+``evidence.json``: the key slice in the 64-slice frame and in the source volume's own axial index
+(for DICOM also the file and SOPInstanceUID of that slice), boxes in source pixels and in the 256
+frame, the reasoning, the propagator, the window, the target's voxel count and volume in mm^3,
+and the scan's voxel spacing. A model answer that does not parse is reported there and gives an
+empty mask, not a crash. Without ``--checkpoint`` the scikit-image baseline propagates (and says
+so). ``--window`` must be the window the policy was trained with (``data.window`` or the suite's
+entry in ``data.suite_windows``). A scan's files appear together when it is done (written under
+a temporary name first); the log goes to ``OUTDIR/predict.log``.
 """
 
 from __future__ import annotations
@@ -18,21 +37,70 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cluster.runtime import set_default_environment
+from data.cli import (
+    ArgumentParser,
+    UsageError,
+    existing_file,
+    log_to_file,
+    resolve_device,
+    run_cli,
+)
 from data.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
+MAX_QUERIES = 255  # label values of the uint8 multi-label mask
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+# Answers a list of queries about one scan's prepared slices (S, H, W) with the policy's texts.
+Answerer = Callable[[np.ndarray, list[str]], list[str]]
 
 
 class PredictError(ValueError):
     """Input that cannot be predicted on; names the file or argument."""
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """A user's CT, read: where it came from, its name in the outputs, its canonical volume and,
+    for DICOM input, the series (the SEG must reference it)."""
+
+    path: Path
+    name: str
+    volume: object  # data.volume.Volume
+    series: object | None = None  # data.dicom.DicomSeries
+
+
+@dataclass(frozen=True, eq=False)
+class QueryResult:
+    """One query's outcome on one scan."""
+
+    query: str
+    mask: np.ndarray  # (Z, Y, X) bool on the source grid, canonical orientation
+    frame_mask: np.ndarray  # (S, H, W) bool in the policy's frame (for the card)
+    anchor: object | None  # data.answer.EvidenceAnchor, None for an unusable answer
+    evidence: dict
+
+
+@dataclass(frozen=True)
+class ScanOutput:
+    """Where one scan's results went, and its evidence per query."""
+
+    scan: Path
+    folder: Path
+    evidence: tuple[dict, ...]
 
 
 def parse_window(tokens: list[str]) -> tuple[float, float]:
@@ -56,20 +124,335 @@ def parse_window(tokens: list[str]) -> tuple[float, float]:
         raise PredictError(str(err)) from None
 
 
+def read_queries(queries: Sequence[str] = (), queries_file: Path | None = None) -> list[str]:
+    """The queries of ``--query`` then ``--queries FILE``, checked: at least one, none empty,
+    none over MAX_QUERY_CHARS, at most MAX_QUERIES."""
+    found = [(f"--query {q!r}", q.strip()) for q in queries]
+    if queries_file is not None:
+        try:
+            lines = Path(queries_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise PredictError(f"{queries_file}: cannot read the queries file ({err})") from None
+        for n, line in enumerate(lines, start=1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                found.append((f"{queries_file}, line {n}", line.strip()))
+    if not found:
+        raise PredictError("--query: give at least one query (--query or --queries FILE)")
+    for where, query in found:
+        if not query:
+            raise PredictError(f"{where}: query is empty")
+        if len(query) > MAX_QUERY_CHARS:
+            raise PredictError(f"{where}: query is {len(query)} characters, over {MAX_QUERY_CHARS}")
+    if len(found) > MAX_QUERIES:
+        raise PredictError(f"--query: {len(found)} queries, at most {MAX_QUERIES} per call")
+    return [q for _, q in found]
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def find_scans(paths: Sequence[Path]) -> list[Path]:
+    """The scans ``--image`` names: NIfTI files and DICOM series folders as given, and the
+    NIfTI files and series subfolders of a folder of scans (sorted by name)."""
+    from data.dicom import is_series_folder
+
+    scans: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise PredictError(f"{path}: no such file or folder")
+        if path.is_file():
+            if not _is_nifti(path):
+                raise PredictError(
+                    f"{path}: not a NIfTI file (.nii, .nii.gz); give a NIfTI file, a folder "
+                    "holding one DICOM series, or a folder of scans"
+                )
+            scans.append(path)
+        elif is_series_folder(path):
+            scans.append(path)
+        else:
+            inside = [
+                p
+                for p in sorted(path.iterdir())
+                if not p.name.startswith(".")
+                and ((p.is_file() and _is_nifti(p)) or (p.is_dir() and is_series_folder(p)))
+            ]
+            if not inside:
+                raise PredictError(
+                    f"{path}: no DICOM series, NIfTI file or series subfolder in this folder"
+                )
+            scans += inside
+    return scans
+
+
+def scan_names(scans: Sequence[Path]) -> list[str]:
+    """Output folder names: the file name without .nii/.nii.gz or the series folder's name,
+    numbered where two scans would share one."""
+    names = []
+    for path in scans:
+        name = path.name
+        for suffix in (".nii.gz", ".nii"):
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+        names.append(name or "scan")
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if names.count(name) == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def read_scan(path: Path, name: str) -> Scan:
+    """A scan read in canonical orientation (NIfTI or one DICOM series)."""
+    from data.dicom import read_series
+    from data.volume import load_volume
+
+    path = Path(path)
+    if path.is_dir():
+        series = read_series(path)
+        return Scan(path=path, name=name, volume=series.volume, series=series)
+    return Scan(path=path, name=name, volume=load_volume(path, "image"))
+
+
 def prepare_image(image_path: Path, num_slices: int, size: int, window: tuple[float, float]):
     """The policy's view of a CT with no mask: windowed, sampled and resized slices, exactly as
     ``data.preprocess.prepare_volume`` prepares a training scan with the same window."""
-    from data.preprocess import prepare_arrays
-    from data.volume import load_volume
+    scan = read_scan(Path(image_path), Path(image_path).name)
+    return _prepare(scan, num_slices, size, window)
 
-    volume = load_volume(image_path, "image")
-    return prepare_arrays(volume, None, [], window, num_slices, size, image_path.name)
+
+def _prepare(scan: Scan, num_slices: int, size: int, window: tuple[float, float]):
+    from data.preprocess import prepare_arrays
+
+    return prepare_arrays(scan.volume, None, [], window, num_slices, size, scan.name)
+
+
+def policy_answerer(engine) -> Answerer:
+    """Greedy answers of a rollout engine, all queries of a scan in one batch."""
+    from data.prompts import build_messages
+    from rollout.records import RolloutPrompt
+
+    def answer(slices: np.ndarray, queries: list[str]) -> list[str]:
+        prompts = [
+            RolloutPrompt(f"query-{n}", build_messages(slices, q)) for n, q in enumerate(queries)
+        ]
+        return [group.completions[0].text for group in engine.generate(prompts, greedy=True)]
+
+    return answer
+
+
+def load_policy(
+    model: Path,
+    adapter: Path | None,
+    engine: str,
+    device: str,
+    num_slices: int,
+    size: int,
+    max_tokens: int,
+):
+    """The policy as a rollout engine (loaded once per call)."""
+    from rollout.config import ModelConfig, RolloutConfig
+    from rollout.records import WeightUpdate
+
+    cfg = RolloutConfig(
+        engine=engine,
+        max_tokens=max_tokens,
+        in_process=True,
+        max_model_len=num_slices * (size // 32) ** 2 + 1024 + max_tokens,
+    )
+    try:
+        if engine == "transformers":
+            from rollout.hf_engine import TransformersEngine
+
+            policy = TransformersEngine(model, cfg, ModelConfig(), device=device)
+        else:
+            from rollout.actor import build_engine
+
+            policy = build_engine(model, cfg, ModelConfig())
+        if adapter is not None:
+            policy.update_weights(WeightUpdate(1, adapter_dir=Path(adapter)))
+    except (OSError, ValueError) as err:
+        raise PredictError(
+            f"--model {model}: checkpoint does not load (adapter {adapter}): {err}"
+        ) from None
+    return policy
+
+
+def _stored_slice_file(scan: Scan, z: int) -> Path | None:
+    """The DICOM file of canonical axial index ``z`` when the series is stored slice by slice
+    along z (every axial series); None otherwise."""
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    from data.volume import CANONICAL_AXES
+
+    if scan.series is None:
+        return None
+    transform = ornt_transform(
+        io_orientation(scan.volume.source_affine), axcodes2ornt(CANONICAL_AXES)
+    )
+    axis, flip = int(transform[2, 0]), int(transform[2, 1])
+    if axis != 2:  # the files are not axial slices (a sagittal or coronal series)
+        return None
+    files = scan.series.files
+    return files[z] if flip == 1 else files[len(files) - 1 - z]
+
+
+def segment_scan(
+    scan: Scan,
+    queries: list[str],
+    answer: Answerer,
+    propagator,
+    num_slices: int,
+    size: int,
+    window: tuple[float, float],
+):
+    """The policy's answers to ``queries`` on one scan, each propagated to a 3D mask on the
+    source grid. Returns the prepared slices and one :class:`QueryResult` per query."""
+    from data.answer import ParsedAnswer, parse_answer
+    from data.preprocess import box_to_source, to_source_grid
+
+    prepared = _prepare(scan, num_slices, size, window)
+    texts = answer(np.asarray(prepared.slices), queries)
+    spacing = scan.volume.spacing
+    voxel_mm3 = float(abs(np.linalg.det(scan.volume.source_affine[:3, :3])))
+    results = []
+    for query, text in zip(queries, texts):
+        parsed = parse_answer(text, num_slices, size)
+        evidence: dict = {
+            "image": str(scan.path),
+            "query": query,
+            "answer": text,
+            "propagator": propagator.name,
+            "window": list(window),
+            "spacing_mm": {"z": spacing[0], "y": spacing[1], "x": spacing[2]},
+        }
+        if isinstance(parsed, ParsedAnswer):
+            anchor = parsed.anchor
+            frame_mask = propagator.propagate(
+                scan.name, prepared.slices, anchor.key_slice, anchor.boxes, None
+            )
+            z = int(prepared.source_index[anchor.key_slice - 1])
+            evidence.update(
+                ok=True,
+                reasoning=parsed.think,
+                key_slice=anchor.key_slice,
+                key_slice_source=z,
+                boxes=[list(b) for b in anchor.boxes],
+                boxes_source=[
+                    [round(v, 1) for v in box_to_source(b, prepared)] for b in anchor.boxes
+                ],
+            )
+            slice_file = _stored_slice_file(scan, z)
+            if slice_file is not None:
+                from data.dicom import read_header
+
+                evidence.update(
+                    key_slice_file=str(slice_file),
+                    key_slice_sop_instance_uid=str(read_header(slice_file).SOPInstanceUID),
+                )
+        else:
+            anchor = None
+            frame_mask = np.zeros(prepared.slices.shape, bool)
+            evidence.update(ok=False, failure=parsed.reason)
+        mask = to_source_grid(frame_mask, prepared)
+        voxels = int(mask.sum())
+        evidence.update(mask_voxels=voxels, volume_mm3=round(voxels * voxel_mm3, 1))
+        if scan.series is not None:
+            evidence["series_instance_uid"] = scan.series.uid
+        results.append(QueryResult(query, mask, np.asarray(frame_mask, bool), anchor, evidence))
+    return prepared, results
+
+
+def label_map(results: Sequence[QueryResult]) -> tuple[np.ndarray, list[dict]]:
+    """One uint8 map: value n (1-based) for query n, the smallest target on top where several
+    overlap; and its legend."""
+    labels = np.zeros(results[0].mask.shape, np.uint8)
+    order = sorted(range(len(results)), key=lambda n: -int(results[n].mask.sum()))
+    for n in order:  # largest first, so smaller targets paint over the organs that hold them
+        labels[results[n].mask] = n + 1
+    legend = []
+    for n, result in enumerate(results):
+        legend.append(
+            {
+                "value": n + 1,
+                "query": result.query,
+                "folder": f"query-{n + 1}",
+                "ok": result.evidence["ok"],
+                "voxels": result.evidence["mask_voxels"],
+                "volume_mm3": result.evidence["volume_mm3"],
+                "voxels_shown": int((labels == n + 1).sum()),  # fewer where another sits on top
+            }
+        )
+    return labels, legend
+
+
+def _write_query(scan: Scan, prepared, result: QueryResult, folder: Path) -> None:
+    from data.volume import save_mask
+    from evaluation.card import evidence_card
+
+    folder.mkdir(parents=True, exist_ok=True)
+    like = scan.path if scan.series is None else scan.volume
+    save_mask(result.mask, like, folder / "mask.nii.gz")
+    if result.anchor is not None:
+        title = f"{result.query}\n{result.evidence['reasoning'][:120]}"
+    else:
+        title = f"{result.query}\nno usable answer: {result.evidence['failure'][:80]}"
+    evidence_card(
+        folder / "evidence_card.png",
+        np.asarray(prepared.slices),
+        result.frame_mask,
+        result.anchor.key_slice if result.anchor else None,
+        result.anchor.boxes if result.anchor else (),
+        title,
+        prepared.source_index,
+    )
+    (folder / "evidence.json").write_text(json.dumps(result.evidence, indent=1))
+
+
+def write_outputs(scan: Scan, prepared, results: list[QueryResult], folder: Path) -> Path:
+    """Write one scan's results into ``folder`` (layout in the module docstring). Everything is
+    written into a hidden staging folder beside it and moved in at the end, so a failure leaves
+    no partial scan."""
+    from data.volume import save_mask
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        if len(results) == 1:
+            _write_query(scan, prepared, results[0], stage)
+        else:
+            for n, result in enumerate(results, start=1):
+                _write_query(scan, prepared, result, stage / f"query-{n}")
+            labels, legend = label_map(results)
+            save_mask(
+                labels, scan.path if scan.series is None else scan.volume, stage / "labels.nii.gz"
+            )
+            (stage / "labels.json").write_text(json.dumps(legend, indent=1))
+        if scan.series is not None:
+            from data.dicom import write_seg
+
+            write_seg(
+                scan.series,
+                [r.mask for r in results],
+                [r.query for r in results],
+                stage / "segmentation.dcm",
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(stage.iterdir()):
+            target = folder / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return folder
 
 
 def predict(
-    image: Path,
-    query: str,
-    model: Path,
+    images: Path | Sequence[Path],
+    queries: str | Sequence[str],
+    model: Path | None,
     out: Path,
     adapter: Path | None = None,
     checkpoint: Path | None = None,
@@ -79,89 +462,64 @@ def predict(
     window: str | tuple[float, float] = DataConfig.window,
     image_size: int = 512,
     max_tokens: int = 256,
-) -> dict:
-    from data.answer import ParsedAnswer, parse_answer
-    from data.preprocess import box_to_source, to_source_grid
-    from data.prompts import build_messages
-    from data.volume import save_mask
-    from evaluation.card import evidence_card
-    from reward_server.propagation import build_propagator
-    from rollout.actor import build_engine
-    from rollout.config import ModelConfig, RolloutConfig
-    from rollout.records import RolloutPrompt, WeightUpdate
+    device: str | None = None,
+    progress: bool = True,
+    answer: Answerer | None = None,
+    log_file: Path | None = None,
+) -> list[ScanOutput]:
+    """Segment every scan of ``images`` for every query (see the module docstring).
 
-    query = (query or "").strip()
-    if not query:
-        raise PredictError("--query is empty")
-    if len(query) > MAX_QUERY_CHARS:
-        raise PredictError(f"--query is {len(query)} characters, over {MAX_QUERY_CHARS}")
-    if not (Path(model) / "config.json").exists():
-        raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
+    ``answer`` replaces the policy (then ``model`` is not loaded): a function from a scan's
+    prepared slices and the queries to answer texts. Inputs are checked before the model loads;
+    the first scan is read before the model loads too, so a bad file costs no model load and
+    writes nothing (``log_file``, the command's log, starts only then).
+    """
+    from tqdm import tqdm
+
+    from reward_server.propagation import build_propagator
+
+    queries = read_queries([queries] if isinstance(queries, str) else list(queries))
     try:
         low_high = resolve_window(window, "--window")
     except WindowError as err:
         raise PredictError(str(err)) from None
-    prepared = prepare_image(Path(image), num_slices, size, low_high)
-    propagator = build_propagator("medsam2" if checkpoint else "baseline", checkpoint, image_size)
-    cfg = RolloutConfig(
-        engine=engine,
-        max_tokens=max_tokens,
-        in_process=True,
-        max_model_len=num_slices * (size // 32) ** 2 + 1024 + max_tokens,
-    )
-    try:
-        policy = build_engine(model, cfg, ModelConfig())
-        if adapter is not None:
-            policy.update_weights(WeightUpdate(1, adapter_dir=Path(adapter)))
-    except (OSError, ValueError) as err:
-        raise PredictError(
-            f"checkpoint does not load ({model}, adapter {adapter}): {err}"
-        ) from None
-    (group,) = policy.generate(
-        [RolloutPrompt("query", build_messages(prepared.slices, query))], greedy=True
-    )
-    text = group.completions[0].text
-    parsed = parse_answer(text, num_slices, size)
+    if answer is None:
+        if model is None or not (Path(model) / "config.json").exists():
+            raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
+        if adapter is not None and not Path(adapter).is_dir():
+            raise PredictError(f"--adapter {adapter}: no such adapter folder")
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise PredictError(f"--checkpoint {checkpoint}: no such file")
+    device = resolve_device(device)
+    scans = find_scans([images] if isinstance(images, str | Path) else list(images))
+    names = scan_names(scans)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    evidence: dict = {
-        "image": str(image),
-        "query": query,
-        "answer": text,
-        "propagator": propagator.name,
-        "window": list(low_high),
-    }
-    if isinstance(parsed, ParsedAnswer):
-        anchor = parsed.anchor
-        mask = propagator.propagate("query", prepared.slices, anchor.key_slice, anchor.boxes, None)
-        evidence.update(
-            ok=True,
-            reasoning=parsed.think,
-            key_slice=anchor.key_slice,
-            key_slice_source=int(prepared.source_index[anchor.key_slice - 1]),
-            boxes=[list(b) for b in anchor.boxes],
-            boxes_source=[[round(v, 1) for v in box_to_source(b, prepared)] for b in anchor.boxes],
-        )
-        title = f"{query}\n{parsed.think[:120]}"
-    else:
-        mask = np.zeros(prepared.slices.shape, bool)
-        evidence.update(ok=False, failure=parsed.reason)
-        anchor = None
-        title = f"{query}\nno usable answer: {parsed.reason[:80]}"
-    source_mask = to_source_grid(mask, prepared)
-    save_mask(source_mask, image, out / "mask.nii.gz")
-    evidence["mask_voxels"] = int(source_mask.sum())
-    evidence_card(
-        out / "evidence_card.png",
-        prepared.slices,
-        mask,
-        anchor.key_slice if anchor else None,
-        anchor.boxes if anchor else (),
-        title,
-        prepared.source_index,
+    outputs = []
+    propagator = None
+    bar = tqdm(
+        total=len(scans), desc="predict", unit="scan", disable=not progress or len(scans) < 2
     )
-    (out / "evidence.json").write_text(json.dumps(evidence, indent=1))
-    return evidence
+    for path, name in zip(scans, names):
+        scan = read_scan(path, name)
+        if propagator is None:  # first scan read: now the log, the models
+            if log_file is not None:
+                log_to_file(log_file)
+            propagator = build_propagator(
+                "medsam2" if checkpoint else "baseline", checkpoint, image_size, device=device
+            )
+            if answer is None:
+                answer = policy_answerer(
+                    load_policy(model, adapter, engine, device, num_slices, size, max_tokens)
+                )
+        prepared, results = segment_scan(
+            scan, queries, answer, propagator, num_slices, size, low_high
+        )
+        folder = out if len(scans) == 1 else out / name
+        write_outputs(scan, prepared, results, folder)
+        outputs.append(ScanOutput(path, folder, tuple(r.evidence for r in results)))
+        bar.update(1)
+    bar.close()
+    return outputs
 
 
 class _WindowAction(argparse.Action):
@@ -176,12 +534,19 @@ class _WindowAction(argparse.Action):
             raise argparse.ArgumentError(self, message) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluation.predict", description=__doc__.split("\n")[0]
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m evaluation.predict", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--image",
+        required=True,
+        action="append",
+        type=Path,
+        help="NIfTI file, folder of one DICOM series, or folder of scans (repeatable)",
     )
-    parser.add_argument("--image", required=True, type=Path)
-    parser.add_argument("--query", required=True)
+    parser.add_argument("--query", action="append", default=[], help="a query (repeatable)")
+    parser.add_argument(
+        "--queries", type=existing_file, help="file of queries, one per line (# comments)"
+    )
     parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL checkpoint folder")
     parser.add_argument("--adapter", type=Path, help="LoRA adapter (SFT or SFT+RL)")
     parser.add_argument("--checkpoint", type=Path, help="MedSAM2 checkpoint (else: baseline)")
@@ -198,16 +563,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="intensity window the policy was trained with: a preset "
         f"({', '.join(WINDOW_PRESETS)}) or LOW HIGH (default: {DataConfig.window})",
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="where the policy and MedSAM2 run (default: the GPU when there is one)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    evidence = predict(
+    if args.slices < 1 or args.size < 32:
+        raise UsageError(f"--slices {args.slices} --size {args.size}: need >= 1 and >= 32")
+    queries = read_queries(args.query, args.queries)
+    outputs = predict(
         args.image,
-        args.query,
+        queries,
         args.model,
         args.out,
         args.adapter,
@@ -216,14 +588,19 @@ def main(argv: list[str] | None = None) -> int:
         args.slices,
         args.size,
         args.window,
+        device=args.device,
+        log_file=args.out / "predict.log",
     )
-    status = "answer ok" if evidence["ok"] else f"no usable answer ({evidence['failure']})"
-    print(
-        f"{status}; mask: {args.out / 'mask.nii.gz'} ({evidence['mask_voxels']} voxels); "
-        f"card: {args.out / 'evidence_card.png'}"
-    )
+    for output in outputs:
+        for n, evidence in enumerate(output.evidence, start=1):
+            status = "answer ok" if evidence["ok"] else f"no usable answer ({evidence['failure']})"
+            where = output.folder if len(output.evidence) == 1 else output.folder / f"query-{n}"
+            print(
+                f"{output.scan} | {evidence['query']}: {status}; {evidence['mask_voxels']} voxels, "
+                f"{evidence['volume_mm3'] / 1000:.1f} mL -> {where}"
+            )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -127,6 +127,7 @@ def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
 
 
 def test_predict_window_takes_a_preset_or_two_numbers():
+    from data.cli import UsageError
     from evaluation.predict import PredictError, build_parser, parse_window
 
     base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out", "o"]
@@ -141,7 +142,9 @@ def test_predict_window_takes_a_preset_or_two_numbers():
         parse_window(["240", "-160"])
     with pytest.raises(PredictError, match="must be numbers"):
         parse_window(["low", "240"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(
+        UsageError, match="^--window: 1 2 3: give a preset name or LOW HIGH, not 3 values$"
+    ):
         parser.parse_args(base + ["--window", "1", "2", "3"])
 
 
@@ -154,7 +157,7 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
     from evaluation.predict import PredictError, predict
 
     image = phantom_manifest.parent / "images" / "ctorg_0000.nii.gz"
-    evidence = predict(
+    (output,) = predict(
         image,
         "Find the organ that secretes bile.",
         tiny_model,
@@ -163,14 +166,21 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
         size=96,
         window="abdomen",
         max_tokens=16,
+        device="cpu",
     )
+    (evidence,) = output.evidence
+    assert output.folder == tmp_path / "p"
     assert evidence["window"] == [-160.0, 240.0]
     src = nib.load(str(image))
     mask = nib.load(str(tmp_path / "p" / "mask.nii.gz"))
     assert mask.shape == src.shape and np.allclose(mask.affine, src.affine)
     assert evidence["ok"] is False and evidence["failure"]  # a random model answers nonsense
     assert "no MedSAM2" in evidence["propagator"]
+    assert evidence["mask_voxels"] == 0 and evidence["volume_mm3"] == 0.0
+    spacing = np.abs(np.diag(src.affine)[[2, 1, 0]])  # the phantom's affine is diagonal
+    assert [evidence["spacing_mm"][a] for a in "zyx"] == pytest.approx(spacing)
     assert json.loads((tmp_path / "p" / "evidence.json").read_text())["query"]
+    assert not list(tmp_path.glob(".p.partial-*"))  # the staging folder is gone
     with Image.open(tmp_path / "p" / "evidence_card.png") as card:
         assert card.size[0] > 200
     with pytest.raises(PredictError, match="query is empty"):
@@ -187,6 +197,7 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 2), np.int16), np.eye(4)), str(tiny))
     with pytest.raises(VolumeError, match="too small to sample"):
         predict(tiny, "liver", tiny_model, tmp_path / "q")
+    assert not (tmp_path / "q").exists()  # bad input: nothing written, not even the log
 
 
 @pytest.mark.slow
