@@ -25,6 +25,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,13 @@ class LearnerWorker:
     """The GRPO learner inside a Ray actor (one GPU on a cluster)."""
 
     def __init__(
-        self, model_path: str, cfg, group_size: int, total_steps: int, sft_adapter: str | None
+        self,
+        model_path: str,
+        cfg,
+        group_size: int,
+        total_steps: int,
+        sft_adapter: str | None,
+        max_tokens: int | None = None,
     ):
         set_default_environment()
         from learner.grpo_learner import GRPOLearner
@@ -51,6 +58,7 @@ class LearnerWorker:
             group_size,
             total_steps,
             Path(sft_adapter) if sft_adapter else None,
+            max_tokens,
         )
 
     def write_policy_base(self, out_dir: str) -> str:
@@ -108,6 +116,25 @@ def evidence_picture(
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Prompts whose groups are being generated."""
+
+    samples: list  # (Sample, PreparedVolume) of each prompt
+    prompts: list  # RolloutPrompt of each
+    pending: object  # rollout.actor.PendingGroups
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """One prompt's G completions with their rewards."""
+
+    sample: tuple  # (Sample, PreparedVolume)
+    prompt: object  # RolloutPrompt
+    group: object  # rollout.records.Group
+    rewards: tuple  # RewardBreakdown per completion
 
 
 class Checkpoints:
@@ -217,6 +244,7 @@ class GRPOTrainer:
                 cfg.rollout.group_size,
                 max(steps, 1),
                 str(cfg.sft_adapter) if cfg.sft_adapter else None,
+                cfg.rollout.max_tokens,
             )
         )
         # The engines serve the SFT policy's weights (base + SFT merged) under the GRPO adapter.
@@ -251,38 +279,117 @@ class GRPOTrainer:
         self.state["mlflow_run_id"] = self.tracker.run_id
         self.rng = np.random.default_rng()
         self.rng.bit_generator.state = self.state["rng"]
+        self.cursor = self.state["position"]  # next prompt of the order to roll out
+        self.prefetched: Rollout | None = None  # the next batch's rollout, under grpo.overlap
 
-    def step(self) -> dict:
-        """One GRPO step on the next batch of prompts; returns its metrics (also logged)."""
-        import ray
-        import torch
+    def _batch_left(self) -> bool:
+        """Whether a whole batch of prompts is left (dynamic sampling draws extra ones)."""
+        left = len(self.order) - self.cursor
+        return self.prefetched is not None or left >= self.cfg.grpo.batch_size
 
+    def _start_rollout(self, count: int) -> Rollout | None:
+        """Take the next ``count`` prompts (fewer at the end of the order) and start their
+        groups on the rollout actors; None when the order is used up."""
         from data.prompts import build_messages
-        from learner.grpo import group_advantages, zero_std_groups
-        from learner.grpo_learner import GRPOExample
-        from reward_server.scorer import ScoreRequest
         from rollout.records import RolloutPrompt
 
-        cfg, state = self.cfg, self.state
-        step = state["step"] + 1
-        _apply_scale_file(cfg, self.pool)
-        idx = self.order[state["position"] : state["position"] + cfg.grpo.batch_size]
+        idx = self.order[self.cursor : self.cursor + count]
+        if not idx:
+            return None
+        self.cursor += len(idx)
         samples = [self.dataset[i] for i in idx]
         prompts = [
             RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples
         ]
+        pending = self.fleet.start(prompts, seed=int(self.rng.integers(2**31)))
+        return Rollout(samples, prompts, pending)
+
+    def _score(self, rollout: Rollout) -> tuple[list[ScoredGroup], float]:
+        """Rewards of a rollout's groups: each actor's groups go to the reward pool as soon as
+        they exist, and all are collected here. Also returns when the last group arrived."""
+        from reward_server.scorer import ScoreRequest
+
+        started = []
+        for offset, groups in rollout.pending.as_completed():
+            requests = [ScoreRequest(g.sample_id, c.text) for g in groups for c in g.completions]
+            started.append((offset, groups, self.pool.start(requests)))
+        generated = time.perf_counter()
+        scored: dict[int, ScoredGroup] = {}
+        for offset, groups, pending in started:
+            rewards = pending.result()
+            for j, group in enumerate(groups):
+                g = len(group.completions)
+                scored[offset + j] = ScoredGroup(
+                    rollout.samples[offset + j],
+                    rollout.prompts[offset + j],
+                    group,
+                    tuple(rewards[j * g : (j + 1) * g]),
+                )
+        return [scored[i] for i in sorted(scored)], generated
+
+    def _next_batch(self) -> tuple[list[ScoredGroup], dict]:
+        """The groups of the next update and how they were got (timings, dynamic sampling)."""
+        cfg = self.cfg.grpo
         t0 = time.perf_counter()
-        groups = self.fleet.generate(prompts, seed=int(self.rng.integers(2**31)))
-        t1 = time.perf_counter()
-        requests = [ScoreRequest(g.sample_id, c.text) for g in groups for c in g.completions]
-        rewards = self.pool.score(requests)
+        rollout, self.prefetched = self.prefetched, None
+        if rollout is None:
+            rollout = self._start_rollout(cfg.batch_size)
+        kept: list[ScoredGroup] = []
+        dropped: list[ScoredGroup] = []
+        generated = t0
+        staleness = self.state["version"] - rollout.pending.version
+        for round_ in range(1 + (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)):
+            if round_ > 0:
+                rollout = self._start_rollout(cfg.batch_size - len(kept))
+                if rollout is None:
+                    break
+            groups, generated = self._score(rollout)
+            for group in groups:
+                flat = cfg.dynamic_sampling and np.std([r.total for r in group.rewards]) == 0
+                (dropped if flat else kept).append(group)
+            if len(kept) >= cfg.batch_size:
+                break
+        drawn = len(kept) + len(dropped)
+        batch = (kept + dropped)[: cfg.batch_size]  # still short: zero-advantage groups fill it
+        info = {
+            "time/generate_s": generated - t0,
+            "time/reward_s": time.perf_counter() - generated,
+            "rollout/staleness": float(staleness),
+        }
+        if cfg.dynamic_sampling:
+            info["data/dropped_group_share"] = len(dropped) / max(drawn, 1)
+            info["data/prompts_drawn"] = float(drawn)
+        return batch, info
+
+    def step(self) -> dict:
+        """One GRPO step on the next batch of prompts; returns its metrics (also logged).
+
+        Rewards of each actor's groups are scored while the other actors still generate. With
+        ``grpo.overlap`` the next batch's rollout starts (on the current weights) before this
+        batch's update, so generation and learning run at the same time.
+        """
+        import ray
+        import torch
+
+        from learner.grpo import group_advantages, zero_std_groups
+        from learner.grpo_learner import GRPOExample
+        from reward_server.pool import TIMEOUT_FAILURE
+
+        cfg, state = self.cfg, self.state
+        step = state["step"] + 1
+        _apply_scale_file(cfg, self.pool)
+        t0 = time.perf_counter()
+        batch_groups, info = self._next_batch()
         t2 = time.perf_counter()
-        totals = np.array([r.total for r in rewards]).reshape(len(groups), cfg.rollout.group_size)
+        if cfg.grpo.overlap and step < self.steps and self._batch_left():
+            self.prefetched = self._start_rollout(cfg.grpo.batch_size)
+        rewards = [r for g in batch_groups for r in g.rewards]
+        totals = np.array([[r.total for r in g.rewards] for g in batch_groups])
         adv = group_advantages(torch.tensor(totals), cfg.grpo.adv_eps).numpy()
         batch = [
-            GRPOExample(prompts[i].messages, c.token_ids, c.logprobs, float(adv[i, j]))
-            for i, g in enumerate(groups)
-            for j, c in enumerate(g.completions)
+            GRPOExample(g.prompt.messages, c.token_ids, c.logprobs, float(adv[i, j]))
+            for i, g in enumerate(batch_groups)
+            for j, c in enumerate(g.group.completions)
         ]
         learned = ray.get(self.learner.step.remote(batch))
         t3 = time.perf_counter()
@@ -290,7 +397,7 @@ class GRPOTrainer:
             ray.get(self.learner.export.remote(str(self.out / "weights"), step))
         )
         t4 = time.perf_counter()
-        lengths = [len(c.token_ids) for g in groups for c in g.completions]
+        lengths = [len(c.token_ids) for g in batch_groups for c in g.group.completions]
         metrics = {
             "reward/format": float(np.mean([r.format for r in rewards])),
             "reward/axial": float(np.mean([r.axial for r in rewards])),
@@ -299,11 +406,12 @@ class GRPOTrainer:
             "reward/total": float(totals.mean()),
             "reward/group_std": float(totals.std(axis=1).mean()),
             "reward/format_failure_rate": float(np.mean([r.failure is not None for r in rewards])),
+            "reward/timeouts": float(sum(r.failure == TIMEOUT_FAILURE for r in rewards)),
             "advantage/mean": float(adv.mean()),
             "advantage/std": float(adv.std()),
             "advantage/min": float(adv.min()),
             "advantage/max": float(adv.max()),
-            "advantage/zero_std_share": zero_std_groups(torch.tensor(totals)) / len(groups),
+            "advantage/zero_std_share": zero_std_groups(torch.tensor(totals)) / len(batch_groups),
             "learner/loss": learned.loss,
             "learner/kl": learned.kl,
             "learner/clip_fraction": learned.clip_fraction,
@@ -315,8 +423,7 @@ class GRPOTrainer:
             "learner/lr": learned.lr,
             "rollout/response_length": float(np.mean(lengths)),
             "data/skipped_samples": float(len(self.skipped)),
-            "time/generate_s": t1 - t0,
-            "time/reward_s": t2 - t1,
+            **info,
             "time/learn_s": t3 - t2,
             "time/weight_sync_s": t4 - t3,
             "time/step_s": t4 - t0,
@@ -326,10 +433,13 @@ class GRPOTrainer:
         }
         self.tracker.log_metrics(metrics, step)
         if step % cfg.tracking.evidence_every == 0 or step == 1:
-            self._log_evidence(step, samples[0], groups[0].completions[0].text)
+            first = batch_groups[0]
+            self._log_evidence(step, first.sample, first.group.completions[0].text)
+        # A prefetched rollout's prompts are not yet learned from: a resumed run redoes them.
+        ahead = len(self.prefetched.prompts) if self.prefetched is not None else 0
         state.update(
             step=step,
-            position=state["position"] + len(idx),
+            position=self.cursor - ahead,
             version=step,
             rng=rng_state(self.rng),
         )
@@ -358,7 +468,7 @@ class GRPOTrainer:
 
         metrics: dict = {}
         with tqdm(total=self.steps, initial=self.state["step"], desc="GRPO") as bar:
-            while self.state["step"] < self.steps:
+            while self.state["step"] < self.steps and self._batch_left():
                 metrics = self.step()
                 step = self.state["step"]
                 if step % self.cfg.checkpoint_every == 0 or step == self.steps:

@@ -23,6 +23,7 @@ METRICS = [
     "reward/total",
     "reward/group_std",
     "reward/format_failure_rate",
+    "reward/timeouts",
     "advantage/mean",
     "advantage/zero_std_share",
     "learner/loss",
@@ -35,6 +36,7 @@ METRICS = [
     "learner/entropy",
     "learner/grad_norm",
     "rollout/response_length",
+    "rollout/staleness",
     "time/generate_s",
     "time/reward_s",
     "time/learn_s",
@@ -181,3 +183,50 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
     # The interrupt can land a step or two after checkpoint 2; the resumed driver runs the rest,
     # the last step at least, with the new worker count.
     assert workers[6] == 2 and workers[1] == 1
+
+
+@pytest.mark.slow
+def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
+    """One-step off-policy overlap: step 1 learns on fresh samples, later steps on samples of
+    the previous weights (staleness 1). Dynamic sampling logs the share of groups it dropped
+    and how many prompts it drew; the learner still gets whole batches."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.grpo",
+            "--config",
+            "configs/tiny.yaml",
+            *run_args,
+            f"output_dir={tmp_path}",
+            f"tracking.tracking_uri={uri}",
+            "steps=3",
+            "grpo.batch_size=2",
+            "grpo.overlap=true",
+            "grpo.tis_cap=2.0",
+            "grpo.dynamic_sampling=true",
+            "grpo.dynamic_sampling_rounds=1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("medvol-r1-tiny").experiment_id])[0]
+
+    def history(name):
+        return {h.step: h.value for h in client.get_metric_history(run.info.run_id, name)}
+
+    assert history("rollout/staleness") == {1: 0.0, 2: 1.0, 3: 1.0}
+    shares = history("data/dropped_group_share")
+    drawn = history("data/prompts_drawn")
+    assert sorted(shares) == [1, 2, 3] and all(0.0 <= v <= 1.0 for v in shares.values())
+    # two prompts a round, at most one extra round
+    assert all(v in (2.0, 3.0, 4.0) for v in drawn.values()), drawn
+    assert history("reward/timeouts") == {1: 0.0, 2: 0.0, 3: 0.0}
+    assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
