@@ -17,7 +17,6 @@ RewardWorker/scale -H 'Content-Type: application/json' -d '{"target_num_replicas
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -506,23 +505,22 @@ def _apply_scale_file(cfg: RunConfig, pool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data.cli import ArgumentParser, UsageError, existing_file, log_to_file
+
     set_default_environment()
-    parser = argparse.ArgumentParser(
-        prog="python -m cluster.grpo", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", type=Path)
-    parser.add_argument("--resume", action="store_true")
+    parser = ArgumentParser(prog="python -m cluster.grpo", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=existing_file, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the config, print the placement, start nothing",
     )
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.lr=1e-5")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_run_config(args.config, args.overrides)
     if cfg.data.manifest is None:
-        parser.error("data.manifest is not set")
+        raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     placement = plan(cfg)
     if args.dry_run:
         print(describe(placement))
@@ -532,11 +530,16 @@ def main(argv: list[str] | None = None) -> int:
             f"; reward: {cfg.reward.propagator} x{cfg.reward.num_workers}"
         )
         return 0
+    if not Path(cfg.data.manifest).is_file():
+        raise UsageError(f"data.manifest: {cfg.data.manifest}: no such file")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    log_to_file(Path(cfg.output_dir) / "grpo" / "grpo.log")
     metrics = run(cfg, resume=args.resume)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from data.cli import run_cli
+
+    sys.exit(run_cli(main))

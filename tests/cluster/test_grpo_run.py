@@ -63,6 +63,26 @@ def test_dry_run_validates_and_prints_the_placement():
         plan(load_run_config("configs/tiny.yaml", ["reward.num_workers=0"]))
 
 
+def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
+    from cluster.grpo import main
+    from data.cli import run_cli
+
+    cases = [
+        (["--config", str(tmp_path / "none.yaml")], f"--config: {tmp_path}/none.yaml: "),
+        (["--config", "configs/tiny.yaml", "grpo.lr=fast"], "grpo.lr: expected a number"),
+        (["--config", "configs/tiny.yaml", "grpo.loss_agg=sum"], "grpo.loss_agg must be one of"),
+        (
+            ["--config", "configs/tiny.yaml", f"data.manifest={tmp_path}/m.jsonl"],
+            f"data.manifest: {tmp_path}/m.jsonl: no such file",
+        ),
+    ]
+    for argv, message in cases:
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "grpo").exists()
+
+
 @pytest.fixture(scope="module")
 def run_args(phantom_manifest, tmp_path_factory):
     from rollout.tiny_model import build_tiny_qwen3vl
