@@ -130,7 +130,7 @@ class PendingRewards:
             except RayTaskError as err:
                 raise RuntimeError(f"scoring sample {sample_id!r} failed: {err}") from err
             except TimeoutError:
-                call.cancel()  # frees the worker if the group is still queued there
+                call.cancel()  # a group still waiting for a worker is never run
                 return self._time_out(g)
             except (RayError, RuntimeError) as err:
                 if time.monotonic() >= self.deadline:
