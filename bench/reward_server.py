@@ -1,16 +1,29 @@
-"""Rc throughput of the reward server for groups of G = 4 completions.
+"""Rc throughput of the reward server for groups of G = 4 completions, printed as ratios.
 
-Compares, in one run: fresh predictor state and image features per completion (the naive way)
-against the cached path (features once per volume slice, shared by the group), and 1 against 2
-reward workers on Ray. MedSAM2 = SAM2.1 Hiera-tiny with random weights (speed does not depend on
-the weights). Run from the repository root:
+Two comparisons, each repeated (the two sides interleaved, their order alternating) and given
+as the median ratio with its min-max spread:
 
-    python -m bench.reward_server [--image-size 256] [--groups 4]
+- batched / naive, in one process on all cores: the naive per-completion path scores one
+  completion at a time from scratch (fresh image features, MedSAM2's own procedure:
+  ``propagate_in_video`` forward, reset, reverse) against the group path (features once per
+  volume slice, the group's distinct anchors as objects on one state, batched tracking steps).
+  Each group starts from a cold feature cache on both sides.
+- 2 workers / 1 worker, on Ray: the same groups through ``RewardPool`` with one CPU (one torch
+  thread) per worker, so a second worker adds a core, as a second GPU would on a cluster.
+  Each repeat scores fresh samples, so neither side finds their features cached.
+
+MedSAM2 = SAM2.1 Hiera-tiny with random weights (speed does not depend on the weights), on the
+paper's frame (64 slices of 256 px) and window (+-5), at a smaller image size than MedSAM2's 512
+so that the run takes minutes on two cores. The machine may be shared: figures are noisy. Run
+from the repository root:
+
+    python -m bench.reward_server [--image-size 256] [--groups 4] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -20,98 +33,162 @@ import numpy as np
 from cluster.runtime import set_default_environment
 from data.answer import EvidenceAnchor, format_answer
 from data.config import DataConfig
-from data.dataset import VolumeDataset
+from data.dataset import VolumeDataset, anchorable
 from data.phantoms import write_phantoms
 from data.targets import evidence_target
 from reward_server.config import RewardConfig
-from reward_server.propagation import write_random_checkpoint
 from reward_server.scorer import RewardScorer, ScoreRequest
 
 G = 4
+PHANTOM_SHAPE = (64, 192, 192)  # (z, y, x) of the written CT phantoms
 
 
-def make_groups(ds: VolumeDataset, groups: int) -> list[tuple[str, list[str]]]:
-    """G distinct well-formed answers per prompt: the true anchor, with boxes nudged."""
-    rng = np.random.default_rng(0)
-    out = []
-    for i in range(groups):
-        sample, prepared = ds[i]
-        anchor = evidence_target(prepared, top_k=3, rng=rng)
-        texts = []
-        for g in range(G):
-            boxes = tuple((max(0, x1 - g), y1, x2, y2) for x1, y1, x2, y2 in anchor.boxes)
-            texts.append(format_answer(EvidenceAnchor(anchor.key_slice, boxes), f"try {g}"))
-        out.append((sample.id, texts))
-    return out
+class OneByOne:
+    """The naive per-completion path: fresh image features for every call, and MedSAM2's own
+    procedure for each anchor in turn."""
+
+    def __init__(self, medsam2):
+        self.medsam2 = medsam2
+        self.name = f"{medsam2.name}, one anchor at a time"
+
+    def propagate_group(self, volume_id, slices, anchors, window) -> list[np.ndarray]:
+        self.medsam2._volumes.clear()
+        return [
+            self.medsam2.propagate_reference(volume_id, slices, a.key_slice, a.boxes, window)
+            for a in anchors
+        ]
 
 
-def time_core(ds, cfg, groups, naive: bool) -> float:
-    scorer = RewardScorer(cfg)
+def make_group(prepared, rng: np.random.Generator) -> list[str]:
+    """G distinct well-formed answers to one prompt: the true anchor, its boxes nudged."""
+    anchor = evidence_target(prepared, top_k=3, rng=rng)
+    texts = []
+    for g in range(G):
+        boxes = tuple((max(0, x1 - g), y1, x2, y2) for x1, y1, x2, y2 in anchor.boxes)
+        texts.append(format_answer(EvidenceAnchor(anchor.key_slice, boxes), f"try {g}"))
+    return texts
+
+
+def spread(ratios: list[float]) -> str:
+    each = " ".join(f"{r:.2f}x" for r in ratios)
+    return f"{each} (median {np.median(ratios):.2f}x, min-max {min(ratios):.2f}-{max(ratios):.2f}x)"
+
+
+def time_naive(naive: RewardScorer, groups) -> tuple[float, list]:
     start = time.perf_counter()
-    for sample_id, texts in groups:
-        _, prepared = ds.by_id(sample_id)
-        if naive:
-            for text in texts:
-                scorer.propagator._volumes.clear()  # fresh state and features per completion
-                scorer.score_group(prepared, [text])
-        else:
-            scorer.score_group(prepared, texts)
-    return time.perf_counter() - start
+    rewards = [naive.score_group(prepared, [t])[0] for prepared, texts in groups for t in texts]
+    return time.perf_counter() - start, rewards
 
 
-def time_pool(manifest, data_cfg, cfg, groups, workers: int) -> float:
-    from reward_server.pool import RewardPool
+def time_batched(scorer: RewardScorer, groups) -> tuple[float, list]:
+    start = time.perf_counter()
+    rewards = []
+    for prepared, texts in groups:
+        scorer.propagator._volumes.clear()  # cold, as the naive side: features once per group
+        rewards += scorer.score_group(prepared, texts)
+    return time.perf_counter() - start, rewards
 
-    pool = RewardPool(str(manifest), data_cfg, cfg, cpus_per_worker=2 / workers)
-    pool.scale(workers)
-    requests = [ScoreRequest(sid, t) for sid, texts in groups for t in texts]
-    pool.score(requests[:G])  # warm the workers
+
+def time_pool(pool, requests: list[ScoreRequest]) -> float:
     start = time.perf_counter()
     pool.score(requests)
-    elapsed = time.perf_counter() - start
-    pool.shutdown()
-    return elapsed
+    return time.perf_counter() - start
 
 
 def main() -> None:
     set_default_environment()
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--groups", type=int, default=4)
+    parser = argparse.ArgumentParser(prog="python -m bench.reward_server")
+    parser.add_argument("--image-size", type=int, default=256, help="SAM2 input (MedSAM2: 512)")
+    parser.add_argument("--groups", type=int, default=4, help="groups (prompts) per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per side")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        cases = (args.repeats + 1) * args.groups // 3 + 2  # a case holds 3-5 samples
         manifest = write_phantoms(
-            tmp / "data", n=args.groups, seed=0, shape=(64, 192, 192), progress=False
+            tmp / "data", n=cases, seed=0, shape=PHANTOM_SHAPE, progress=False
         )
         data_cfg = DataConfig(cache_dir=tmp / "cache")
         ds = VolumeDataset(manifest, data_cfg)
-        ckpt = write_random_checkpoint(tmp / "sam2.pt", args.image_size)
-        cfg = RewardConfig(propagator="medsam2", checkpoint=ckpt, image_size=args.image_size)
-        groups = make_groups(ds, args.groups)
-        n = G * len(groups)
-        naive = time_core(ds, cfg, groups, naive=True)
-        cached = time_core(ds, cfg, groups, naive=False)
+        usable, _ = anchorable(ds)  # prepares every sample into the shared cache
+        need = (args.repeats + 1) * args.groups
+        if len(usable) < need:
+            raise SystemExit(f"{len(usable)} usable phantom samples, {need} needed")
+        groups = [(ds[i][1], make_group(ds[i][1], rng)) for i in usable[:need]]
+        cfg = RewardConfig(propagator="medsam2", image_size=args.image_size, delta=5)
+        frame = ds[usable[0]][1].slices.shape
         print(
-            f"MedSAM2 (random weights) {args.image_size} px, delta {cfg.delta}, "
-            f"{len(groups)} groups of G={G}"
+            f"shape: volumes {frame[0]} slices x {frame[1]}x{frame[2]} px (paper frame), "
+            f"MedSAM2 = SAM2.1 Hiera-tiny, random weights, {args.image_size} px input "
+            f"(paper: 512), window +-{cfg.delta}, G = {G} distinct anchors per group "
+            f"(same key slice, boxes nudged), {args.groups} groups per measurement, "
+            f"{args.repeats} repeats"
         )
-        print(f"  naive (fresh features per completion): {n / naive:.2f} completions/s")
-        print(f"  cached (features once per volume):     {n / cached:.2f} completions/s")
-        print(f"  cached / naive: {naive / cached:.2f}x")
+
+        scorer = RewardScorer(cfg)
+        naive = copy.copy(scorer)
+        naive.propagator = OneByOne(scorer.propagator)
+        core_groups = groups[: args.groups]
+        time_batched(scorer, core_groups[:1])  # first-call costs out of the figures
+        time_naive(naive, core_groups[:1])
+        core = []
+        for rep in range(args.repeats):
+            sides = ("naive", "batched") if rep % 2 == 0 else ("batched", "naive")
+            took = {}
+            for side in sides:
+                if side == "naive":
+                    took[side], slow = time_naive(naive, core_groups)
+                else:
+                    took[side], fast = time_batched(scorer, core_groups)
+            if slow != fast:
+                raise SystemExit("the naive and the batched paths gave different rewards")
+            core.append(took["naive"] / took["batched"])
+            n = G * len(core_groups)
+            print(
+                f"  repeat {rep + 1}: naive {n / took['naive']:.2f} completions/s, "
+                f"batched {n / took['batched']:.2f} completions/s (rewards equal)"
+            )
+        print(f"batched / naive per repeat: {spread(core)}")
+
         import ray
 
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from reward_server.pool import RewardPool
+
+        # 3 logical CPUs for 3 replicas of one CPU each; only one pool works at a time.
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
         try:
-            one = time_pool(manifest, data_cfg, cfg, groups, 1)
-            two = time_pool(manifest, data_cfg, cfg, groups, 2)
+            pools = {
+                n: RewardPool(str(manifest), data_cfg, cfg, cpus_per_worker=1.0, name=f"bench{n}")
+                for n in (1, 2)
+            }
+            pools[2].scale(2)
+            warm = [
+                ScoreRequest(p.sample_id, t) for p, texts in groups[: args.groups] for t in texts
+            ]
+            for pool in pools.values():
+                pool.score(warm)  # first-call costs out of the figures, on every worker
+            scaling = []
+            for rep in range(args.repeats):
+                fresh = groups[(rep + 1) * args.groups : (rep + 2) * args.groups]
+                requests = [ScoreRequest(p.sample_id, t) for p, texts in fresh for t in texts]
+                order = (1, 2) if rep % 2 == 0 else (2, 1)
+                took = {n: time_pool(pools[n], requests) for n in order}
+                scaling.append(took[1] / took[2])
+                print(
+                    f"  repeat {rep + 1}: 1 worker {len(requests) / took[1]:.2f} completions/s, "
+                    f"2 workers {len(requests) / took[2]:.2f} completions/s"
+                )
+            for pool in pools.values():
+                pool.shutdown()
         finally:
             ray.shutdown()
-        print(f"  Ray pool, 1 worker:  {n / one:.2f} completions/s")
-        print(
-            f"  Ray pool, 2 workers: {n / two:.2f} completions/s  ({one / two:.2f}x of 1 worker;"
-            f" this machine has 2 cores, so workers share them)"
-        )
+        print(f"2 workers / 1 worker per repeat: {spread(scaling)}")
+        print(f"batched / naive: {np.median(core):.2f}x")
+        print(f"2 workers / 1 worker: {np.median(scaling):.2f}x")
 
 
 if __name__ == "__main__":
