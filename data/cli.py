@@ -50,7 +50,7 @@ QUIET_ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # "Loading weights" bars of every model load
     "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "RAY_LOGGER_LEVEL": "warning",
+    "RAY_LOGGER_LEVEL": "error",  # ray.init's default level: its token-auth notice is a warning
     "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve keeps its logs in the session's log folder
     "TORCH_CPP_LOG_LEVEL": "ERROR",  # c10 warnings (NUMA binding) printed from C++
     "PYTHONWARNINGS": "ignore",  # deprecation warnings from inside the libraries
