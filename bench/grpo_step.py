@@ -3,10 +3,17 @@ against TRL's ``GRPOTrainer`` doing the same work: same tiny Qwen3-VL checkpoint
 multi-image prompts, G = 4, batch of 1 prompt, LoRA rank 16, and our four reward terms passed to
 TRL as its reward function. Run from the repository root:
 
-    python -m bench.grpo_step [--steps 3] [--slices 16] [--size 128] [--max-tokens 64]
+    python -m bench.grpo_step [--shape tiny|paper] [--steps 3] [--slices S] [--size PX]
+                              [--max-tokens T]
 
-Ours runs the Ray-free cores in one process (vLLM engine, reward scorer, DeepSpeed learner, LoRA
-push to vLLM); TRL generates with transformers in the training process (its default).
+``--shape paper`` is the paper's prompt: 64 slices of 256 px (4,096 image tokens) and up to 256
+new tokens; ``tiny`` (default) is 16 slices of 128 px and 64 tokens.
+
+Ours runs the Ray-free cores in one process (vLLM engine, reward scorer, DeepSpeed learner with
+the grouped pass, LoRA push to vLLM); TRL generates with transformers in the training process
+(its default). The two alternate step by step (each of our steps runs right after one of TRL's,
+from TRL's step callback), the first step of each is a warm-up, and the output ends with the
+median per-step ratio, its min-max spread and the line ``TRL / ours: N.NNx``.
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ import numpy as np
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser = argparse.ArgumentParser(prog="python -m bench.grpo_step")
+    parser.add_argument("--shape", choices=("tiny", "paper"), default="tiny")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps (>= 3)")
+    parser.add_argument("--slices", type=int)
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--max-tokens", type=int)
     args = parser.parse_args()
+    slices, size, tokens = (64, 256, 256) if args.shape == "paper" else (16, 128, 64)
+    args.slices = args.slices or slices
+    args.size = args.size or size
+    args.max_tokens = args.max_tokens or tokens
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from cluster.runtime import set_default_environment
 
@@ -49,7 +61,10 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     model = build_tiny_qwen3vl(tmp / "tiny", "test")
-    manifest = write_phantoms(tmp / "data", n=4, seed=0, shape=(48, 128, 128), progress=False)
+    side = max(128, args.size)
+    manifest = write_phantoms(
+        tmp / "data", n=4, seed=0, shape=(max(48, args.slices + 16), side, side), progress=False
+    )
     ds = VolumeDataset(manifest, DataConfig(num_slices=args.slices, slice_size=args.size,
                                             cache_dir=tmp / "cache"), split="train")
     samples = [ds[i] for i in range(args.steps + 1)]
@@ -58,13 +73,17 @@ def main() -> None:
     G = 4
 
     # ---- ours: the cores of one GRPO step, in one process
+    max_len = 1024 + args.slices * (args.size // 32) ** 2 + args.max_tokens
     engine = VLLMEngine(model, RolloutConfig(max_tokens=args.max_tokens, in_process=True,
-                                             max_model_len=4096, max_lora_rank=16))
+                                             max_model_len=max_len, max_lora_rank=16,
+                                             max_images=args.slices))
     learner = GRPOLearner(model, GRPOConfig(lr=1e-4, zero_stage=0, precision="fp32",
                                             gradient_checkpointing=False, lora=lora),
                           group_size=G, total_steps=args.steps + 1)
     ours = []
-    for step, (sample, prepared) in enumerate(samples):
+
+    def our_step(step: int) -> None:
+        sample, prepared = samples[step]
         prompt = RolloutPrompt(sample.id, build_messages(np.asarray(prepared.slices),
                                                          sample.query))
         t0 = time.perf_counter()
@@ -78,9 +97,7 @@ def main() -> None:
         t3 = time.perf_counter()
         engine.update_weights(learner.export(tmp / "weights", step + 1))
         t4 = time.perf_counter()
-        if step > 0:  # the first step warms every part up
-            ours.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-    del engine, learner
+        ours.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
 
     # ---- TRL: GRPOTrainer on the same model, prompts, G and rewards
     from datasets import Dataset
@@ -114,6 +131,7 @@ def main() -> None:
 
         def on_step_end(self, *a, **k):
             self.times.append(time.perf_counter() - self.start)
+            our_step(len(self.times) - 1)  # ours right after TRL's step on the same prompt
 
     timer = StepTimer()
     trl_args = TRLConfig(
@@ -139,21 +157,27 @@ def main() -> None:
 
         setattr(trainer, method, timed)
     trainer.train()
-    trl_steps = timer.times[1:]
-    gen, rew = phases["generate"][1:], phases["reward"][1:]
-
-    ours_arr = np.array(ours)
-    o = ours_arr.mean(axis=0)
-    t_total = float(np.mean(trl_steps))
-    t_gen, t_rew = float(np.mean(gen)), float(np.mean(rew))
+    # The first step of each side warms every part up.
+    trl_steps = np.array(timer.times[1:])
+    gen, rew = np.array(phases["generate"][1:]), np.array(phases["reward"][1:])
+    ours_arr = np.array(ours[1:])
+    o = np.median(ours_arr, axis=0)
+    ratios = trl_steps / ours_arr.sum(axis=1)
+    t_total = float(np.median(trl_steps))
+    t_gen, t_rew = float(np.median(gen)), float(np.median(rew))
+    t_learn = float(np.median(trl_steps - gen - rew))
     print(f"one GRPO step, tiny Qwen3-VL, 1 prompt x G={G}, {args.slices} slices of {args.size}"
-          f" px, max {args.max_tokens} new tokens, CPU ({len(ours)} steps averaged)")
+          f" px ({args.slices * (args.size // 32) ** 2} image tokens), max {args.max_tokens} new"
+          f" tokens, CPU (median of {len(ratios)} interleaved steps, seconds)")
     print(f"  {'phase':12s} {'ours':>8s} {'TRL':>8s}")
     print(f"  {'generate':12s} {o[0]:8.2f} {t_gen:8.2f}")
     print(f"  {'reward':12s} {o[1]:8.2f} {t_rew:8.2f}")
-    print(f"  {'learn':12s} {o[2]:8.2f} {t_total - t_gen - t_rew:8.2f}")
+    print(f"  {'learn':12s} {o[2]:8.2f} {t_learn:8.2f}")
     print(f"  {'weight sync':12s} {o[3]:8.2f} {'(none)':>8s}")
-    print(f"  {'total':12s} {o.sum():8.2f} {t_total:8.2f}   TRL / ours: {t_total / o.sum():.2f}x")
+    print(f"  {'total':12s} {float(np.median(ours_arr.sum(axis=1))):8.2f} {t_total:8.2f}")
+    print(f"TRL / ours per step: median {np.median(ratios):.2f}x, "
+          f"spread {ratios.min():.2f}x-{ratios.max():.2f}x")
+    print(f"TRL / ours: {np.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":
