@@ -25,7 +25,10 @@ from data.config import DataConfig
 from data.records import PreparedVolume, Sample
 from data.volume import Volume, VolumeError, check_pair, load_volume
 
-CACHE_VERSION = 2  # bump when the preprocessing itself changes (2: one window per suite)
+CACHE_VERSION = 3  # bump when the preprocessing or the key changes (2: one window per suite,
+# 3: keyed by the digests of the files' content, found by path, size and modification time)
+DIGEST_FOLDER = "digests"  # under the cache folder: content digest per (path, size, mtime)
+_digests: dict[tuple[str, int, int], str] = {}  # the same, in this process
 
 
 class WindowMismatchWarning(UserWarning):
@@ -116,17 +119,48 @@ def prepare_arrays(
     )
 
 
-def _file_digest(path: Path, digest: "hashlib._Hash") -> None:
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's content (reads the whole file)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def content_digest(path: Path, cache_dir: Path | None = None) -> str:
+    """The digest of a file's content, read once per (path, size, modification time): looked up
+    in this process, then in ``cache_dir/digests`` (shared by every process and worker on the
+    machine), and only computed when neither has it. A file rewritten in place gets a new
+    modification time, so a new digest."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _digests:
+        return _digests[key]
+    entry = None
+    if cache_dir is not None:
+        name = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
+        entry = Path(cache_dir) / DIGEST_FOLDER / name
+        if entry.exists():
+            _digests[key] = entry.read_text().strip()
+            return _digests[key]
+    value = _file_digest(path)
+    if entry is not None:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}")
+        tmp.write_text(value)
+        tmp.replace(entry)
+    _digests[key] = value
+    return value
 
 
 def cache_key(sample: Sample, label_values: list[int], cfg: DataConfig) -> str:
-    """Hash of the source content and every setting that changes the prepared arrays."""
+    """Hash of the source content and every setting that changes the prepared arrays. The
+    content is hashed once per file version (:func:`content_digest`), not on every access."""
     digest = hashlib.sha256()
     for path in (sample.image, sample.mask):
-        _file_digest(path, digest)
+        digest.update(content_digest(path, cfg.cache_dir).encode())
     settings = {
         "version": CACHE_VERSION,
         "labels": sorted(int(v) for v in label_values),

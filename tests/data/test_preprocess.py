@@ -1,6 +1,7 @@
 """Windowing (one window per suite, never per label), slice sampling and its index map,
 resizing, the cache, and mapping back."""
 
+import os
 import warnings
 from pathlib import Path
 
@@ -72,12 +73,56 @@ def test_cache_entry_is_memory_mapped_and_keyed_by_settings(phantom_manifest, tm
     assert isinstance(first.slices, np.memmap)
     _, again = ds.by_id("ctorg_0000/liver")
     np.testing.assert_array_equal(first.slices, again.slices)
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(cache_entries(tmp_path / "cache")) == 1
     ds2 = VolumeDataset(
         phantom_manifest, DataConfig(num_slices=8, slice_size=16, cache_dir=tmp_path / "cache")
     )
     ds2.by_id("ctorg_0000/liver")
-    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert len(cache_entries(tmp_path / "cache")) == 2
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return [p for p in cache.iterdir() if p.name != preprocess.DIGEST_FOLDER]
+
+
+def test_files_are_hashed_once_per_version_and_the_key_follows_their_content(
+    phantom_manifest, tmp_path, monkeypatch
+):
+    """A cache hit reads no volume: the content digest is found by path, size and modification
+    time (in this process, then in the cache folder for other processes); a file rewritten
+    with new content gets a new digest and so a new entry."""
+    import shutil
+
+    src = phantom_manifest.parent
+    data = tmp_path / "data"
+    shutil.copytree(src, data)
+    manifest = data / phantom_manifest.name
+    cfg = DataConfig(num_slices=8, slice_size=32, cache_dir=tmp_path / "cache")
+    reads = []
+    real = preprocess._file_digest
+    monkeypatch.setattr(preprocess, "_file_digest", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(preprocess, "_digests", {})
+    ds = VolumeDataset(manifest, cfg)
+    sample = ds.samples[0]
+    first = ds.by_id(sample.id)[1]
+    hashed = len(reads)
+    assert {sample.image, sample.mask} <= set(reads) and len(set(reads)) == hashed  # once each
+    for _ in range(3):
+        ds.by_id(sample.id)
+    monkeypatch.setattr(preprocess, "_digests", {})  # a new process: the cache folder knows
+    VolumeDataset(manifest, cfg).by_id(sample.id)
+    assert len(reads) == hashed
+    # Rewritten in place with other content (a new modification time): hashed again, new entry.
+    import nibabel as nib
+
+    img = nib.load(sample.image)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj) * 0 + 7, img.affine, img.header), sample.image)
+    os.utime(sample.image, ns=(10**18, 10**18))
+    entries = len(cache_entries(tmp_path / "cache"))
+    changed = VolumeDataset(manifest, cfg).by_id(sample.id)[1]
+    assert reads[hashed:] == [sample.image]
+    assert len(cache_entries(tmp_path / "cache")) == entries + 1
+    assert not np.array_equal(np.asarray(first.slices), np.asarray(changed.slices))
 
 
 def test_a_failed_write_leaves_no_cache_entry(phantom_manifest, tmp_path, monkeypatch):
@@ -94,7 +139,7 @@ def test_a_failed_write_leaves_no_cache_entry(phantom_manifest, tmp_path, monkey
     sample = ds.samples[0]
     with pytest.raises(OSError, match="disk full"):
         prepare_volume(sample, ds.label_values(sample.id), cfg)
-    assert list((tmp_path / "cache").iterdir()) == []  # no entry, no temporary folder
+    assert cache_entries(tmp_path / "cache") == []  # no entry, no temporary folder
     monkeypatch.undo()
     _, prepared = ds.by_id(sample.id)
     assert prepared.mask.any()
