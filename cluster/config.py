@@ -222,6 +222,10 @@ class RunConfig:
     seed: int = 0  # seeds data order, key-slice sampling and rollout sampling
     steps: int | None = None  # GRPO steps to run (None: grpo.epochs over the training prompts)
     checkpoint_every: int = 5  # GRPO steps between checkpoints
+    keep_checkpoints: int = 3  # the newest N GRPO checkpoints are kept, older ones deleted
+    keep_adapters: int = (
+        2  # the newest N adapters pushed to rollout are kept (each step writes one)
+    )
     # SFT adapter merged into the base for GRPO: the run starts from the SFT policy and its KL
     # term pulls toward it (None: GRPO from the base model)
     sft_adapter: Path | None = None
@@ -236,6 +240,9 @@ class RunConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
+        for name in ("keep_checkpoints", "keep_adapters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         # SFT anchors and the spatial reward must drop the same small components, else a
         # correct SFT anchor could score nothing.
         if self.data.min_box_area != self.reward.min_box_area:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import RunConfig, load_run_config, to_dict
-from cluster.placement import describe, plan
+from cluster.placement import assign, describe, describe_assignment, parse_cluster, plan
 from cluster.runtime import set_default_environment
 
 log = logging.getLogger("cluster.grpo")
@@ -140,8 +140,9 @@ class Checkpoints:
     """Atomic run checkpoints: ``step-N/`` folders written as ``.step-N.partial`` then renamed,
     and a ``latest`` file replaced atomically once the folder is complete."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, keep: int = 3):
         self.root = root
+        self.keep = keep
         root.mkdir(parents=True, exist_ok=True)
 
     def latest(self) -> Path | None:
@@ -166,7 +167,23 @@ class Checkpoints:
         marker = self.root / ".latest.partial"
         marker.write_text(name)
         marker.replace(self.root / "latest")
+        prune(self.root, "step-", self.keep)
         return final
+
+
+def prune(folder: Path, prefix: str, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``<prefix><number>`` folders in ``folder`` (by number);
+    returns what was deleted. Each step writes an adapter and every few steps a checkpoint, so
+    a long run would otherwise fill the disk."""
+    numbered = []
+    for path in folder.glob(f"{prefix}*"):
+        suffix = path.name[len(prefix) :]
+        if path.is_dir() and suffix.isdigit():
+            numbered.append((int(suffix), path))
+    doomed = [path for _, path in sorted(numbered)[:-keep]] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def rng_state(rng: np.random.Generator) -> dict:
@@ -207,7 +224,9 @@ class GRPOTrainer:
 
         if not ray.is_initialized():
             if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-                ray.init(address=cfg.cluster.address, log_to_driver=False)
+                # On a cluster the actors' output (vLLM, DeepSpeed errors) must reach the driver,
+                # so that `ray job logs` shows it.
+                ray.init(address=cfg.cluster.address, log_to_driver=True)
             else:  # a local instance sized to the plan (logical CPUs may exceed the cores)
                 need = int(np.ceil(placement.total().get("CPU", 1))) + 1
                 ray.init(
@@ -218,7 +237,7 @@ class GRPOTrainer:
         group = placement_group(placement.bundles, strategy=placement.strategy)
         ray.get(group.ready(), timeout=600)
 
-        self.checkpoints = Checkpoints(out / "checkpoints")
+        self.checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
         self.state = {
             "step": 0,
             "position": 0,
@@ -395,6 +414,9 @@ class GRPOTrainer:
         self.fleet.update_weights(
             ray.get(self.learner.export.remote(str(self.out / "weights"), step))
         )
+        # The engines hold the pushed adapter in memory once loaded: older folders can go.
+        prune(self.out / "weights", "adapter-v", cfg.keep_adapters)
+        prune(self.out / "weights", "merged-v", cfg.keep_adapters)
         t4 = time.perf_counter()
         lengths = [len(c.token_ids) for g in batch_groups for c in g.group.completions]
         metrics = {
@@ -516,14 +538,25 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="validate the config, print the placement, start nothing",
     )
+    parser.add_argument(
+        "--cluster",
+        metavar="GPUS[:CPUS],...",
+        help="with --dry-run: a cluster to place the run on, GPUs (and CPUs) per node, e.g. "
+        "8 (one node of 8 GPUs) or 4,4 (two nodes of 4); refuses a plan it cannot hold",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grpo.lr=1e-5")
     args = parser.parse_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     placement = plan(cfg)
+    if args.cluster and not args.dry_run:
+        raise UsageError("--cluster: only with --dry-run")
     if args.dry_run:
         print(describe(placement))
+        if args.cluster:
+            nodes = parse_cluster(args.cluster)
+            print(describe_assignment(assign(placement, nodes), nodes))
         print(
             f"model: {cfg.model.path or 'tiny Qwen3-VL (' + cfg.model.tiny_size + ')'}; "
             f"rollout: {cfg.rollout.engine} x{cfg.rollout.num_actors}, G={cfg.rollout.group_size}"

@@ -65,3 +65,113 @@ def describe(p: Placement) -> str:
         lines.append(f"  serve     reward worker {i} {bundle}")
     lines.append(f"  total     {p.total()}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Node:
+    """One machine of a cluster description: its GPUs and CPUs."""
+
+    gpus: int
+    cpus: float
+
+
+def parse_cluster(text: str) -> list[Node]:
+    """A cluster description: GPUs per node, comma separated, each optionally ``:CPUs``
+    (``8`` is one node of 8 GPUs; ``4,4`` two nodes of 4; ``4:32,4:32`` with 32 CPUs each;
+    CPUs default to 8 per GPU, at least 8)."""
+    nodes = []
+    for i, part in enumerate(text.split(",")):
+        gpus, _, cpus = part.strip().partition(":")
+        try:
+            n_gpus = int(gpus)
+            n_cpus = float(cpus) if cpus else float(max(8, 8 * n_gpus))
+        except ValueError:
+            raise ValueError(
+                f"--cluster: node {i} {part!r} is not GPUS or GPUS:CPUS (e.g. 8 or 4:32)"
+            ) from None
+        if n_gpus < 0 or n_cpus <= 0:
+            raise ValueError(f"--cluster: node {i} {part!r}: GPUs must be >= 0 and CPUs > 0")
+        nodes.append(Node(n_gpus, n_cpus))
+    return nodes
+
+
+@dataclass(frozen=True)
+class Assignment:
+    role: str  # "learner", "rollout actor 0", "reward worker 1"
+    node: int
+    gpus: tuple[int, ...]  # GPU indices on that node
+    cpus: float
+
+
+def assign(p: Placement, nodes: list[Node]) -> list[Assignment]:
+    """Which role gets which GPUs on which node, the way Ray would place them: the placement
+    group's bundles (learner, then rollout actors) by its strategy, then the reward workers
+    (Serve replicas) first-fit on what is left. Raises ValueError when the cluster cannot hold
+    the plan, naming the role and what it lacks."""
+    free_gpus = [list(range(n.gpus)) for n in nodes]
+    free_cpus = [n.cpus for n in nodes]
+    out: list[Assignment] = []
+
+    def fits(node: int, need: dict[str, float]) -> bool:
+        return len(free_gpus[node]) >= need.get("GPU", 0) and free_cpus[node] >= need.get("CPU", 0)
+
+    def take(role: str, node: int, need: dict[str, float]) -> None:
+        count = int(need.get("GPU", 0))
+        if need.get("GPU", 0) != count:
+            raise ValueError(f"{role}: fractional GPUs ({need['GPU']}) are not placed here")
+        gpus, free_gpus[node] = tuple(free_gpus[node][:count]), free_gpus[node][count:]
+        free_cpus[node] -= need.get("CPU", 0)
+        out.append(Assignment(role, node, gpus, need.get("CPU", 0)))
+
+    def refuse(role: str, need: dict[str, float], why: str = "") -> ValueError:
+        have = ", ".join(
+            f"node {i}: {len(g)} GPUs, {c:g} CPUs free"
+            for i, (g, c) in enumerate(zip(free_gpus, free_cpus))
+        )
+        return ValueError(f"{role} needs {need}{why}; the cluster has {have}")
+
+    roles = [("learner", p.learner)] + [(f"rollout actor {i}", b) for i, b in enumerate(p.rollout)]
+    if p.strategy.startswith("STRICT_PACK"):
+        total = {k: sum(b.get(k, 0) for _, b in roles) for k in ("GPU", "CPU")}
+        home = next((i for i in range(len(nodes)) if fits(i, total)), None)
+        if home is None:
+            raise refuse("the placement group (STRICT_PACK)", total, " on one node")
+        for role, need in roles:
+            take(role, home, need)
+    else:
+        spread = p.strategy in ("SPREAD", "STRICT_SPREAD")
+        used: set[int] = set()
+        for k, (role, need) in enumerate(roles):
+            order = list(range(len(nodes)))
+            if spread:  # rotate, so bundles go to different nodes where they can
+                order = order[k % len(nodes) :] + order[: k % len(nodes)]
+                if p.strategy == "STRICT_SPREAD":
+                    order = [i for i in order if i not in used]
+            node = next((i for i in order if fits(i, need)), None)
+            if node is None:
+                raise refuse(role, need)
+            used.add(node)
+            take(role, node, need)
+    for i, need in enumerate(p.reward):
+        role = f"reward worker {i}"
+        node = next((n for n in range(len(nodes)) if fits(n, need)), None)
+        if node is None:
+            raise refuse(role, need)
+        take(role, node, need)
+    return out
+
+
+def describe_assignment(assignments: list[Assignment], nodes: list[Node]) -> str:
+    lines = [
+        "cluster: "
+        + ", ".join(f"node {i} ({n.gpus} GPUs, {n.cpus:g} CPUs)" for i, n in enumerate(nodes))
+    ]
+    for a in assignments:
+        gpus = f"GPU {','.join(map(str, a.gpus))}" if a.gpus else "no GPU"
+        lines.append(f"  {a.role:18s} node {a.node}  {gpus:10s}  {a.cpus:g} CPUs")
+    for i, n in enumerate(nodes):
+        taken = {g for a in assignments if a.node == i for g in a.gpus}
+        idle = [g for g in range(n.gpus) if g not in taken]
+        if idle:
+            lines.append(f"  idle               node {i}  GPU {','.join(map(str, idle))}")
+    return "\n".join(lines)

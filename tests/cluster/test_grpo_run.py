@@ -63,6 +63,58 @@ def test_dry_run_validates_and_prints_the_placement():
         plan(load_run_config("configs/tiny.yaml", ["reward.num_workers=0"]))
 
 
+def test_dry_run_places_the_paper_plan_on_a_described_cluster_or_refuses_it():
+    from cluster.placement import assign, parse_cluster
+
+    placement = plan(load_run_config("configs/paper.yaml"))  # 1 learner + 2 rollout + 2 reward
+
+    def where(cluster):
+        return {a.role: (a.node, a.gpus) for a in assign(placement, parse_cluster(cluster))}
+
+    one = where("8")
+    assert one["learner"] == (0, (0,)) and one["rollout actor 1"] == (0, (2,))
+    assert one["reward worker 1"] == (0, (4,))
+    two = where("4,4")  # the placement group packs onto node 0, a reward worker spills over
+    assert two["reward worker 0"] == (0, (3,)) and two["reward worker 1"] == (1, (0,))
+    with pytest.raises(ValueError, match=r"reward worker 1 needs .*'GPU': 1.0.*node 1: 0 GPUs"):
+        assign(placement, parse_cluster("2,2"))
+    with pytest.raises(ValueError, match=r"--cluster: node 1 'x' is not GPUS or GPUS:CPUS"):
+        parse_cluster("4,x")
+    tight = plan(load_run_config("configs/paper.yaml", ["cluster.placement_strategy=STRICT_PACK"]))
+    with pytest.raises(ValueError, match=r"placement group \(STRICT_PACK\) needs .* on one node"):
+        assign(tight, parse_cluster("2,2,2"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.grpo",
+            "--config",
+            "configs/paper.yaml",
+            "--dry-run",
+            "--cluster",
+            "4,4",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0 and "reward worker 1    node 1  GPU 0" in out.stdout, out.stderr
+
+
+def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
+    from cluster.grpo import prune
+
+    for n in (1, 2, 9, 10, 11):
+        (tmp_path / f"step-{n}").mkdir()
+    (tmp_path / "step-x").mkdir()  # not a numbered folder: left alone
+    (tmp_path / "latest").write_text("step-11")
+    deleted = prune(tmp_path, "step-", keep=2)
+    assert sorted(p.name for p in deleted) == ["step-1", "step-2", "step-9"]  # 9 < 10 < 11
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-10", "step-11", "step-x"]
+    with pytest.raises(ConfigError, match="keep_checkpoints: must be >= 1"):
+        load_run_config("configs/tiny.yaml", ["keep_checkpoints=0"])
+
+
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
     from cluster.grpo import main
     from data.cli import run_cli
@@ -250,3 +302,5 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
     assert all(v in (2.0, 3.0, 4.0) for v in drawn.values()), drawn
     assert history("reward/timeouts") == {1: 0.0, 2: 0.0, 3: 0.0}
     assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
+    pushed = sorted(p.name for p in (tmp_path / "grpo" / "weights").glob("adapter-v*"))
+    assert pushed == ["adapter-v2", "adapter-v3"]  # keep_adapters: 2

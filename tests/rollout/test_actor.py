@@ -34,6 +34,16 @@ def test_two_actors_split_prompts_keep_order_and_survive_a_kill(ray_instance, ti
         g.completions[0].token_ids for g in reference
     ]
 
+    # One prompt, two actors: each samples 2 of the G = 4 with its own seed, one group back.
+    (split,) = fleet.generate(prompts[:1], seed=11)
+    engine = TransformersEngine(tiny_model, cfg)
+    (part0,) = engine.generate(prompts[:1], group_size=2, seed=11)
+    (part1,) = engine.generate(prompts[:1], group_size=2, seed=11 + 7919)
+    assert split.sample_id == "p0" and len(split.completions) == cfg.group_size == 4
+    assert [c.token_ids for c in split.completions] == [
+        c.token_ids for c in part0.completions + part1.completions
+    ]
+
     fleet.update_weights(WeightUpdate(version=4, adapter_dir=adapter))
     updated = fleet.generate(prompts, greedy=True)
     assert {g.version for g in updated} == {4}
