@@ -57,6 +57,10 @@ def test_dry_run_validates_and_prints_the_placement():
     assert "bundle 0  learner" in out.stdout and "'GPU': 5.0" in out.stdout
     with pytest.raises(ConfigError, match="grpo.lr: expected a number"):
         load_run_config("configs/tiny.yaml", ["grpo.lr=fast"])
+    # 2e-6 without a dot is a string to YAML 1.1; a number field takes it as the number
+    assert load_run_config("configs/tiny.yaml", ["grpo.lr=2e-6"]).grpo.lr == 2e-6
+    with pytest.raises(ConfigError, match="grpo.lr: expected a number, got 'nan'"):
+        load_run_config("configs/tiny.yaml", ["grpo.lr=nan"])
     with pytest.raises(ConfigError, match="unknown field in rollout: colour"):
         load_run_config("configs/tiny.yaml", ["rollout.colour=red"])
     with pytest.raises(ValueError, match="reward.num_workers must be >= 1"):
