@@ -18,6 +18,10 @@ so that the run takes minutes on two cores. The machine may be shared: figures a
 from the repository root:
 
     python -m bench.reward_server [--image-size 256] [--groups 4] [--repeats 3]
+                                  [--device cpu|cuda] [--no-workers]
+
+``--device cuda`` scores on the GPU (bf16 autocast, as MedSAM2); ``--no-workers`` skips the Ray
+comparison (for a machine without Ray), and the output then ends with the first ratio only.
 """
 
 from __future__ import annotations
@@ -101,10 +105,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="SAM2 input (MedSAM2: 512)")
     parser.add_argument("--groups", type=int, default=4, help="groups (prompts) per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per side")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-workers", action="store_true", help="skip the Ray comparison")
     args = parser.parse_args()
     import torch
 
-    torch.set_num_threads(2)
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+    elif not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -129,7 +138,7 @@ def main() -> None:
             f"{args.repeats} repeats"
         )
 
-        scorer = RewardScorer(cfg)
+        scorer = RewardScorer(cfg, device=args.device)
         naive = copy.copy(scorer)
         naive.propagator = OneByOne(scorer.propagator)
         core_groups = groups[: args.groups]
@@ -153,6 +162,9 @@ def main() -> None:
                 f"batched {n / took['batched']:.2f} completions/s (rewards equal)"
             )
         print(f"batched / naive per repeat: {spread(core)}")
+        if args.no_workers:
+            print(f"batched / naive: {np.median(core):.2f}x")
+            return
 
         import ray
 
