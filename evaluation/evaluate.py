@@ -160,6 +160,19 @@ def policy_engine(
     return engine
 
 
+# Prompts per generate call: a prompt of 64 slices of 256 px carries ~100 MB of pixels through
+# the processor and vLLM, so a test split is generated in chunks, not all at once.
+GENERATE_CHUNK = 16
+
+
+def generate_in_chunks(engine, samples, **kwargs) -> list:
+    """The engine's groups for every sample, in order, generated ``GENERATE_CHUNK`` at a time."""
+    groups = []
+    for start in range(0, len(samples), GENERATE_CHUNK):
+        groups += engine.generate(prompts_of(samples[start : start + GENERATE_CHUNK]), **kwargs)
+    return groups
+
+
 def prompts_of(samples) -> list:
     from data.prompts import build_messages
     from rollout.records import RolloutPrompt
@@ -179,7 +192,7 @@ def policy_answers(
     engine = policy_engine(model_path, adapter, cfg, device)
     answers = []
     for samples in asked:
-        groups = engine.generate(prompts_of(samples), greedy=True) if samples else []
+        groups = generate_in_chunks(engine, samples, greedy=True)
         answers.append([g.completions[0].text for g in groups])
     del engine
     return answers
@@ -199,7 +212,7 @@ def sampled_rewards(
     from reward_server.scorer import RewardScorer
 
     engine = policy_engine(model_path, adapter, cfg)
-    groups = engine.generate(prompts_of(samples), group_size=group_size, seed=seed)
+    groups = generate_in_chunks(engine, samples, group_size=group_size, seed=seed)
     del engine
     scorer = RewardScorer(cfg.reward)
     out = []

@@ -232,3 +232,28 @@ def test_predict_with_an_oracle_like_answer_writes_a_real_mask(phantom_manifest,
         prepared.source_index,
     )
     assert card.stat().st_size > 1000
+
+
+def test_prompts_are_generated_in_chunks_with_the_same_answers(
+    tiny_model, phantom_manifest, monkeypatch
+):
+    from data.config import DataConfig
+    from data.dataset import VolumeDataset
+    from evaluation import evaluate as ev
+    from rollout.config import RolloutConfig
+    from rollout.hf_engine import TransformersEngine
+
+    ds = VolumeDataset(phantom_manifest, DataConfig(num_slices=4, slice_size=32))
+    samples = [ds[i] for i in range(5)]
+    engine = TransformersEngine(tiny_model, RolloutConfig(engine="transformers", max_tokens=6))
+    whole = engine.generate(ev.prompts_of(samples), greedy=True)
+    calls = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda p, **k: calls.append(len(p)) or generate(p, **k))
+    monkeypatch.setattr(ev, "GENERATE_CHUNK", 2)
+    chunked = ev.generate_in_chunks(engine, samples, greedy=True)
+    assert calls == [2, 2, 1]
+    assert [g.sample_id for g in chunked] == [s.id for s, _ in samples]
+    assert [g.completions[0].token_ids for g in chunked] == [
+        g.completions[0].token_ids for g in whole
+    ]
