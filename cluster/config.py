@@ -194,6 +194,9 @@ class ClusterConfig:
     reward_cpus: float = 0.5  # CPUs per reward worker
     placement_strategy: str = "PACK"  # placement group strategy: PACK | SPREAD | STRICT_PACK
     scale_file: str | None = None  # a file whose integer content sets the reward worker count
+    # Actors' output (vLLM, DeepSpeed) to the driver, so `ray job logs` shows it; None: on when
+    # joining a cluster (cluster.address or RAY_ADDRESS), off for a local instance
+    log_to_driver: bool | None = None
 
 
 @dataclass

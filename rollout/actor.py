@@ -39,9 +39,10 @@ class RolloutWorker:
     """One engine inside a Ray actor."""
 
     def __init__(self, model_path: str, cfg: RolloutConfig, model_cfg: ModelConfig):
-        from cluster.runtime import set_default_environment
+        from cluster.runtime import require_cuda, set_default_environment
 
         set_default_environment()
+        require_cuda("rollout actor", cfg.gpus_per_actor)
         self.engine = build_engine(model_path, cfg, model_cfg)
 
     def generate(
