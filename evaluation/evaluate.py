@@ -123,6 +123,40 @@ class CaseScorer:
 PHRASING_SUFFIX = " (held-out phrasings)"
 
 
+def settings_key(cfg: RunConfig, split: str) -> str:
+    """Digest of every setting a case result depends on besides the checkpoint: the data, the
+    propagation, the metrics and the split."""
+    import hashlib
+
+    from cluster.config import to_dict
+
+    settings = {
+        "split": split,
+        "data": to_dict(cfg.data),
+        "reward": to_dict(cfg.reward),
+        "evaluation": to_dict(cfg.evaluation),
+        "rollout": to_dict(cfg.rollout),
+    }
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_key(base: Path, adapter: Path | None, cache_dir: Path | None) -> str:
+    """Digest of a checkpoint's weights (the base model's files, and the adapter's): a re-run
+    reuses a case result only if it was computed from these very weights. Each file is hashed
+    once per version (``data.preprocess.content_digest``)."""
+    import hashlib
+
+    from data.preprocess import content_digest
+
+    digest = hashlib.sha256()
+    folders = [Path(base)] + ([Path(adapter)] if adapter is not None else [])
+    for folder in folders:
+        for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*config.json")):
+            digest.update(f"{path.name}:{content_digest(path, cache_dir)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def with_training_phrasing(sample):
     """The sample asked with one of its target's training phrasings, drawn by a seed made from
     the case id (the same phrasing every run, whatever the results)."""
@@ -386,20 +420,9 @@ def evaluate(
     if log_file is not None:
         log_to_file(log_file)
     cases_file = out_dir / "cases.jsonl"
-    done = (
-        [json.loads(line) for line in cases_file.read_text().splitlines()]
-        if cases_file.exists()
-        else []
-    )
-    seen = {(r["row"], r["id"]) for r in done}
     samples = [dataset[i] for i in range(len(dataset))]
     base = model_path(cfg)
-    jobs_by_propagator: dict[str, list[CaseJob]] = {p: [] for p in propagators}
-    rows: list[str] = []
-    for prop in propagators if oracle else ():
-        row = f"oracle anchor ({prop})"
-        rows.append(row)
-        jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
+    settings = settings_key(cfg, split)
     askings = {
         "held-out": [("", samples)],
         "training": [("", [(with_training_phrasing(s), p) for s, p in samples])],
@@ -408,6 +431,35 @@ def evaluate(
             (PHRASING_SUFFIX, samples),
         ],
     }[phrasings]
+    # What produced each row: a re-run reuses a case result only when its key matches (the
+    # same settings and, for a checkpoint's rows, the same weights), never a stale one.
+    row_keys = {
+        f"oracle anchor ({prop})": f"{settings}/oracle" for prop in (propagators if oracle else ())
+    }
+    for name, adapter in checkpoints.items():
+        named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
+        key = f"{settings}/{checkpoint_key(base, adapter, cfg.data.cache_dir)}"
+        row_keys.update({named + suffix: key for suffix, _ in askings})
+    earlier = (
+        [json.loads(line) for line in cases_file.read_text().splitlines()]
+        if cases_file.exists()
+        else []
+    )
+    done = [r for r in earlier if r.get("key") is not None and r["key"] == row_keys.get(r["row"])]
+    if len(done) < len(earlier):
+        log.info(
+            "%s: %d earlier case results of other checkpoints or settings are recomputed",
+            cases_file,
+            len(earlier) - len(done),
+        )
+        _write_atomically(cases_file, "".join(json.dumps(r) + "\n" for r in done))
+    seen = {(r["row"], r["id"]) for r in done}
+    jobs_by_propagator: dict[str, list[CaseJob]] = {p: [] for p in propagators}
+    rows: list[str] = []
+    for prop in propagators if oracle else ():
+        row = f"oracle anchor ({prop})"
+        rows.append(row)
+        jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
     for name, adapter in checkpoints.items():
         named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
         todo = {}
@@ -449,6 +501,7 @@ def evaluate(
                     desc=f"evaluate ({prop})",
                     disable=not progress,
                 ):
+                    result["key"] = row_keys[result["row"]]
                     sink.write(json.dumps(result) + "\n")
                     sink.flush()
                     done.append(result)

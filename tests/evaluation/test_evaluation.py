@@ -1,6 +1,7 @@
 """Evaluation metrics by hand, the oracle row on phantoms, and prediction on a user's NIfTI."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -73,6 +74,21 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     n = len(cases)
     evaluate(cfg, {"base": None}, tmp_path / "eval", split="test", progress=False, phrasings="both")
     assert len((tmp_path / "eval" / "cases.jsonl").read_text().splitlines()) == n  # resumed
+    # Other weights under the same row name: its cases are recomputed, the oracle's reused.
+    from tests.conftest import SFT_LIKE_TARGETS, random_adapter
+
+    adapter = random_adapter(Path(tiny_model), tmp_path / "adapter", SFT_LIKE_TARGETS, 4, 0.05, 2)
+    keys = {c["row"]: c["key"] for c in cases}
+    evaluate(
+        cfg, {"base": adapter}, tmp_path / "eval", split="test", progress=False, phrasings="both"
+    )
+    again = [
+        json.loads(line) for line in (tmp_path / "eval" / "cases.jsonl").read_text().splitlines()
+    ]
+    assert len(again) == n
+    oracle_row = "oracle anchor (baseline)"
+    assert {c["key"] for c in again if c["row"] == oracle_row} == {keys[oracle_row]}
+    assert all(c["key"] != keys["base"] for c in again if c["row"] == "base")
 
 
 def test_held_out_cases_asked_with_training_phrasings_are_fixed_by_the_case_id(phantom_manifest):
