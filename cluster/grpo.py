@@ -360,6 +360,10 @@ class GRPOTrainer:
         dropped: list[ScoredGroup] = []
         generated = t0
         staleness = self.state["version"] - rollout.pending.version
+        import torch
+
+        from learner.grpo import zero_std_groups
+
         for round_ in range(1 + (cfg.dynamic_sampling_rounds if cfg.dynamic_sampling else 0)):
             if round_ > 0:
                 rollout = self._start_rollout(cfg.batch_size - len(kept))
@@ -367,7 +371,9 @@ class GRPOTrainer:
                     break
             groups, generated = self._score(rollout)
             for group in groups:
-                flat = cfg.dynamic_sampling and np.std([r.total for r in group.rewards]) == 0
+                # the rule that counts advantage/zero_std_share: equal rewards, no advantage
+                totals = torch.tensor([[r.total for r in group.rewards]])
+                flat = cfg.dynamic_sampling and zero_std_groups(totals) == 1
                 (dropped if flat else kept).append(group)
             if len(kept) >= cfg.batch_size:
                 break
