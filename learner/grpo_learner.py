@@ -192,11 +192,11 @@ class GRPOLearner:
             )
         return units
 
-    def _logits(self, model, unit: list[int], prompt: dict, seqs, vision) -> list[torch.Tensor]:
-        """Logits predicting the completion tokens of one micro-batch, one tensor per completion."""
-        if self.learner_pass == "per_completion":
+    def _logits(self, model, unit: list[int], packed, seqs, vision) -> list[torch.Tensor]:
+        """Logits predicting the completion tokens of one micro-batch, one tensor per completion
+        (``packed``: the unit's packed group on the grouped pass, None per completion)."""
+        if packed is None:
             return [completion_logits(model, seqs[i], self.device) for i in unit]
-        packed = pack_group(model, prompt, [seqs[i].completion_ids.tolist() for i in unit])
         return group_completion_logits(model, packed, self.device, vision)
 
     def step(self, batch: list[GRPOExample]) -> StepMetrics:
@@ -215,11 +215,18 @@ class GRPOLearner:
             vision_features(self.engine.module, p, self.device) if self.reuse_vision else None
             for p in unit_prompts
         ]
+        # Each group packed once (its 4D mask and positions), for every pass of this step.
+        packs = [
+            pack_group(self.engine.module, p, [seqs[i].completion_ids.tolist() for i in u])
+            if self.learner_pass == "grouped"
+            else None
+            for u, p in zip(units, unit_prompts)
+        ]
         refs: list[torch.Tensor | None] = [None] * len(batch)
         if self.cfg.beta != 0.0 and self.cfg.kl_estimator != "none":
             with torch.no_grad(), self.engine.module.disable_adapter():
-                for unit, prompt, vision in zip(units, unit_prompts, visions):
-                    logits = self._logits(self.engine.module, unit, prompt, seqs, vision)
+                for unit, packed, vision in zip(units, packs, visions):
+                    logits = self._logits(self.engine.module, unit, packed, seqs, vision)
                     for i, lg in zip(unit, logits):
                         refs[i] = token_logprobs(lg, seqs[i].completion_ids)
         tokens = sum(len(ex.completion_ids) for ex in batch)
@@ -228,8 +235,8 @@ class GRPOLearner:
         for update in range(self.cfg.updates_per_batch):
             totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0}
             grad_norm = float("nan")
-            for u, (unit, prompt, vision) in enumerate(zip(units, unit_prompts, visions)):
-                logits = self._logits(self.engine, unit, prompt, seqs, vision)
+            for u, (unit, packed, vision) in enumerate(zip(units, packs, visions)):
+                logits = self._logits(self.engine, unit, packed, seqs, vision)
                 logps = [token_logprobs(lg, seqs[i].completion_ids) for i, lg in zip(unit, logits)]
                 samplers = [
                     torch.tensor(batch[i].sampler_logprobs, dtype=lp.dtype, device=lp.device)
