@@ -48,6 +48,7 @@ class LearnerWorker:
         sft_adapter: str | None,
         max_tokens: int | None = None,
         gpus: float = 0.0,
+        temperature: float = 1.0,
     ):
         set_default_environment()
         require_cuda("learner", gpus)
@@ -60,6 +61,7 @@ class LearnerWorker:
             total_steps,
             Path(sft_adapter) if sft_adapter else None,
             max_tokens,
+            temperature,
         )
 
     def write_policy_base(self, out_dir: str) -> str:
@@ -267,6 +269,7 @@ class GRPOTrainer:
                 str(cfg.sft_adapter) if cfg.sft_adapter else None,
                 cfg.rollout.max_tokens,
                 placement.learner.get("GPU", 0),
+                cfg.rollout.temperature,
             )
         )
         # The engines serve the SFT policy's weights (base + SFT merged) under the GRPO adapter.
@@ -321,10 +324,20 @@ class GRPOTrainer:
         self.cursor += len(idx)
         samples = [self.dataset[i] for i in idx]
         prompts = [
-            RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples
+            RolloutPrompt(s.id, build_messages(np.asarray(p.slices), self._query(s)))
+            for s, p in samples
         ]
         pending = self.fleet.start(prompts, seed=int(self.rng.integers(2**31)))
         return Rollout(samples, prompts, pending)
+
+    def _query(self, sample) -> str:
+        """The query a prompt asks: the manifest's, or with ``data.resample_queries`` a training
+        phrasing of the sample's target drawn with the run's (checkpointed) generator."""
+        from data.queries import sample_query, target_of
+
+        if self.cfg.data.resample_queries and target_of(sample.label) is not None:
+            return sample_query(sample.label, "train", self.rng)
+        return sample.query
 
     def _score(self, rollout: Rollout) -> tuple[list[ScoredGroup], float]:
         """Rewards of a rollout's groups: each actor's groups go to the reward pool as soon as
@@ -413,7 +426,9 @@ class GRPOTrainer:
             self.prefetched = self._start_rollout(cfg.grpo.batch_size)
         rewards = [r for g in batch_groups for r in g.rewards]
         totals = np.array([[r.total for r in g.rewards] for g in batch_groups])
-        adv = group_advantages(torch.tensor(totals), cfg.grpo.adv_eps).numpy()
+        adv = group_advantages(
+            torch.tensor(totals), cfg.grpo.adv_eps, cfg.grpo.scale_rewards
+        ).numpy()
         batch = [
             GRPOExample(g.prompt.messages, c.token_ids, c.logprobs, float(adv[i, j]))
             for i, g in enumerate(batch_groups)

@@ -70,6 +70,10 @@ class DataConfig:
     # arrays stored normalised to 0..1. Never per label: the picture must not depend on the target.
     suite_windows: dict[str, str | list[float]] = field(default_factory=dict)
     cache_dir: Path | None = None  # preprocessed samples (memory-mappable); None = no cache
+    # Training samples are asked with a phrasing drawn anew each time they are used (each SFT
+    # epoch, each GRPO draw) from their target's training phrasings (data.queries), as
+    # M3D-Seg's loaders draw a question per access; False: the manifest's one fixed query.
+    resample_queries: bool = False
     seed: int = 0  # seeds Top-K key-slice sampling
 
     def key_slice_top_k(self, top_k: int | None = None) -> int:

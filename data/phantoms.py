@@ -56,6 +56,7 @@ SUITE_TARGETS = {
     "kits23": ("kidney", "kidney tumour", "kidney cyst", "tumour kidney", "cyst kidney"),
 }
 DEFAULT_SHAPE = (80, 192, 192)  # (z, y, x): 2.5 mm slices, ~2 mm pixels — quick to build and read
+SMALL_SHAPE = (48, 128, 128)  # the embedded default's phantoms (and the grounding corpus)
 SPACING_FOV_MM = (200.0, 380.0, 380.0)  # z coverage and in-plane field of view
 
 # Mean HU per tissue (contrast-enhanced portal venous phase) and per-case spread.
@@ -286,10 +287,13 @@ def write_phantoms(
     seed: int = 0,
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     progress: bool = True,
+    stream: int = 0,
 ) -> Path:
     """Write ``n`` phantom cases and ``manifest.jsonl`` under ``out``; returns the manifest path.
 
-    Deterministic for a seed (and shape). The manifest is written last, to a temporary name
+    Deterministic for a seed (and shape): case i is drawn from ``[seed, i]``, or with a
+    ``stream`` other than 0 from ``[seed, i, stream]``, a random stream that shares no case with
+    stream 0 (the grounding corpus uses one). The manifest is written last, to a temporary name
     then renamed, so a reader never sees a manifest naming files that are not there yet.
     """
     if n < 1:
@@ -300,7 +304,7 @@ def write_phantoms(
     rows = []
     affine = ras_affine(shape)
     for i in tqdm(range(n), desc="phantoms", disable=not progress):
-        rng = np.random.default_rng([seed, i])
+        rng = np.random.default_rng([seed, i] if stream == 0 else [seed, i, stream])
         suite = SUITES[i % len(SUITES)]
         case_id = f"{suite}_{i:04d}"
         split = "test" if i % 4 == 3 else "train"

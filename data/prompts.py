@@ -28,20 +28,23 @@ def slice_images(slices: np.ndarray) -> list[Image.Image]:
 
 
 def build_messages(slices: np.ndarray, query: str) -> list[dict]:
-    """Chat messages in transformers' format: for k = 1..S the text ``<slice k>`` then slice k's
-    image, then the query and the answer-format instruction.
+    """Chat messages in transformers' format: the answer-format instruction, then for k = 1..S
+    the text ``<slice k>`` and slice k's image, then the query, last.
 
-    Images are PIL images under ``{"type": "image", "image": ...}``; ``processor.
-    apply_chat_template`` renders them, and the rollout engine passes the same images to vLLM.
+    The query comes last, right before the answer, so that the words the answer depends on are
+    the nearest ones (measured on the tiny model: with the instruction after the query it named
+    the wrong target more often). Images are PIL images under ``{"type": "image", "image":
+    ...}``; ``processor.apply_chat_template`` renders them, and the rollout engine passes the
+    same images to vLLM.
     """
     if not query or not query.strip():
         raise ValueError("query is empty")
-    content: list[dict] = []
+    instruction = ANSWER_INSTRUCTION.format(num_slices=slices.shape[0], size=slices.shape[-1])
+    content: list[dict] = [{"type": "text", "text": instruction}]
     for k, image in enumerate(slice_images(slices), start=1):
         content.append({"type": "text", "text": f"<slice {k}>"})
         content.append({"type": "image", "image": image})
-    instruction = ANSWER_INSTRUCTION.format(num_slices=slices.shape[0], size=slices.shape[-1])
-    content.append({"type": "text", "text": f"Query: {query.strip()}\n{instruction}"})
+    content.append({"type": "text", "text": f"Query: {query.strip()}"})
     return [
         {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]},
         {"role": "user", "content": content},

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_sum_norm")
 KL_ESTIMATORS = ("k3", "k1", "none")
+SCALES = ("group", "batch", "none")  # what the centred rewards are divided by
 
 
 @dataclass
@@ -67,6 +68,9 @@ class GRPOConfig:
     # for each completion (the reference path, and the fallback for flash attention).
     learner_pass: str = "grouped"
     adv_eps: float = 1e-6  # added to the group std in A_i = (r_i - mean) / (std + eps)
+    # What A_i's centred reward is divided by: group (the group's std, the paper), batch (the
+    # std of the whole batch's rewards) or none (Dr. GRPO: A_i = r_i - mean)
+    scale_rewards: str = "group"
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -113,6 +117,10 @@ class GRPOConfig:
             raise ValueError(
                 f"grpo.loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, "
                 f"got {self.loss_agg!r}"
+            )
+        if self.scale_rewards not in SCALES:
+            raise ValueError(
+                f"grpo.scale_rewards must be one of {', '.join(SCALES)}, got {self.scale_rewards!r}"
             )
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(

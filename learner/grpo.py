@@ -38,16 +38,28 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.config import LOSS_AGGREGATIONS
+from learner.config import LOSS_AGGREGATIONS, SCALES
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps) for rewards of shape (B, G); returns (B, G)."""
+def group_advantages(
+    rewards: torch.Tensor, eps: float = 1e-6, scale: str = "group"
+) -> torch.Tensor:
+    """A_i = (r_i - mean_g r) / (std + eps) for rewards of shape (B, G); returns (B, G).
+
+    ``scale``: ``group`` divides by each group's std (the paper); ``batch`` by the std of every
+    reward of the batch; ``none`` leaves A_i = r_i - mean_g r (Dr. GRPO), so a group whose
+    rewards differ only a little gets small advantages instead of unit-sized ones.
+    """
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be (prompts, G), got shape {tuple(rewards.shape)}")
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, unbiased=False, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "group":
+        return centred / (rewards.std(dim=1, unbiased=False, keepdim=True) + eps)
+    if scale == "batch":
+        return centred / (rewards.std(unbiased=False) + eps)
+    if scale == "none":
+        return centred
+    raise ValueError(f"advantage scale must be one of {', '.join(SCALES)}, got {scale!r}")
 
 
 def zero_std_groups(rewards: torch.Tensor, tol: float = 1e-8) -> int:

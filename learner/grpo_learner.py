@@ -116,9 +116,17 @@ class GRPOLearner:
         total_steps: int,
         sft_adapter: Path | None = None,
         max_tokens: int | None = None,
+        temperature: float = 1.0,
     ):
         self.cfg = cfg
         self.max_tokens = max_tokens  # L_max of loss_agg seq_sum_norm (rollout.max_tokens)
+        if not temperature > 0:
+            raise ValueError(
+                f"rollout.temperature must be > 0 to learn from samples, got {temperature}"
+            )
+        # Tokens are scored under the distribution they were sampled from, logits / T (as TRL
+        # and verl do): pi, pi_old and pi_ref alike.
+        self.temperature = float(temperature)
         if cfg.loss_agg == "seq_sum_norm" and not max_tokens:
             raise ValueError("grpo.loss_agg seq_sum_norm needs max_tokens (rollout.max_tokens)")
         self.model_path = Path(model_path)
@@ -196,8 +204,12 @@ class GRPOLearner:
         """Logits predicting the completion tokens of one micro-batch, one tensor per completion
         (``packed``: the unit's packed group on the grouped pass, None per completion)."""
         if packed is None:
-            return [completion_logits(model, seqs[i], self.device) for i in unit]
-        return group_completion_logits(model, packed, self.device, vision)
+            logits = [completion_logits(model, seqs[i], self.device) for i in unit]
+        else:
+            logits = group_completion_logits(model, packed, self.device, vision)
+        if self.temperature == 1.0:
+            return logits
+        return [lg / self.temperature for lg in logits]
 
     def step(self, batch: list[GRPOExample]) -> StepMetrics:
         """``updates_per_batch`` optimizer updates on one batch; metrics of the last one."""

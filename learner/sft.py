@@ -44,29 +44,42 @@ from learner.policy import (
 log = logging.getLogger(__name__)
 
 
-def model_path(cfg: RunConfig) -> Path:
-    """The checkpoint folder to train: the configured one, or the tiny model built on demand
-    (grounded first when ``model.grounding_epochs`` asks: see learner.grounding)."""
+def model_path(cfg: RunConfig, progress: bool = True) -> Path:
+    """The checkpoint folder to train: the configured one; else the tiny model's stand-in for a
+    pretrained checkpoint, built once per machine (``model.grounding_epochs`` > 0: see
+    learner.grounding); else a random tiny model built under ``output_dir``."""
     if cfg.model.path is not None:
         return Path(cfg.model.path)
+    if cfg.model.grounding_epochs > 0:
+        from learner.grounding import pretrained_tiny_model
+
+        return pretrained_tiny_model(cfg, progress)
     from rollout.tiny_model import build_tiny_qwen3vl
 
-    tiny = build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
-    if cfg.model.grounding_epochs <= 0:
-        return tiny
-    from learner.grounding import ground
-
-    return ground(tiny, cfg, Path(cfg.output_dir) / "grounded-model")
+    return build_tiny_qwen3vl(Path(cfg.output_dir) / "tiny-model", cfg.model.tiny_size, cfg.seed)
 
 
-def sft_examples(dataset: VolumeDataset, indices: list[int], top_k: int, seed: int, epoch: int):
-    """(messages, target text) for the given samples, anchors drawn with a per-epoch seed."""
+def sft_examples(
+    dataset: VolumeDataset,
+    indices: list[int],
+    top_k: int,
+    seed: int,
+    epoch: int,
+    resample_queries: bool = False,
+):
+    """(messages, target text) for the given samples, anchors (and with ``resample_queries``
+    the query phrasings) drawn with a per-epoch seed."""
+    from data.queries import sample_query, target_of
+
     rng = np.random.default_rng([seed, epoch])
     for i in indices:
         sample, prepared = dataset[i]
         anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
+        query = sample.query
+        if resample_queries and target_of(sample.label) is not None:
+            query = sample_query(sample.label, "train", rng)
         yield (
-            build_messages(np.asarray(prepared.slices), sample.query),
+            build_messages(np.asarray(prepared.slices), query),
             sft_target_text(anchor, sample.label),
         )
 
@@ -139,7 +152,9 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     seen, losses = 0, []
     for epoch in range(s.epochs):
         mine = epoch_order(valid, per_rank, cfg.seed, epoch, rank)[: steps_per_epoch * s.batch_size]
-        for messages, text in sft_examples(dataset, mine, top_k, cfg.seed, epoch):
+        for messages, text in sft_examples(
+            dataset, mine, top_k, cfg.seed, epoch, cfg.data.resample_queries
+        ):
             if step >= total:
                 break
             seen += 1

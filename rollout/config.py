@@ -15,6 +15,9 @@ class ModelConfig:
     # (learner.grounding; 0: none, the random model is the base). Not part of the paper.
     grounding_epochs: int = 0
     grounding_lr: float = 1e-3  # AdamW peak lr of that stage (cosine decay to 0)
+    grounding_cases: int = 100  # phantoms of the stage's own corpus (never a run's phantoms)
+    grounding_seed: int = 0  # seeds the tiny model's init, the corpus and the stage
+    grounding_cache: Path | None = None  # where it is kept; None: ~/.cache/medvol-r1/pretrained
 
 
 @dataclass

@@ -85,11 +85,13 @@ class TransformersEngine:
                 num_return_sequences=group_size,
                 eos_token_id=self.eos,
                 pad_token_id=self.eos[1],
-                output_logits=True,
+                output_scores=True,
                 return_dict_in_generate=True,
                 suppress_tokens=vision_token_ids(self.processor.tokenizer),
             )
-            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (G, T, V)
+            # The scores tokens were drawn from (after temperature and top-p), as vLLM's
+            # processed logprobs: the learner scores them at the same temperature.
+            logprobs = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (G, T, V)
             completions = []
             for g in range(group_size):
                 ids = out.sequences[g, prompt_len:].tolist()

@@ -86,6 +86,9 @@ class VLLMEngine:
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            # Logprobs of the distribution tokens were drawn from (after temperature), which
+            # the learner scores them under too; vLLM's default is the raw, untempered one.
+            logprobs_mode="processed_logprobs",
             **kwargs,
         )
         self.version = 0

@@ -7,17 +7,18 @@ from data.answer import EvidenceAnchor, parse_answer
 from data.prompts import build_messages, sft_target_text
 
 
-def test_messages_tag_every_slice_before_its_image_then_ask():
+def test_messages_instruct_then_tag_every_slice_before_its_image_then_ask_last():
     slices = np.zeros((64, 256, 256), np.uint8)
     messages = build_messages(slices, "Find the organ that secretes bile.")
     assert [m["role"] for m in messages] == ["system", "user"]
     content = messages[1]["content"]
-    assert len(content) == 2 * 64 + 1
-    assert content[0] == {"type": "text", "text": "<slice 1>"}
-    assert content[126]["text"] == "<slice 64>" and content[127]["type"] == "image"
-    assert content[127]["image"].size == (256, 256) and content[127]["image"].mode == "RGB"
-    assert content[-1]["text"].startswith("Query: Find the organ that secretes bile.")
-    assert "1-64" in content[-1]["text"] and "256x256" in content[-1]["text"]
+    assert len(content) == 1 + 2 * 64 + 1
+    assert "1-64" in content[0]["text"] and "256x256" in content[0]["text"]
+    assert content[1] == {"type": "text", "text": "<slice 1>"}
+    assert content[127]["text"] == "<slice 64>" and content[128]["type"] == "image"
+    assert content[128]["image"].size == (256, 256) and content[128]["image"].mode == "RGB"
+    # the query is the last thing before the answer
+    assert content[-1] == {"type": "text", "text": "Query: Find the organ that secretes bile."}
 
 
 def test_empty_query_and_wrong_slices_are_rejected():

@@ -1,4 +1,5 @@
-"""The grounding stage standing for pretraining: it learns, is built once, reads no test case."""
+"""The tiny model's stand-in for pretraining: it learns, is built once per machine from a corpus
+of its own, and depends on no run's data or seed."""
 
 import json
 
@@ -36,41 +37,64 @@ def answer_loss(model_dir, cfg, split):
     return float(np.mean(losses))
 
 
-def test_grounding_learns_the_training_cases_and_is_built_once(tmp_path, tiny_model):
+def test_the_stand_in_learns_is_built_once_and_ignores_the_run(tmp_path):
     from cluster.config import load_run_config
     from data.phantoms import write_phantoms
-    from learner.grounding import ground, grounding_key
+    from learner.grounding import grounding_key, pretrained_dir
     from learner.sft import model_path
+    from rollout.tiny_model import build_tiny_qwen3vl
 
-    manifest = write_phantoms(tmp_path / "data", n=4, seed=1, shape=(40, 96, 96), progress=False)
-    cfg = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=8",
-            "data.slice_size=32",
-            "model.grounding_epochs=4",
-            "model.grounding_lr=0.003",
-        ],
-    )
-    tiny = tmp_path / "tiny-model"
-    grounded = model_path(cfg)  # builds the tiny model, then grounds it
-    assert grounded == tmp_path / "grounded-model" and (tiny / "config.json").exists()
-    before, after = answer_loss(tiny, cfg, "train"), answer_loss(grounded, cfg, "train")
+    run_data = write_phantoms(tmp_path / "run", n=4, seed=1, shape=(40, 96, 96), progress=False)
+    overrides = [
+        f"output_dir={tmp_path / 'out'}",
+        f"data.manifest={run_data}",
+        "data.cache_dir=null",
+        "data.num_slices=8",
+        "data.slice_size=32",
+        "model.grounding_epochs=4",
+        "model.grounding_lr=0.003",
+        "model.grounding_cases=4",
+        f"model.grounding_cache={tmp_path / 'cache'}",
+    ]
+    cfg = load_run_config("configs/tiny.yaml", overrides)
+    grounded = model_path(cfg, progress=False)  # tiny model, corpus, grounding
+    assert grounded == pretrained_dir(cfg) and grounded.parent == tmp_path / "cache"
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == [
+        grounded.name
+    ]  # the corpus and the random model are gone, the stand-in stays
+    # What it learned on its own corpus carries to phantoms it never saw (the run's).
+    random_model = build_tiny_qwen3vl(tmp_path / "random", "test", cfg.model.grounding_seed)
+    before, after = answer_loss(random_model, cfg, "train"), answer_loss(grounded, cfg, "train")
     assert after < before - 1.0, (before, after)
-    # Built once: the same inputs reuse the folder, other inputs rebuild it.
+    # Built once: the same settings reuse the folder.
     stamp = (grounded / "model.safetensors").stat().st_mtime_ns
-    assert ground(tiny, cfg, grounded) == grounded
+    assert model_path(cfg, progress=False) == grounded
     assert (grounded / "model.safetensors").stat().st_mtime_ns == stamp
-    key = json.loads((grounded / "medvol_grounding.json").read_text())["key"]
-    assert key == grounding_key(tiny, manifest, cfg)
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    test_rows = [r for r in rows if r["split"] == "test"]
-    assert test_rows  # the phantom set holds test cases ...
-    edited = [dict(r, query="Where is it?") if r["split"] == "test" else r for r in rows]
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in edited))
-    assert grounding_key(tiny, manifest, cfg) == key  # ... which the stage never reads
-    cfg.model.grounding_epochs = 5
-    assert grounding_key(tiny, manifest, cfg) != key
+    assert json.loads((grounded / "medvol_grounding.json").read_text())["key"] == (
+        grounding_key(cfg)
+    )
+    # A run's seed and data do not reach it (every run starts from the same checkpoint) ...
+    other_run = load_run_config("configs/tiny.yaml", [*overrides, "seed=7", "data.manifest=x"])
+    assert grounding_key(other_run) == grounding_key(cfg)
+    # ... while its own settings do.
+    for change in ("model.grounding_epochs=5", "model.grounding_seed=1", "data.slice_size=64"):
+        changed = load_run_config("configs/tiny.yaml", [*overrides, change])
+        assert grounding_key(changed) != grounding_key(cfg), change
+
+
+def test_the_corpus_shares_no_case_with_any_run(tmp_path):
+    """The corpus draws from its own random stream: with the same seed and case number, its
+    phantoms differ from a run's."""
+    import nibabel as nib
+
+    from data.phantoms import write_phantoms
+    from learner.grounding import CORPUS_STREAM
+
+    run = write_phantoms(tmp_path / "run", n=3, seed=0, shape=(40, 96, 96), progress=False)
+    corpus = write_phantoms(
+        tmp_path / "corpus", n=3, seed=0, shape=(40, 96, 96), progress=False, stream=CORPUS_STREAM
+    )
+    for i, name in enumerate(("ctorg_0000", "abdomenct1k_0001", "kits23_0002")):
+        a = np.asarray(nib.load(run.parent / "images" / f"{name}.nii.gz").dataobj)
+        b = np.asarray(nib.load(corpus.parent / "images" / f"{name}.nii.gz").dataobj)
+        assert a.shape == b.shape and not np.array_equal(a, b), i

@@ -33,6 +33,25 @@ def test_group_advantages_by_hand():
         group_advantages(torch.ones(4))
 
 
+def test_advantage_scales_by_hand():
+    rewards = torch.tensor([[1.0, 3.0, 2.0, 2.0], [2.0, 2.1, 2.0, 1.9]])
+    # none (Dr. GRPO): r - group mean; a group that barely differs gets small advantages
+    none = group_advantages(rewards, eps=0.0, scale="none")
+    assert none[0].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
+    assert none[1].tolist() == pytest.approx([0.0, 0.1, 0.0, -0.1], abs=1e-6)
+    # group: the second group's std is sqrt(0.02 / 4) = 0.0707, so +-0.1 becomes +-1.414
+    group = group_advantages(rewards, eps=0.0, scale="group")
+    assert group[1].tolist() == pytest.approx(
+        [0.0, 0.1 / math.sqrt(0.005), 0.0, -0.1 / math.sqrt(0.005)], abs=1e-5
+    )
+    # batch: one std over all eight rewards: mean 2.0, squares 1 + 1 + 0 + 0 + 0 + .01 + 0 + .01
+    batch_std = math.sqrt(2.02 / 8)
+    batch = group_advantages(rewards, eps=0.0, scale="batch")
+    assert batch[0].tolist() == pytest.approx([-1 / batch_std, 1 / batch_std, 0.0, 0.0], abs=1e-5)
+    with pytest.raises(ValueError, match="advantage scale must be one of group, batch, none"):
+        group_advantages(rewards, scale="mean")
+
+
 def test_k3_kl_by_hand():
     logp = torch.tensor([math.log(0.5), math.log(0.2)])
     ref = torch.tensor([math.log(0.25), math.log(0.2)])

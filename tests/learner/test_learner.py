@@ -273,6 +273,38 @@ def test_reference_is_the_sft_policy_and_the_first_step_has_zero_kl(
     assert metrics.logprob_gap_max < 1e-4
 
 
+def test_tokens_are_scored_at_the_sampling_temperature(tiny_model):
+    """With rollout.temperature T the learner's pi_old is log softmax(logits / T): the sampler's
+    tempered logprobs match it (gap ~0), the untempered ones do not."""
+    cfg = GRPOConfig(
+        lr=1e-3,
+        zero_stage=0,
+        precision="fp32",
+        gradient_checkpointing=False,
+        lora=LoraSettings(rank=4, alpha=8),
+    )
+    lrn = GRPOLearner(tiny_model, cfg, group_size=4, total_steps=4, temperature=0.5)
+    prompt = make_prompt("a")
+    raw = [
+        logprobs_of(lrn.engine.module, lrn.processor, prompt.messages, list(c)) for c in COMPLETIONS
+    ]
+    tempered = []
+    for ids in COMPLETIONS:
+        seq = encode(lrn.processor, prompt.messages, list(ids))
+        with torch.no_grad():
+            logits = completion_logits(lrn.engine.module, seq, "cpu") / 0.5
+        tempered.append(token_logprobs(logits, seq.completion_ids))
+    assert max(float((a - b).abs().max()) for a, b in zip(raw, tempered)) > 0.05
+    batch = [
+        GRPOExample(prompt.messages, ids, tuple(lp.tolist()), a)
+        for ids, lp, a in zip(COMPLETIONS, tempered, ADVANTAGES)
+    ]
+    assert lrn.step(batch).logprob_gap_max < 1e-4
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        GRPOLearner(tiny_model, cfg, group_size=4, total_steps=4, temperature=0.0)
+    del lrn
+
+
 def test_policy_base_and_stacked_adapter_reproduce_the_trained_policy(
     from_sft, tiny_model, tmp_path
 ):

@@ -30,8 +30,9 @@ def hf_engine(tiny_model):
     return TransformersEngine(tiny_model, CFG)
 
 
-def hf_logprobs(engine: TransformersEngine, prompt_ids, completion_ids, prompt):
-    """Score a completion with transformers: log p(token | prefix) of each completion token."""
+def hf_logprobs(engine: TransformersEngine, prompt_ids, completion_ids, prompt, temperature=1.0):
+    """Score a completion with transformers: log p(token | prefix) of each completion token
+    under the distribution the engines sample from (logits / T, vision tokens banned)."""
     from rollout.prompting import render
 
     text, images = render(engine.processor, prompt, 64)
@@ -55,8 +56,9 @@ def hf_logprobs(engine: TransformersEngine, prompt_ids, completion_ids, prompt):
             )
             .logits[0]
             .float()
-            .log_softmax(-1)
         )
+    logits[:, vision_token_ids(engine.processor.tokenizer)] = float("-inf")
+    logits = (logits / temperature).log_softmax(-1)
     n = len(prompt_ids)
     return [float(logits[n - 1 + i, t]) for i, t in enumerate(completion_ids)]
 
@@ -78,6 +80,25 @@ def test_vllm_samples_g_completions_per_prompt_with_logprobs(vllm_engine, hf_eng
     c = groups[0].completions[0]
     expected = hf_logprobs(hf_engine, groups[0].prompt_token_ids, c.token_ids, prompts[0])
     np.testing.assert_allclose(c.logprobs, expected, atol=2e-3)
+
+
+def test_sampling_logprobs_are_those_of_the_tempered_distribution(vllm_engine, hf_engine, prompts):
+    """At temperature T both engines return log softmax(logits / T) of the sampled tokens, the
+    distribution they were drawn from (and the one the learner scores them under)."""
+    from dataclasses import replace
+
+    cfg = replace(CFG, temperature=0.5)
+    vllm_engine.cfg, hf_engine.cfg = cfg, cfg
+    try:
+        for engine in (vllm_engine, hf_engine):
+            group = engine.generate(prompts[:1], seed=5)[0]
+            c = group.completions[0]
+            tempered = hf_logprobs(hf_engine, group.prompt_token_ids, c.token_ids, prompts[0], 0.5)
+            raw = hf_logprobs(hf_engine, group.prompt_token_ids, c.token_ids, prompts[0])
+            np.testing.assert_allclose(c.logprobs, tempered, atol=2e-3)
+            assert np.abs(np.array(c.logprobs) - np.array(raw)).max() > 0.05
+    finally:
+        vllm_engine.cfg, hf_engine.cfg = CFG, CFG
 
 
 def test_greedy_vllm_equals_greedy_transformers(vllm_engine, hf_engine, prompts):

@@ -57,6 +57,22 @@ def test_processor_tokens_and_slices_pass_unresized(tiny_model):
     )
 
 
+def test_every_coordinate_is_one_token_and_answers_decode_back(tiny_model):
+    from transformers import AutoProcessor
+
+    from rollout.tiny_model import NUMBER_TOKENS
+
+    tok = AutoProcessor.from_pretrained(tiny_model).tokenizer
+    for n in (0, 7, 64, 99, 100, 255, 256, NUMBER_TOKENS - 1):
+        assert tok.tokenize(str(n)) == [str(n)], n
+    answer = '{"key_slice": 12, "bbox_2d_list": [[18, 41, 169, 95], [127, 3, 99, 108]]}'
+    ids = tok.encode(answer)
+    pieces = [tok.decode([i]) for i in ids]
+    numbers = ["12", "2", "18", "41", "169", "95", "127", "3", "99", "108"]  # "2" of bbox_2d
+    assert [p for p in pieces if p.isdigit()] == numbers
+    assert tok.decode(ids) == answer
+
+
 def test_transformers_and_peft_load_it_and_it_generates(tiny_model):
     import torch
     from peft import LoraConfig, get_peft_model
