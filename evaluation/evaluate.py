@@ -22,9 +22,11 @@ suites of each suite's mean DSC, with a stratified bootstrap CI (``evaluation.st
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
-``<output_dir>/grpo/adapter`` when they exist. ``--device`` runs the policy (transformers engine)
-and the propagator on the CPU or the GPU (default: the GPU when there is one). The log goes to
-``<out>/evaluate.log``.
+``<output_dir>/grpo/adapter`` when they exist. One rollout engine answers for every checkpoint:
+it serves the bare base first, then each adapter swapped in on it (vLLM takes adapters live, so
+its start is paid once per evaluation, not once per row). ``--device`` runs the policy
+(transformers engine) and the propagator on the CPU or the GPU (default: the GPU when there is
+one). The log goes to ``<out>/evaluate.log``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import io
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -169,29 +172,29 @@ def with_training_phrasing(sample):
 
 
 def policy_engine(
-    model_path: Path, adapter: Path | None, cfg: RunConfig, device: str | None = None
+    model_path: Path,
+    cfg: RunConfig,
+    adapters: Iterable[Path | None] = (),
+    device: str | None = None,
 ):
-    """A rollout engine serving a checkpoint (the base, or the base plus an adapter). ``device``
-    places the transformers engine (default: the GPU when there is one); vLLM runs where its
-    build runs."""
+    """A rollout engine serving the bare base, able to take each of ``adapters`` in turn. On
+    vLLM its max LoRA rank covers the largest of them (a GRPO run's final adapter stacks SFT
+    and GRPO ranks). ``device`` places the transformers engine (default: the GPU when there is
+    one); vLLM runs where its build runs."""
     from rollout.actor import build_engine
-    from rollout.records import WeightUpdate
 
     rollout = cfg.rollout
-    if adapter is not None and rollout.engine == "vllm" and rollout.enable_lora:
+    adapters = [Path(a) for a in adapters if a is not None]
+    if adapters and rollout.engine == "vllm" and rollout.enable_lora:
         from rollout.vllm_engine import lora_rank_to_serve
 
-        # a GRPO run's final adapter stacks SFT and GRPO ranks
-        rollout = replace(rollout, max_lora_rank=lora_rank_to_serve(adapter, rollout.max_lora_rank))
+        rank = max(lora_rank_to_serve(a, rollout.max_lora_rank) for a in adapters)
+        rollout = replace(rollout, max_lora_rank=rank)
     if rollout.engine == "transformers" and device is not None:
         from rollout.hf_engine import TransformersEngine
 
-        engine = TransformersEngine(model_path, rollout, cfg.model, device=device)
-    else:
-        engine = build_engine(model_path, rollout, cfg.model)
-    if adapter is not None:
-        engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
-    return engine
+        return TransformersEngine(model_path, rollout, cfg.model, device=device)
+    return build_engine(model_path, rollout, cfg.model)
 
 
 # Prompts per generate call: a prompt of 64 slices of 256 px carries ~100 MB of pixels through
@@ -216,20 +219,32 @@ def prompts_of(samples) -> list:
 
 def policy_answers(
     model_path: Path,
-    adapter: Path | None,
+    checkpoints: dict[str, Path | None],
     cfg: RunConfig,
-    asked: list[list],
+    asked: dict[str, list[list]],
     device: str | None = None,
-) -> list[list[str]]:
-    """Greedy answers of a checkpoint for each list of (Sample, PreparedVolume) pairs (one
-    engine for all of them)."""
-    engine = policy_engine(model_path, adapter, cfg, device)
-    answers = []
-    for samples in asked:
-        groups = generate_in_chunks(engine, samples, greedy=True)
-        answers.append([g.completions[0].text for g in groups])
+) -> dict[str, list[list[str]]]:
+    """Greedy answers of each checkpoint (name -> its adapter, None for the bare base) to each
+    list of (Sample, PreparedVolume) pairs in ``asked[name]``, from one engine for all of them:
+    the adapters are swapped in on it one after the other."""
+    from rollout.records import WeightUpdate
+
+    engine = policy_engine(model_path, cfg, checkpoints.values(), device)
+    # The bare base rows first, on the fresh engine: the vLLM engine has no call that drops
+    # an adapter once one is in (it keeps sending its last adapter request), while any adapter
+    # can replace another.
+    order = sorted(checkpoints, key=lambda name: checkpoints[name] is not None)
+    answers = {}
+    for version, name in enumerate(order, start=1):
+        if checkpoints[name] is not None:
+            # A new version per adapter: vLLM keys a loaded adapter by it.
+            engine.update_weights(WeightUpdate(version, adapter_dir=checkpoints[name]))
+        answers[name] = [
+            [g.completions[0].text for g in generate_in_chunks(engine, samples, greedy=True)]
+            for samples in asked[name]
+        ]
     del engine
-    return answers
+    return {name: answers[name] for name in checkpoints}
 
 
 def sampled_rewards(
@@ -244,8 +259,11 @@ def sampled_rewards(
     ``group_size`` (default G) answers sampled as in training (rollout temperature), scored by
     the reward scorer."""
     from reward_server.scorer import RewardScorer
+    from rollout.records import WeightUpdate
 
-    engine = policy_engine(model_path, adapter, cfg)
+    engine = policy_engine(model_path, cfg, [adapter])
+    if adapter is not None:
+        engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
     groups = generate_in_chunks(engine, samples, group_size=group_size, seed=seed)
     del engine
     scorer = RewardScorer(cfg.reward)
@@ -460,16 +478,25 @@ def evaluate(
         row = f"oracle anchor ({prop})"
         rows.append(row)
         jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
-    for name, adapter in checkpoints.items():
+    todo: dict[str, dict[str, list]] = {}  # checkpoint -> row -> cases still to answer
+    for name in checkpoints:
         named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
-        todo = {}
         for suffix, asked in askings:
             rows.append(named + suffix)
-            todo[named + suffix] = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
-        if any(todo.values()):
-            texts = policy_answers(base, adapter, cfg, list(todo.values()), device)
-            for (row, pairs), answers in zip(todo.items(), texts):
-                jobs_by_propagator[propagators[0]] += anchor_jobs(row, pairs, answers)
+            pending = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
+            if pending:
+                todo.setdefault(name, {})[named + suffix] = pending
+    if todo:
+        answers = policy_answers(
+            base,
+            {name: checkpoints[name] for name in todo},
+            cfg,
+            {name: list(by_row.values()) for name, by_row in todo.items()},
+            device,
+        )
+        for name, by_row in todo.items():
+            for (row, pairs), texts in zip(by_row.items(), answers[name]):
+                jobs_by_propagator[propagators[0]] += anchor_jobs(row, pairs, texts)
     started = ray.is_initialized()
     if not started:
         ray.init(

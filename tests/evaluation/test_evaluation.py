@@ -273,3 +273,64 @@ def test_prompts_are_generated_in_chunks_with_the_same_answers(
     assert [g.completions[0].token_ids for g in chunked] == [
         g.completions[0].token_ids for g in whole
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm", "transformers"])
+def test_one_engine_for_every_checkpoint_answers_as_a_fresh_engine_per_checkpoint(
+    engine, tiny_model, phantom_manifest, tmp_path, monkeypatch
+):
+    """Base, an SFT-like adapter and one above the configured LoRA rank (a stacked SFT + GRPO
+    adapter), asked in an order that puts the base after an adapter: one engine gives the
+    greedy answers that an engine built for each checkpoint alone gives."""
+    from cluster.config import load_run_config
+    from data.config import DataConfig
+    from data.dataset import VolumeDataset
+    from evaluation import evaluate as ev
+    from learner.config import LoraSettings
+    from rollout.records import WeightUpdate
+    from tests.conftest import random_adapter
+
+    every_projection = LoraSettings().target_modules
+    checkpoints = {
+        "SFT": random_adapter(tiny_model, tmp_path / "sft", every_projection, 8, 0.5, 1),
+        "base": None,
+        "SFT+RL": random_adapter(tiny_model, tmp_path / "rl", every_projection, 24, 0.5, 2),
+    }
+    cfg = load_run_config(
+        "configs/tiny.yaml",
+        [
+            f"model.path={tiny_model}",
+            f"rollout.engine={engine}",
+            "rollout.in_process=true",
+            "rollout.max_tokens=12",
+            "rollout.max_model_len=1024",
+            "rollout.max_lora_rank=16",  # below SFT+RL's 24: the engine must raise it to 32
+        ],
+    )
+    ds = VolumeDataset(phantom_manifest, DataConfig(num_slices=4, slice_size=64))
+    samples = [ds[i] for i in range(3)]
+    asked = {name: [samples[:2], samples[1:]] for name in checkpoints}
+    device = "cpu" if engine == "transformers" else None
+
+    built = []
+    real_engine = ev.policy_engine
+    monkeypatch.setattr(
+        ev, "policy_engine", lambda *a, **k: built.append(a) or real_engine(*a, **k)
+    )
+    shared = ev.policy_answers(Path(tiny_model), checkpoints, cfg, asked, device)
+    assert len(built) == 1 and list(shared) == list(checkpoints)
+
+    for name, adapter in checkpoints.items():
+        fresh = real_engine(Path(tiny_model), cfg, [adapter], device)
+        if adapter is not None:
+            fresh.update_weights(WeightUpdate(1, adapter_dir=adapter))
+        alone = [
+            [g.completions[0].text for g in ev.generate_in_chunks(fresh, s, greedy=True)]
+            for s in asked[name]
+        ]
+        del fresh
+        assert shared[name] == alone, name
+    # Each checkpoint answers differently, so a missed swap or a stale adapter would show.
+    firsts = [tuple(shared[name][0]) for name in checkpoints]
+    assert len(set(firsts)) == 3, firsts

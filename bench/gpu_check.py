@@ -1,0 +1,558 @@
+"""A single-GPU check without Ray or vLLM: time and peak memory of the learner, MedSAM2, rollout.
+
+    bash scripts/gpu_check.sh [--layers 8] [--repeats 3] [--peak-tflops T] [--only learner]
+    python -m bench.gpu_check --smoke [--peak-tflops 1]    # on the CPU, tiny sizes: it runs
+
+What it measures, each at the paper's shape (64 slices of 256 px = 4,096 image tokens, G = 4):
+
+- learner: one GRPO learner step (``GRPOLearner``, grouped pass: reference pass, policy pass,
+  backward, update), 4 completions of 256 tokens, LoRA rank 128 on every language projection,
+  bf16, gradient checkpointing on, ZeRO-2 (``configs/paper.yaml``), on a random Qwen3-VL of
+  Qwen3-VL-4B's architecture with ``--layers`` of its 36 language layers; step time, peak CUDA
+  memory and model FLOPs utilisation (MFU, :func:`step_flops`);
+- propagation: MedSAM2 (SAM2.1 Hiera-tiny at 512 px, bf16 autocast; random weights written by
+  ``write_random_checkpoint``) propagating a group of G = 4 anchors over +-5 slices of a
+  64-slice volume, with fresh image features (cold) and with them cached (warm);
+- rollout: the transformers engine sampling G = 4 completions of up to 256 tokens for one
+  prompt of that shape, on the same random model.
+
+The model is built here, with the tokenizer and processor of the project's tiny Qwen3-VL
+(``rollout.tiny_model``): nothing is downloaded. Random weights do not change the cost of a
+pass; they only make the rollout run to its full length (no end-of-turn token comes).
+``--smoke`` runs everything on the CPU with the tiny model, 8 slices of 64 px, SAM2 at 128 px
+and short completions, so a test can check that every figure is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from bench.learner import build_batch
+
+G = 4  # completions per prompt (bench.learner.build_batch makes a group of 4)
+
+# Qwen3-VL-4B-Instruct's published config.json (text_config and vision_config). transformers'
+# own Qwen3VLConfig defaults are another size (text hidden 4096, 32 layers; vision depth 27,
+# hidden 1152), so every field is given here. Built with all 36 layers: 4.44 B parameters.
+QWEN3_VL_4B_TEXT = {
+    "vocab_size": 151936,
+    "hidden_size": 2560,
+    "intermediate_size": 9728,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 262144,
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [24, 20, 20],
+        "mrope_interleaved": True,
+    },
+}
+QWEN3_VL_4B_VISION = {
+    "depth": 24,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_heads": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "out_hidden_size": 2560,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 2304,
+    "deepstack_visual_indexes": [5, 11, 17],
+}
+
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s from NVIDIA's data sheets, by a part of
+# torch's device name; the first match wins, so specific names come before general ones.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),  # SXM; GH200 too
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX A6000", 154.8),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The table's dense bf16 peak for a device name, or None when the table has no entry."""
+    for part, tflops in PEAK_BF16_TFLOPS:
+        if part in device_name:
+            return tflops
+    return None
+
+
+def qwen3vl_4b_config(token_ids: dict[str, int], layers: int):
+    """Qwen3-VL-4B's architecture with ``layers`` language layers; the special token ids are the
+    tokenizer's (image, video, vision start, vision end)."""
+    from transformers import Qwen3VLConfig
+
+    if not 1 <= layers <= QWEN3_VL_4B_TEXT["num_hidden_layers"]:
+        raise ValueError(f"--layers must be 1..36 (Qwen3-VL-4B has 36), got {layers}")
+    return Qwen3VLConfig(
+        text_config={**QWEN3_VL_4B_TEXT, "num_hidden_layers": layers},
+        vision_config=QWEN3_VL_4B_VISION,
+        tie_word_embeddings=True,
+        **token_ids,
+    )
+
+
+TOKEN_ID_FIELDS = (
+    "image_token_id",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def build_qwen3vl_4b_like(out_dir: Path, layers: int, device: str, seed: int = 0) -> Path:
+    """A checkpoint folder of a random Qwen3-VL-4B-architecture model (``layers`` language
+    layers, bf16) with the tiny model's tokenizer, processor and generation settings."""
+    from transformers import (
+        AutoProcessor,
+        GenerationConfig,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    tiny = build_tiny_qwen3vl(out_dir / "tiny", "test")
+    tiny_config = Qwen3VLConfig.from_pretrained(tiny)
+    config = qwen3vl_4b_config({k: getattr(tiny_config, k) for k in TOKEN_ID_FIELDS}, layers)
+    config.text_config.pad_token_id = tiny_config.text_config.pad_token_id
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialised where it runs: seconds on a GPU, minutes on a CPU
+        model = Qwen3VLForConditionalGeneration(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig.from_pretrained(tiny)
+    folder = out_dir / f"qwen3vl-4b-arch-{layers}-layers"
+    model.save_pretrained(folder)
+    AutoProcessor.from_pretrained(tiny).save_pretrained(folder)
+    del model
+    return folder
+
+
+def parameter_count(model_dir: Path) -> int:
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What one learner step pushes through the model: tokens, kept logits and image patches."""
+
+    tokens: int  # T: the packed group, prompt once plus every completion
+    kept: int  # K: positions whose logits are computed (logits_to_keep of the packed group)
+    patches: int  # P: vision-tower patches of the prompt's images
+    merge: int  # patches per merged image token (spatial_merge_size ** 2)
+
+
+@dataclass(frozen=True)
+class StepParameters:
+    """Parameters a step's tokens pass through, grouped by what they run on."""
+
+    text: int  # language layers and final norm (frozen base and LoRA), on every token
+    lora: int  # the LoRA part of ``text`` (not run by the reference pass, adapter disabled)
+    head: int  # lm_head (vocab x hidden; tied to the embeddings in the 4B), on kept positions
+    vision: int  # vision blocks and patch embedding, on every patch
+    merger: int  # patch mergers (the final one and DeepStack's), on every merged token
+
+
+def step_parameters(model) -> StepParameters:
+    """Sort a (peft-wrapped) Qwen3-VL's parameters by what they run on; embedding tables are
+    lookups (no FLOPs) and the head is counted from the config (a tied head has no parameter
+    of its own)."""
+    text = lora = vision = merger = 0
+    for name, param in model.named_parameters():
+        n = param.numel()
+        if ".visual." in name or name.startswith("visual."):
+            if "merger" in name:
+                merger += n
+            elif "pos_embed" not in name:
+                vision += n
+        elif "embed_tokens" in name or "lm_head" in name:
+            continue
+        else:
+            text += n
+            lora += n if "lora_" in name else 0
+    config = model.config.text_config
+    return StepParameters(text, lora, config.vocab_size * config.hidden_size, vision, merger)
+
+
+def step_flops(params: StepParameters, shape: StepShape, reference: bool) -> dict[str, float]:
+    """Model FLOPs of one grouped learner step, by the usual 6·N·T for forward + backward and
+    2·N·T for a forward alone (attention's T² terms and checkpointing's recompute not counted):
+
+        policy    = 6 · (N_text · T + N_head · K)
+        reference = 2 · ((N_text - N_lora) · T + N_head · K)       (when KL is on)
+        vision    = 2 · (N_vision · P + N_merger · P / merge)      (once per prompt, frozen)
+    """
+    text = params.text * shape.tokens + params.head * shape.kept
+    base = (params.text - params.lora) * shape.tokens + params.head * shape.kept
+    flops = {
+        "policy": 6.0 * text,
+        "reference": 2.0 * base if reference else 0.0,
+        "vision": 2.0
+        * (params.vision * shape.patches + params.merger * shape.patches / shape.merge),
+    }
+    flops["total"] = sum(flops.values())
+    return flops
+
+
+def step_shape(processor, batch, merge: int) -> StepShape:
+    from learner.policy import encode_prompt
+
+    prompt = encode_prompt(processor, batch[0].messages)
+    lengths = [len(ex.completion_ids) for ex in batch]
+    return StepShape(
+        tokens=int(prompt["input_ids"].shape[1]) + sum(lengths),
+        # the prompt's last position, then every completion position but its last (pack_group)
+        kept=1 + sum(n - 1 for n in lengths),
+        patches=int(prompt["image_grid_thw"].prod(-1).sum()),
+        merge=merge,
+    )
+
+
+def reset_peak(device: str) -> float:
+    """Free what is unreferenced and restart the peak count; the GiB still allocated."""
+    gc.collect()
+    if device != "cuda":
+        return 0.0
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**30
+
+
+def peak_memory(device: str, held: float) -> str:
+    """The peak since :func:`reset_peak`, which found ``held`` GiB allocated (the part's
+    weights and state: the rest of the peak is what the timed runs added)."""
+    if device == "cuda":
+        allocated = torch.cuda.max_memory_allocated() / 2**30
+        reserved = torch.cuda.max_memory_reserved() / 2**30
+        return (
+            f"peak CUDA memory {allocated:.2f} GiB allocated ({held:.2f} GiB held when the "
+            f"timed runs began), {reserved:.2f} GiB reserved"
+        )
+    # ru_maxrss is in KiB on Linux and only grows: the process's peak so far
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return f"peak RSS of the process so far {rss:.2f} GiB (no CUDA device)"
+
+
+def timed(device: str, fn, *args, **kwargs):
+    """(seconds, result) of one call, with the GPU's queued work finished on both ends."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, result
+
+
+def spread(seconds: list[float]) -> str:
+    runs = f"{len(seconds)} runs" if len(seconds) > 1 else "1 run"
+    return (
+        f"median {statistics.median(seconds):.3f} s (min {min(seconds):.3f}, "
+        f"max {max(seconds):.3f}, {runs} after a warm-up)"
+    )
+
+
+def si(value: float, unit: str) -> str:
+    """``value`` with the largest SI prefix that keeps it at 1 or more: 612.34 GFLOP."""
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.2f} {unit}"
+
+
+def say(part: str, text: str) -> None:
+    print(f"[{part}] {text}", flush=True)
+
+
+def check_learner(model_dir: Path, args, peak: float | None) -> None:
+    from learner.config import GRPOConfig, LoraSettings
+    from learner.grpo_learner import GRPOLearner
+
+    batch = build_batch(args.slices, args.size, args.tokens)
+    cfg = GRPOConfig(
+        zero_stage=args.zero_stage,
+        gradient_checkpointing=True,
+        precision=args.precision,
+        learner_pass="grouped",
+        lora=LoraSettings(rank=128, alpha=256),
+    )
+    learner = GRPOLearner(model_dir, cfg, group_size=G, total_steps=args.repeats + 1)
+    merge = learner.engine.module.config.vision_config.spatial_merge_size**2
+    shape = step_shape(learner.processor, batch, merge)
+    params = step_parameters(learner.engine.module)
+    flops = step_flops(params, shape, reference=cfg.beta != 0 and cfg.kl_estimator != "none")
+    say(
+        "learner",
+        f"GRPO step, {learner.learner_pass} pass, ZeRO-{args.zero_stage}, {learner.precision}, "
+        f"checkpointing on, LoRA r=128 ({params.lora / 1e6:.1f} M trainable): {args.slices} "
+        f"slices of {args.size} px ({shape.patches // merge} image tokens), {shape.tokens} "
+        f"tokens packed (prompt once + G = {G} x {args.tokens})",
+    )
+    learner.step(batch)  # warm-up: kernels, allocator, optimizer state
+    held = reset_peak(args.device)
+    times = [timed(args.device, learner.step, batch)[0] for _ in range(args.repeats)]
+    say("learner", f"step time {spread(times)}")
+    say("learner", peak_memory(args.device, held))
+    say(
+        "learner",
+        f"model FLOPs per step {si(flops['total'], 'FLOP')}: policy 6·N·T "
+        f"{si(flops['policy'], 'FLOP')} + reference 2·N·T {si(flops['reference'], 'FLOP')} + "
+        f"vision 2·N·P {si(flops['vision'], 'FLOP')} (N_text {params.text / 1e9:.3f} B, "
+        f"N_head {params.head / 1e9:.3f} B on K = {shape.kept}, N_vision "
+        f"{(params.vision + params.merger) / 1e9:.3f} B on P = {shape.patches} patches; "
+        "attention T² terms and recompute not counted)",
+    )
+    achieved = flops["total"] / statistics.median(times)
+    if peak is None:
+        say(
+            "learner",
+            f"MFU unknown: {si(achieved, 'FLOP/s')} achieved, no peak for this device "
+            "(give --peak-tflops)",
+        )
+    else:
+        say(
+            "learner",
+            f"MFU {100 * achieved / (peak * 1e12):.2f}% ({si(achieved, 'FLOP/s')} achieved of "
+            f"{si(peak * 1e12, 'FLOP/s')} peak)",
+        )
+    del learner
+    reset_peak(args.device)
+
+
+def check_propagation(work: Path, args) -> None:
+    import numpy as np
+
+    from data.answer import EvidenceAnchor
+    from reward_server.propagation import MedSAM2Propagator, write_random_checkpoint
+
+    checkpoint = write_random_checkpoint(
+        work / f"medsam2-random-{args.image_size}.pt", args.image_size
+    )
+    propagator = MedSAM2Propagator(checkpoint, args.image_size, device=args.device)
+    rng = np.random.default_rng(0)
+    key = args.slices // 2
+    s = args.size
+    # G distinct anchors on one key slice, the box nudged per completion (bench.reward_server)
+    anchors = [
+        EvidenceAnchor(key, ((s * 5 // 16 - g, s * 3 // 8, s * 11 // 16, s * 3 // 4),))
+        for g in range(G)
+    ]
+    precision = "bf16 autocast" if args.device == "cuda" else "fp32"
+    say(
+        "propagation",
+        f"MedSAM2 architecture (SAM2.1 Hiera-tiny, random weights) at {args.image_size} px, "
+        f"{precision}: G = {G} anchors on slice {key} of {args.slices} slices of {s} px, "
+        f"window +-{args.window}",
+    )
+
+    def volume():
+        return (rng.random((args.slices, s, s)) * 255).astype(np.uint8)
+
+    window = args.window
+    propagator.propagate_group("warm-up", volume(), anchors, window)
+    held = reset_peak(args.device)
+    cold, warm, encoded = [], [], []
+    for rep in range(args.repeats):
+        slices, before = volume(), propagator.encoded_frames
+        # a new volume id: its image features are computed in this call
+        seconds, _ = timed(
+            args.device, propagator.propagate_group, f"v{rep}", slices, anchors, window
+        )
+        cold.append(seconds)
+        encoded.append(propagator.encoded_frames - before)
+        # the same volume again: features cached, tracking only
+        seconds, _ = timed(
+            args.device, propagator.propagate_group, f"v{rep}", slices, anchors, window
+        )
+        warm.append(seconds)
+    say("propagation", f"group, features computed ({encoded[0]} slices encoded): {spread(cold)}")
+    say("propagation", f"group, features cached: {spread(warm)}")
+    say("propagation", peak_memory(args.device, held))
+    del propagator
+    reset_peak(args.device)
+
+
+def check_rollout(model_dir: Path, args) -> None:
+    from rollout.config import ModelConfig, RolloutConfig
+    from rollout.hf_engine import TransformersEngine
+    from rollout.records import RolloutPrompt
+
+    image_tokens = args.slices * (args.size // 32) ** 2
+    cfg = RolloutConfig(
+        engine="transformers",
+        group_size=G,
+        max_tokens=args.max_tokens,
+        max_model_len=image_tokens + 1024 + args.max_tokens,
+        max_images=args.slices,
+    )
+    engine = TransformersEngine(model_dir, cfg, ModelConfig(dtype="auto"), device=args.device)
+    prompt = RolloutPrompt("gpu-check", build_batch(args.slices, args.size, 1)[0].messages)
+    engine.cfg = replace(cfg, max_tokens=4)  # warm-up: a short answer
+    engine.generate([prompt], seed=0)
+    engine.cfg = cfg
+    held = reset_peak(args.device)
+    times, tokens = [], []
+    for rep in range(args.repeats):
+        seconds, (group,) = timed(args.device, engine.generate, [prompt], seed=rep)
+        times.append(seconds)
+        tokens.append(sum(len(c.token_ids) for c in group.completions))
+    say(
+        "rollout",
+        f"transformers engine, {str(engine.dtype).removeprefix('torch.')}: G = {G} completions of "
+        f"up to {args.max_tokens} tokens for one prompt of {len(group.prompt_token_ids)} tokens "
+        f"({args.slices} slices of {args.size} px)",
+    )
+    say("rollout", f"generate time {spread(times)}")
+    rate = statistics.median(t / s for t, s in zip(tokens, times))
+    say("rollout", f"{statistics.median(tokens):.0f} tokens per group, {rate:.1f} tokens/s")
+    say("rollout", peak_memory(args.device, held))
+    del engine
+    reset_peak(args.device)
+
+
+PARTS = ("learner", "propagation", "rollout")
+# Defaults of the size options: the paper's shape, and the CPU smoke run's
+PAPER_SIZES = {
+    "slices": 64,
+    "size": 256,
+    "tokens": 256,
+    "max_tokens": 256,
+    "image_size": 512,
+    "window": 5,
+    "repeats": 3,
+}
+SMOKE_SIZES = {
+    "slices": 8,
+    "size": 64,
+    "tokens": 16,
+    "max_tokens": 16,
+    "image_size": 128,
+    "window": 2,
+    "repeats": 1,
+}
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), help="default: cuda when torch sees it"
+    )
+    parser.add_argument("--layers", type=int, default=8, help="language layers of the 4B's 36")
+    parser.add_argument("--slices", type=int, help="slices per volume (default 64)")
+    parser.add_argument("--size", type=int, help="slice size in px (default 256)")
+    parser.add_argument("--tokens", type=int, help="tokens per learner completion (default 256)")
+    parser.add_argument("--max-tokens", type=int, help="rollout max new tokens (default 256)")
+    parser.add_argument("--image-size", type=int, help="MedSAM2 input size (default 512)")
+    parser.add_argument("--window", type=int, help="propagation window +-Delta (default 5)")
+    parser.add_argument("--repeats", type=int, help="timed runs per part (default 3)")
+    parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="learner precision (auto: bf16 on a GPU that has it)",
+    )
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (TFLOP/s)")
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only this part")
+    parser.add_argument("--work-dir", type=Path, help="where models are written (default: temp)")
+    args = parser.parse_args(argv)
+    sizes = SMOKE_SIZES if args.smoke else PAPER_SIZES
+    for key, value in sizes.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    if not 1 <= args.layers <= QWEN3_VL_4B_TEXT["num_hidden_layers"]:
+        parser.error(f"--layers {args.layers}: Qwen3-VL-4B has 36 language layers; give 1..36")
+    if args.size % 32:
+        parser.error(f"--size {args.size}: must be a multiple of 32 (patch 16, merge 2)")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.runtime import set_default_environment
+
+    set_default_environment()
+    args = parse_args(argv)
+    parts = args.only or PARTS
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    peak = args.peak_tflops if args.peak_tflops is not None else peak_tflops(name)
+    source = "--peak-tflops" if args.peak_tflops is not None else "table"
+    print(
+        f"gpu_check: {name}, torch {torch.__version__} (CUDA {torch.version.cuda}), peak bf16 "
+        + (f"{peak:g} TFLOP/s ({source})" if peak is not None else "unknown"),
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if {"learner", "rollout"} & set(parts):
+            seconds, model_dir = timed(args.device, build_model, work, args)
+            print(
+                f"model: {model_description(args)}, {parameter_count(model_dir) / 1e9:.3f} B "
+                f"parameters, written in {seconds:.1f} s",
+                flush=True,
+            )
+        if "learner" in parts:
+            check_learner(model_dir, args, peak)
+        if "propagation" in parts:
+            check_propagation(work, args)
+        if "rollout" in parts:
+            check_rollout(model_dir, args)
+    return 0
+
+
+def build_model(work: Path, args) -> Path:
+    if args.smoke:
+        from rollout.tiny_model import build_tiny_qwen3vl
+
+        return build_tiny_qwen3vl(work / "tiny", "test")
+    return build_qwen3vl_4b_like(work, args.layers, args.device)
+
+
+def model_description(args) -> str:
+    if args.smoke:
+        return "the tiny test Qwen3-VL (random weights)"
+    return (
+        f"random Qwen3-VL of Qwen3-VL-4B's architecture with {args.layers} of its 36 language "
+        "layers, bf16"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
