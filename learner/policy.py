@@ -296,6 +296,17 @@ def deepspeed_config(
     }
 
 
+def forget_destroyed_groups() -> None:
+    """DeepSpeed caches its process groups; when another part of the process tears the torch
+    world down (vLLM's in-process engine does on shutdown), the next DeepSpeed engine would
+    reuse the dead groups and fail with "Group ... is not registered". Drop them first."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if not dist.is_initialized() and hasattr(groups, "_release_process_group_references"):
+        groups._release_process_group_references(None)
+
+
 def build_engine(model, ds_config: dict, total_steps: int, warmup_ratio: float):
     """A DeepSpeed engine over the trainable (LoRA) parameters, with the warmup + cosine
     schedule (DeepSpeed's own WarmupCosineLR gives the first step a learning rate of 0)."""
@@ -303,6 +314,7 @@ def build_engine(model, ds_config: dict, total_steps: int, warmup_ratio: float):
     from torch.optim.lr_scheduler import LambdaLR
 
     init_distributed_env()
+    forget_destroyed_groups()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     def schedule(optimizer):

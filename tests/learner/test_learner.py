@@ -402,3 +402,30 @@ def test_the_learner_trains_in_training_mode_so_checkpointing_saves_memory(tiny_
     full = saved_activation_bytes(lrn, prompt.messages, list(range(20, 84)))
     lrn.engine.module.train()
     assert kept < 0.5 * full, (kept, full)
+
+
+def test_a_new_engine_survives_the_torch_world_being_torn_down_under_deepspeed():
+    """vLLM's in-process engine destroys the torch process group on shutdown; DeepSpeed keeps
+    its cached groups of that world. The next learner in the same process must still build and
+    step (without the fix: "Group ... is not registered"). Own process: it tears down a world."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch.distributed as dist
+from learner.policy import build_engine, deepspeed_config
+config = deepspeed_config(1e-2, 0.0, 1.0, 0, "fp32", 1)
+first = build_engine(torch.nn.Linear(4, 4), config, 10, 0.0)
+dist.destroy_process_group()
+second = build_engine(torch.nn.Linear(4, 4), config, 10, 0.0)
+before = second.module.weight.detach().clone()
+second.backward(second(torch.ones(1, 4)).sum())
+second.step()
+print("moved", float((second.module.weight - before).abs().max()))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    moved = float(done.stdout.split("moved")[-1])
+    assert moved > 1e-4, done.stdout

@@ -69,9 +69,8 @@ def test_grpo_with_the_real_reward_on_one_prompt_raises_its_sampled_reward(tmp_p
     phantoms, about a minute), then 30 GRPO steps on one training prompt through the vLLM
     engine, the reward scorer (baseline propagator) and the learner, weights pushed every step.
     Measured on 64 samples at a fixed seed before and after. Seeds 0, 1, 2 of this set-up gave
-    malformed answers 30 -> 13, 47 -> 18, 48 -> 24 and mean reward +1.09, +0.06, +1.36: the
-    format term learns in every seed, the total in most, so the test asks for the first and
-    that the total does not fall."""
+    mean reward 1.45 -> 1.72, 1.07 -> 1.88, 0.95 -> 1.81 (malformed answers 14 -> 10, 14 -> 2,
+    11 -> 19); at grpo.lr=1e-3 seed 2 collapsed to 63 malformed of 64, hence 5e-4 here."""
     import os
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -99,7 +98,7 @@ def test_grpo_with_the_real_reward_on_one_prompt_raises_its_sampled_reward(tmp_p
             f"model.path={tiny_model}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "sft.epochs=40",
-            "grpo.lr=1e-3",
+            "grpo.lr=5e-4",
             "grpo.batch_size=1",
             "grpo.warmup_ratio=0",
             f"rollout.group_size={group}",
@@ -136,9 +135,8 @@ def test_grpo_with_the_real_reward_on_one_prompt_raises_its_sampled_reward(tmp_p
         engine.update_weights(learner.export(tmp_path / "weights", version=step + 1))
     reward_after, malformed_after = measure()
     result = (reward_before, malformed_before, reward_after, malformed_after)
-    assert malformed_before >= 16, result  # room to learn: the short SFT leaves many
-    assert malformed_after <= 0.7 * malformed_before, result
-    assert reward_after >= reward_before - 0.1, result
+    assert reward_before < 2.0, result  # room to learn: the short SFT leaves it well short of 4
+    assert reward_after >= reward_before + 0.15, result
 
 
 def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
@@ -196,14 +194,35 @@ def test_sft_in_two_processes_under_torchrun(tmp_path, tiny_model):
     from data.phantoms import write_phantoms
 
     manifest = write_phantoms(tmp_path / "data", n=4, seed=2, shape=(40, 96, 96), progress=False)
-    run = subprocess.run([
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "learner.sft",
-        "--config", "configs/tiny.yaml", f"output_dir={tmp_path}", f"data.manifest={manifest}",
-        "data.cache_dir=null", "data.num_slices=8", "data.slice_size=64",
-        f"model.path={tiny_model}", "sft.epochs=1", "sft.batch_size=1",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "learner.sft",
+            "--config",
+            "configs/tiny.yaml",
+            f"output_dir={tmp_path}",
+            f"data.manifest={manifest}",
+            "data.cache_dir=null",
+            "data.num_slices=8",
+            "data.slice_size=64",
+            f"model.path={tiny_model}",
+            "sft.epochs=1",
+            "sft.batch_size=1",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
     assert run.stdout.count("SFT adapter:") == 2  # both ranks finished the same steps
