@@ -186,10 +186,30 @@ def to_dict(config: Any) -> dict:
 
 
 @dataclass
+class GRPORunConfig(GRPOConfig):
+    """The GRPO section of a run: the learner's settings plus how many ranks learn."""
+
+    # DeepSpeed ranks of the learner, one Ray actor each (one GPU each on a cluster), data-
+    # parallel over the batch's groups: each takes grpo.batch_size / num_learners prompts, so
+    # batch_size must divide by it (the paper's "batch 1 per GPU": batch_size = num_learners)
+    num_learners: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_learners < 1:
+            raise ConfigError(f"grpo.num_learners: must be >= 1, got {self.num_learners}")
+        if self.batch_size % self.num_learners:
+            raise ConfigError(
+                f"grpo.batch_size ({self.batch_size}) must divide by grpo.num_learners "
+                f"({self.num_learners}): each learner rank takes an equal share of the prompts"
+            )
+
+
+@dataclass
 class ClusterConfig:
     address: str | None = None  # Ray address to join; None = the job's cluster or a local one
-    learner_gpus: float = 0.0  # GPUs of the learner actor (1 per learner on a GPU cluster)
-    learner_cpus: float = 1.0  # CPUs of the learner actor
+    learner_gpus: float = 0.0  # GPUs of each learner rank (1 per rank on a GPU cluster)
+    learner_cpus: float = 1.0  # CPUs of each learner rank
     rollout_cpus: float = 1.0  # CPUs per rollout actor
     reward_cpus: float = 0.5  # CPUs per reward worker
     placement_strategy: str = "PACK"  # placement group strategy: PACK | SPREAD | STRICT_PACK
@@ -197,6 +217,34 @@ class ClusterConfig:
     # Actors' output (vLLM, DeepSpeed) to the driver, so `ray job logs` shows it; None: on when
     # joining a cluster (cluster.address or RAY_ADDRESS), off for a local instance
     log_to_driver: bool | None = None
+    # Extra Ray resources of each learner rank's / rollout actor's bundle, to pin roles to nodes
+    # that advertise them (`ray start --resources '{"learner_node": 1}'`); {}: any node
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    # Node-local folder for the actors' temporary files (adapters they are pushed, checkpoint
+    # shards on their way to the driver, the merged policy base); a node's own $MEDVOL_SCRATCH
+    # wins; None: the system's temporary folder. Never shared between nodes.
+    scratch_dir: str | None = None
+    # A weight push (object store or weight group) that takes longer fails the step with an
+    # error naming this field instead of hanging
+    weight_sync_timeout_s: float = 600.0
+    # How grpo.export=merged weights travel: "collective" (learner rank 0 broadcasts to every
+    # engine over NCCL on GPUs, gloo on CPU) or "object_store" (bytes of a checkpoint folder)
+    merged_sync: str = "collective"
+    weight_bucket_mb: float = 512.0  # tensors per collective of a full-weight broadcast, in MiB
+
+    def __post_init__(self) -> None:
+        if self.merged_sync not in ("collective", "object_store"):
+            raise ConfigError(
+                f"cluster.merged_sync must be 'collective' or 'object_store', "
+                f"got {self.merged_sync!r}"
+            )
+        if not self.weight_sync_timeout_s > 0:
+            raise ConfigError(
+                f"cluster.weight_sync_timeout_s: must be > 0, got {self.weight_sync_timeout_s}"
+            )
+        if not self.weight_bucket_mb > 0:
+            raise ConfigError(f"cluster.weight_bucket_mb: must be > 0, got {self.weight_bucket_mb}")
 
 
 @dataclass
@@ -246,7 +294,7 @@ class RunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

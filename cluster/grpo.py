@@ -3,10 +3,18 @@
     python -m cluster.grpo --config configs/<run>.yaml [key=value ...] [--resume] [--dry-run]
 
 Each step: prompts -> G completions each (vLLM rollout actors) -> the four rewards (the reward
-pool) -> group advantages -> a DeepSpeed update (the learner actor) -> new adapter weights
-pushed to the rollout actors. Every step's metrics go to MLflow; every ``checkpoint_every``
-steps a checkpoint is written atomically under ``<output_dir>/grpo/checkpoints``; ``--resume``
-continues from the latest one in the same MLflow run.
+pool) -> group advantages -> a DeepSpeed update (the learner group: ``grpo.num_learners``
+data-parallel ranks) -> new weights pushed to the rollout actors. Every step's metrics go to
+MLflow; every ``checkpoint_every`` steps a checkpoint is written atomically under
+``<output_dir>/grpo/checkpoints``; ``--resume`` continues from the latest one in the same MLflow
+run.
+
+No disk is shared between nodes: the actors write only to their node's scratch folder
+(``cluster.scratch_dir``), weights reach the rollout actors through Ray's object store or the
+weight group (:class:`WeightSync`), and checkpoints (every rank's DeepSpeed state) and the final
+adapter come back to the driver as bytes and are written under its ``output_dir``. Every node
+needs the base checkpoint (``model.path``) and the data; only the driver needs ``output_dir``
+and the SFT adapter.
 
 Scaling reward workers while the run goes on: write the wanted count into the file named by
 ``cluster.scale_file`` (``echo 3 > runs/x/reward_workers``); the driver applies it before the
@@ -30,57 +38,305 @@ from pathlib import Path
 import numpy as np
 
 from cluster.config import RunConfig, load_run_config, to_dict
-from cluster.placement import assign, describe, describe_assignment, parse_cluster, plan
+from cluster.placement import Placement, assign, describe, describe_assignment, parse_cluster, plan
 from cluster.runtime import require_cuda, set_default_environment
+from rollout.records import FolderBytes, WeightSyncError, WeightUpdate
 
 log = logging.getLogger("cluster.grpo")
 
 
 class LearnerWorker:
-    """The GRPO learner inside a Ray actor (one GPU on a cluster)."""
+    """One rank of the GRPO learner inside a Ray actor (one GPU on a cluster). What it writes
+    goes to its own node-local scratch folder and leaves it as bytes: pushed weights, its part
+    of each checkpoint, the final adapter."""
 
-    def __init__(
+    def __init__(self, rank: int, world: int, gpus: float = 0.0, scratch_dir: str | None = None):
+        set_default_environment()
+        require_cuda("learner", gpus)
+        from rollout.actor import node_scratch
+
+        self.rank, self.world = rank, world
+        self.scratch = node_scratch(f"learner-rank{rank}", scratch_dir)
+        self.learner = None
+        self._store = None  # the weight group's rendezvous store (rank 0)
+        self._weight_group = None
+        self._merged: dict | None = None  # full weights prepared for the next broadcast
+
+    def address(self) -> tuple[str, int]:
+        """Where rank 0 waits for the other ranks (torch.distributed's master): this node."""
+        from learner.policy import free_port
+        from rollout.actor import node_ip
+
+        host = node_ip()
+        return host, free_port(host)
+
+    def setup(
         self,
+        master: tuple[str, int],
         model_path: str,
         cfg,
         group_size: int,
         total_steps: int,
-        sft_adapter: str | None,
+        sft_adapter: FolderBytes | None,
         max_tokens: int | None = None,
-        gpus: float = 0.0,
         temperature: float = 1.0,
-    ):
-        set_default_environment()
-        require_cuda("learner", gpus)
-        from learner.grpo_learner import GRPOLearner
+        seed: int = 0,
+    ) -> dict:
+        """The rank's DeepSpeed engine (every rank at once: initialisation is collective)."""
+        import torch
 
+        from learner.grpo_learner import GRPOLearner
+        from learner.policy import setup_rank
+
+        setup_rank(self.rank, self.world, *master)
+        torch.manual_seed(seed)  # the same fresh adapter whatever the number of ranks
+        sft = sft_adapter.write(self.scratch / "sft-adapter") if sft_adapter is not None else None
         self.learner = GRPOLearner(
-            Path(model_path),
-            cfg,
-            group_size,
+            Path(model_path), cfg, group_size, total_steps, sft, max_tokens, temperature
+        )
+        if cfg.export == "merged" and self.rank == 0:  # the weights merged pushes start from
+            self.learner.write_policy_base(self.scratch / "policy-base")
+        return self.where()
+
+    def where(self) -> dict:
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "scratch": str(self.scratch)}
+
+    def step(self, batch, batch_tokens: int):
+        return self.learner.step(batch, batch_tokens)
+
+    def _on_rank0(self, make):
+        """``make()`` on rank 0, None elsewhere; under ZeRO-3 the other ranks take part in
+        gathering the adapter (``make`` gathers it exactly once)."""
+        if self.rank == 0:
+            return make()
+        if self.learner.engine.zero_optimization_stage() == 3:
+            from learner.policy import lora_state
+
+            lora_state(self.learner.engine)
+        return None
+
+    def _take(self, folder: Path) -> FolderBytes:
+        """A folder this rank wrote, as bytes; the folder is gone afterwards, so no other node
+        could ever be handed a path to it."""
+        files = FolderBytes.read(folder)
+        shutil.rmtree(folder)
+        return files
+
+    def export(self, version: int) -> WeightUpdate | None:
+        """Rank 0: the weights of ``version`` as bytes (``grpo.export``: the adapter, or the
+        merged checkpoint), for the object store."""
+
+        def make() -> WeightUpdate:
+            update = self.learner.export(self.scratch / "export", version)
+            if update.adapter_dir is not None:
+                return WeightUpdate(version, adapter=self._take(update.adapter_dir))
+            return WeightUpdate(version, weights=self._take(update.weights_dir))
+
+        return self._on_rank0(make)
+
+    def open_weight_group(self, world: int, timeout_s: float) -> tuple[str, int]:
+        from rollout.vllm_engine import WeightGroup
+
+        self._store, host, port = WeightGroup.open(world, timeout_s)
+        return host, port
+
+    def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> int:
+        from rollout.vllm_engine import WeightGroup
+
+        self._weight_group = WeightGroup(host, port, 0, world, timeout_s, store=self._store)
+        return 0
+
+    def prepare_broadcast(self, version: int, bucket_bytes: int) -> WeightUpdate | None:
+        """Rank 0: the merged weights of ``version``, kept here, and the plan of their
+        broadcast (names, shapes, buckets), which the engines need before it starts."""
+        from rollout.vllm_engine import plan_buckets
+
+        def make() -> WeightUpdate:
+            self._merged = self.learner.merged_weights()
+            return WeightUpdate(version, broadcast=plan_buckets(self._merged.items(), bucket_bytes))
+
+        return self._on_rank0(make)
+
+    def send_broadcast(self, update: WeightUpdate) -> int:
+        merged, self._merged = self._merged, None
+        self._weight_group.send(merged.items(), update.broadcast)
+        return update.version
+
+    def export_final(self) -> FolderBytes | None:
+        return self._on_rank0(lambda: self._take(self.learner.export_final(self.scratch / "final")))
+
+    def save_checkpoint(self, tag: str, state: dict) -> FolderBytes:
+        """This rank's files of a checkpoint (DeepSpeed writes each rank's ZeRO shard), as
+        bytes; nothing of it stays on this node."""
+        folder = self.scratch / "checkpoint"
+        shutil.rmtree(folder, ignore_errors=True)
+        self.learner.save_checkpoint(folder, tag, state)
+        return self._take(folder)
+
+    def load_checkpoint(self, files: FolderBytes, tag: str) -> dict:
+        folder = files.write(self.scratch / "checkpoint")
+        state = self.learner.load_checkpoint(folder, tag)
+        shutil.rmtree(folder)
+        return state
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+class LearnerGroup:
+    """The learner as ``grpo.num_learners`` DeepSpeed ranks, Ray actors in bundles 0..N-1 of
+    the run's placement group. Each step every rank learns on an equal share of the batch's
+    groups and DeepSpeed all-reduces their gradients (see ``learner.grpo_learner``); pushes,
+    checkpoints and the final adapter are collected from the ranks here."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        placement: Placement,
+        placement_group,
+        model_path: Path,
+        total_steps: int,
+        sft_adapter: FolderBytes | None,
+    ):
+        import ray
+
+        n = cfg.grpo.num_learners
+        gpus = placement.learner.get("GPU", 0)
+        self.workers = []
+        for rank in range(n):
+            options = {"num_cpus": placement.learner["CPU"], "num_gpus": gpus}
+            if placement_group is not None:
+                from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, rank
+                )
+            self.workers.append(
+                ray.remote(LearnerWorker)
+                .options(**options)
+                .remote(rank, n, gpus, cfg.cluster.scratch_dir)
+            )
+        self.rank0 = self.workers[0]
+        master = ray.get(self.rank0.address.remote())
+        self.places = self._all(
+            "setup",
+            master,
+            str(model_path),
+            cfg.grpo,
+            cfg.rollout.group_size,
             total_steps,
-            Path(sft_adapter) if sft_adapter else None,
-            max_tokens,
-            temperature,
+            ray.put(sft_adapter),
+            cfg.rollout.max_tokens,
+            cfg.rollout.temperature,
+            cfg.seed,
         )
 
-    def write_policy_base(self, out_dir: str) -> str:
-        return str(self.learner.write_policy_base(Path(out_dir)))
+    def _all(self, method: str, *args) -> list:
+        import ray
 
-    def step(self, batch):
-        return self.learner.step(batch)
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def export(self, out_dir: str, version: int):
-        return self.learner.export(Path(out_dir), version)
+    def step(self, batch: list):
+        """One update on the whole batch: each rank its share, the metrics combined."""
+        import ray
 
-    def export_final(self, out_dir: str) -> str:
-        return str(self.learner.export_final(Path(out_dir)))
+        from learner.grpo_learner import combine_metrics, split_groups
 
-    def save_checkpoint(self, folder: str, tag: str, state: dict) -> None:
-        self.learner.save_checkpoint(Path(folder), tag, state)
+        tokens = sum(len(ex.completion_ids) for ex in batch)
+        shares = split_groups(batch, len(self.workers))
+        parts = ray.get([w.step.remote(s, tokens) for w, s in zip(self.workers, shares)])
+        return combine_metrics(parts)
 
-    def load_checkpoint(self, folder: str, tag: str) -> dict:
-        return self.learner.load_checkpoint(Path(folder), tag)
+    def export(self, version: int):
+        """An object ref to the weights of ``version`` as bytes, in rank 0's object store:
+        each rollout actor fetches them from there."""
+        import ray
+
+        refs = [w.export.remote(version) for w in self.workers]
+        ray.get(refs[1:])  # the other ranks only help gather the adapter under ZeRO-3
+        return refs[0]
+
+    def prepare_broadcast(self, version: int, bucket_bytes: int) -> WeightUpdate:
+        import ray
+
+        return ray.get([w.prepare_broadcast.remote(version, bucket_bytes) for w in self.workers])[0]
+
+    def save_checkpoint(self, folder: Path, tag: str, state: dict) -> Path:
+        """Every rank's part of a checkpoint, written into ``folder`` on this (the driver's)
+        node."""
+        return FolderBytes.union(self._all("save_checkpoint", tag, state)).write(folder)
+
+    def load_checkpoint(self, folder: Path, tag: str) -> dict:
+        """Each rank gets the checkpoint's files (its own ZeRO shard among them) and loads it."""
+        import ray
+
+        return self._all("load_checkpoint", ray.put(FolderBytes.read(folder)), tag)[0]
+
+    def export_final(self, out_dir: Path) -> Path:
+        return self._all("export_final")[0].write(out_dir)
+
+    def close(self) -> None:
+        import ray
+
+        try:
+            ray.get([w.close.remote() for w in self.workers], timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        for worker in self.workers:
+            ray.kill(worker)
+
+
+class WeightSync:
+    """How each new policy version reaches the rollout engines, with no disk shared between
+    nodes: the adapter (``grpo.export: adapter``) as bytes through Ray's object store, each
+    rollout actor fetching it from learner rank 0's node; merged weights either broadcast by
+    learner rank 0 over the weight group (``cluster.merged_sync: collective``: NCCL on GPUs,
+    gloo on CPU, in buckets) or as a checkpoint folder's bytes (``object_store``). A push that
+    does not finish within ``cluster.weight_sync_timeout_s`` fails the step with
+    :class:`WeightSyncError`.
+
+    The weight group is formed before the first broadcast and again after a rollout actor was
+    replaced; a replacement itself catches up on the current weights through the object store.
+    """
+
+    def __init__(self, learners: LearnerGroup, fleet, cfg: RunConfig):
+        self.learners, self.fleet = learners, fleet
+        self.timeout_s = cfg.cluster.weight_sync_timeout_s
+        self.bucket_bytes = int(cfg.cluster.weight_bucket_mb * 2**20)
+        self.collective = cfg.grpo.export == "merged" and cfg.cluster.merged_sync == "collective"
+        self.formed_at: int | None = None  # fleet.replacements when the group was formed
+        if self.collective:
+            fleet.catch_up = lambda: learners.export(fleet.version)
+
+    def push(self, version: int) -> None:
+        if not self.collective:
+            self.fleet.update_weights(self.learners.export(version), version)
+            return
+        if self.formed_at != self.fleet.replacements:
+            self._form_group()
+        update = self.learners.prepare_broadcast(version, self.bucket_bytes)
+        sending = self.learners.rank0.send_broadcast.remote(update)
+        self.fleet.update_weights(update, alongside=[sending])
+
+    def _form_group(self) -> None:
+        import ray
+
+        world = 1 + len(self.fleet.actors)
+        host, port = ray.get(self.learners.rank0.open_weight_group.remote(world, self.timeout_s))
+        joins = [
+            self.learners.rank0.join_weight_group.remote(host, port, world, self.timeout_s),
+            *self.fleet.join_weight_group(host, port, world, self.timeout_s),
+        ]
+        _, late = ray.wait(joins, num_returns=len(joins), timeout=self.timeout_s + 30)
+        if late:
+            raise WeightSyncError(
+                f"the weight group ({world} members at {host}:{port}) did not form within "
+                f"{self.timeout_s:g} s (cluster.weight_sync_timeout_s)"
+            )
+        ray.get(joins)
+        self.formed_at = self.fleet.replacements
 
 
 def prompt_order(n: int, epochs: int, seed: int) -> list[int]:
@@ -156,14 +412,12 @@ class Checkpoints:
         folder = self.root / marker.read_text().strip()
         return folder if (folder / "state.json").exists() else None
 
-    def save(self, step: int, learner, state: dict) -> Path:
-        import ray
-
+    def save(self, step: int, learners: LearnerGroup, state: dict) -> Path:
         name = f"step-{step}"
         tmp = self.root / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        ray.get(learner.save_checkpoint.remote(str(tmp / "learner"), "ckpt", state))
+        learners.save_checkpoint(tmp / "learner", "ckpt", state)
         (tmp / "state.json").write_text(json.dumps(state))
         final = self.root / name
         shutil.rmtree(final, ignore_errors=True)
@@ -201,7 +455,6 @@ class GRPOTrainer:
     def __init__(self, cfg: RunConfig, resume: bool = False):
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from cluster.tracking import Tracker, flatten
         from data.dataset import VolumeDataset, anchorable
@@ -254,40 +507,29 @@ class GRPOTrainer:
         if latest is not None:
             self.state = json.loads((latest / "state.json").read_text())
             log.info("resuming from %s (step %d)", latest, self.state["step"])
-        self.learner = (
-            ray.remote(LearnerWorker)
-            .options(
-                num_cpus=placement.learner["CPU"],
-                num_gpus=placement.learner.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0),
-            )
-            .remote(
-                str(model_path(cfg)),
-                cfg.grpo,
-                cfg.rollout.group_size,
-                max(steps, 1),
-                str(cfg.sft_adapter) if cfg.sft_adapter else None,
-                cfg.rollout.max_tokens,
-                placement.learner.get("GPU", 0),
-                cfg.rollout.temperature,
-            )
-        )
-        # The engines serve the SFT policy's weights (base + SFT merged) under the GRPO adapter.
-        policy_base = ray.get(self.learner.write_policy_base.remote(str(out / "policy-base")))
+        # The SFT adapter is read here, on the driver's node, and travels as bytes.
+        sft = FolderBytes.read(cfg.sft_adapter) if cfg.sft_adapter else None
+        base = model_path(cfg)
+        self.learners = LearnerGroup(cfg, placement, group, base, max(steps, 1), sft)
         if latest is not None:
-            ray.get(self.learner.load_checkpoint.remote(str(latest / "learner"), "ckpt"))
+            self.learners.load_checkpoint(latest / "learner", "ckpt")
+        # The engines serve the SFT policy's weights (base + SFT merged, built on each rollout
+        # node) under the GRPO adapter.
         self.fleet = RolloutFleet(
-            policy_base,
+            base,
             cfg.rollout,
             cfg.model,
             cpus_per_actor=cfg.cluster.rollout_cpus,
             placement_group=group,
-            bundle_offset=1,
+            bundle_offset=cfg.grpo.num_learners,
+            base_adapter=sft,
+            scratch_dir=cfg.cluster.scratch_dir,
+            keep_adapters=cfg.keep_adapters,
+            sync_timeout_s=cfg.cluster.weight_sync_timeout_s,
         )
+        self.weights = WeightSync(self.learners, self.fleet, cfg)
         if latest is not None:
-            self.fleet.update_weights(
-                ray.get(self.learner.export.remote(str(out / "weights"), self.state["version"]))
-            )
+            self.weights.push(self.state["version"])
         self.pool = RewardPool(
             str(cfg.data.manifest), cfg.data, cfg.reward, cpus_per_worker=cfg.cluster.reward_cpus
         )
@@ -409,7 +651,6 @@ class GRPOTrainer:
         ``grpo.overlap`` the next batch's rollout starts (on the current weights) before this
         batch's update, so generation and learning run at the same time.
         """
-        import ray
         import torch
 
         from learner.grpo import group_advantages, zero_std_groups
@@ -434,14 +675,9 @@ class GRPOTrainer:
             for i, g in enumerate(batch_groups)
             for j, c in enumerate(g.group.completions)
         ]
-        learned = ray.get(self.learner.step.remote(batch))
+        learned = self.learners.step(batch)
         t3 = time.perf_counter()
-        self.fleet.update_weights(
-            ray.get(self.learner.export.remote(str(self.out / "weights"), step))
-        )
-        # The engines hold the pushed adapter in memory once loaded: older folders can go.
-        prune(self.out / "weights", "adapter-v", cfg.keep_adapters)
-        prune(self.out / "weights", "merged-v", cfg.keep_adapters)
+        self.weights.push(step)
         t4 = time.perf_counter()
         lengths = [len(c.token_ids) for g in batch_groups for c in g.group.completions]
         metrics = {
@@ -504,12 +740,11 @@ class GRPOTrainer:
             self.tracker.log_artifact(picture, "evidence")
 
     def checkpoint(self) -> Path:
-        return self.checkpoints.save(self.state["step"], self.learner, self.state)
+        return self.checkpoints.save(self.state["step"], self.learners, self.state)
 
     def fit(self) -> dict:
         """Steps until the run's step count, checkpointing on schedule; the last step's metrics.
         Ends with the trained policy as one adapter in ``<output_dir>/grpo/adapter``."""
-        import ray
         from tqdm import tqdm
 
         metrics: dict = {}
@@ -521,13 +756,14 @@ class GRPOTrainer:
                     self.checkpoint()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}")
-        ray.get(self.learner.export_final.remote(str(self.out / "adapter")))
+        self.learners.export_final(self.out / "adapter")
         return metrics
 
     def close(self) -> None:
         self.tracker.end()
         self.pool.shutdown()
         self.fleet.shutdown()
+        self.learners.close()
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:

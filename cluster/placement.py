@@ -1,5 +1,5 @@
-"""Where the parts of a GRPO run go: one placement group for the learner and rollout actors,
-reward workers as Ray Serve replicas with their own resources."""
+"""Where the parts of a GRPO run go: one placement group for the learner ranks and rollout
+actors, reward workers as Ray Serve replicas with their own resources."""
 
 from __future__ import annotations
 
@@ -10,15 +10,23 @@ from cluster.config import RunConfig
 
 @dataclass(frozen=True)
 class Placement:
-    learner: dict[str, float]  # resources of the learner actor
+    learners: list[dict[str, float]]  # one bundle per learner rank (grpo.num_learners)
     rollout: list[dict[str, float]]  # one bundle per rollout actor
     reward: list[dict[str, float]]  # one entry per reward worker (Serve replica)
     strategy: str
 
     @property
+    def learner(self) -> dict[str, float]:
+        """Resources of one learner rank."""
+        return self.learners[0]
+
+    @property
     def bundles(self) -> list[dict[str, float]]:
-        """Placement-group bundles: the learner first, then the rollout actors."""
-        return [self.learner, *self.rollout]
+        """Placement-group bundles: the learner ranks first, then the rollout actors."""
+        return [*self.learners, *self.rollout]
+
+    def learner_role(self, rank: int) -> str:
+        return "learner" if len(self.learners) == 1 else f"learner rank {rank}"
 
     def total(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -28,8 +36,8 @@ class Placement:
         return out
 
 
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+def _bundle(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **(extra or {})}
 
 
 def plan(cfg: RunConfig) -> Placement:
@@ -44,9 +52,12 @@ def plan(cfg: RunConfig) -> Placement:
             f"cluster.placement_strategy {c.placement_strategy!r} is not a Ray placement strategy"
         )
     return Placement(
-        learner=_bundle(c.learner_cpus, c.learner_gpus),
+        learners=[
+            _bundle(c.learner_cpus, c.learner_gpus, c.learner_resources)
+            for _ in range(cfg.grpo.num_learners)
+        ],
         rollout=[
-            _bundle(c.rollout_cpus, cfg.rollout.gpus_per_actor)
+            _bundle(c.rollout_cpus, cfg.rollout.gpus_per_actor, c.rollout_resources)
             for _ in range(cfg.rollout.num_actors)
         ],
         reward=[
@@ -58,8 +69,10 @@ def plan(cfg: RunConfig) -> Placement:
 
 
 def describe(p: Placement) -> str:
-    lines = [f"placement group ({p.strategy}):", f"  bundle 0  learner        {p.learner}"]
-    for i, bundle in enumerate(p.rollout, start=1):
+    lines = [f"placement group ({p.strategy}):"]
+    for i, bundle in enumerate(p.learners):
+        lines.append(f"  bundle {i}  {p.learner_role(i):14s} {bundle}")
+    for i, bundle in enumerate(p.rollout, start=len(p.learners)):
         lines.append(f"  bundle {i}  rollout actor  {bundle}")
     for i, bundle in enumerate(p.reward):
         lines.append(f"  serve     reward worker {i} {bundle}")
@@ -130,7 +143,8 @@ def assign(p: Placement, nodes: list[Node]) -> list[Assignment]:
         )
         return ValueError(f"{role} needs {need}{why}; the cluster has {have}")
 
-    roles = [("learner", p.learner)] + [(f"rollout actor {i}", b) for i, b in enumerate(p.rollout)]
+    roles = [(p.learner_role(i), b) for i, b in enumerate(p.learners)]
+    roles += [(f"rollout actor {i}", b) for i, b in enumerate(p.rollout)]
     if p.strategy.startswith("STRICT_PACK"):
         total = {k: sum(b.get(k, 0) for _, b in roles) for k in ("GPU", "CPU")}
         home = next((i for i in range(len(nodes)) if fits(i, total)), None)

@@ -6,6 +6,13 @@ LoRA is applied, and a ratio built on them would start away from 1 and clip on n
 update's forward pass runs on exactly those weights (the optimizer steps only at the end of the
 batch), so its detached logprobs are pi_old at no extra cost; vLLM's logprobs are kept to
 report the sampler/learner gap, and to weight tokens when truncated importance sampling is on.
+
+Data-parallel (``WORLD_SIZE`` ranks, see ``learner.policy.setup_rank``): each rank learns on an
+equal share of the batch's groups (:func:`split_groups`) and DeepSpeed all-reduces the
+gradients, so one update equals one single-rank update on the whole batch. Everything a rank
+normalises by is the whole batch's: DeepSpeed averages over every rank's micro-batches, a
+token-mean loss divides by the whole batch's token count (``batch_tokens``), and each rank's
+metrics are its part of the batch's means, so :func:`combine_metrics` adds them up.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from learner.policy import (
     group_completion_logits,
     load_lora_policy,
     merge_adapter,
+    merged_state,
     pack_group,
     packing_supported,
     resolve_precision,
@@ -37,6 +45,7 @@ from learner.policy import (
     token_logprobs,
     vision_features,
     with_completion,
+    world_size,
 )
 from rollout.records import WeightUpdate
 
@@ -59,6 +68,9 @@ class GRPOExample:
 
 @dataclass(frozen=True)
 class StepMetrics:
+    """One step's metrics over the whole batch; from one rank of several, that rank's part of
+    each mean (see :func:`combine_metrics`)."""
+
     loss: float
     kl: float
     clip_fraction: float
@@ -77,6 +89,47 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
     mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
     return pad_sequence(rows, batch_first=True), mask
+
+
+def combine_metrics(parts: list[StepMetrics]) -> StepMetrics:
+    """The batch's metrics from each rank's: parts of means add up, the largest gap is the
+    largest of any rank, and the gradient norm (of the all-reduced gradient) and learning rate
+    are the same on every rank."""
+    first = parts[0]
+    total = {
+        name: sum(getattr(p, name) for p in parts)
+        for name in (
+            "loss",
+            "kl",
+            "clip_fraction",
+            "entropy",
+            "tokens",
+            "logprob_gap_mean",
+            "ratio_mean",
+        )
+    }
+    return StepMetrics(
+        **total,
+        grad_norm=first.grad_norm,
+        lr=first.lr,
+        logprob_gap_max=max(p.logprob_gap_max for p in parts),
+    )
+
+
+def split_groups(batch: list[GRPOExample], parts: int) -> list[list[GRPOExample]]:
+    """The batch as ``parts`` equal shares of whole groups (the completions of one prompt stay
+    together, in order), one per data-parallel rank."""
+    groups: dict[int, list[GRPOExample]] = {}
+    for ex in batch:
+        groups.setdefault(id(ex.messages), []).append(ex)
+    ordered = list(groups.values())
+    if len(ordered) % parts:
+        raise BatchError(
+            f"{len(ordered)} groups cannot be shared equally by {parts} learner ranks "
+            "(grpo.batch_size must divide by grpo.num_learners)"
+        )
+    n = len(ordered) // parts
+    return [[ex for g in ordered[i * n : (i + 1) * n] for ex in g] for i in range(parts)]
 
 
 def validate_batch(batch: list[GRPOExample], expected: int) -> None:
@@ -139,7 +192,15 @@ class GRPOLearner:
             cfg.gradient_checkpointing,
             merge=self.sft_adapter,
         )
-        self.batch_len = cfg.batch_size * group_size
+        # This rank's share of each batch: grpo.batch_size / WORLD_SIZE prompts.
+        self.world = world_size()
+        if cfg.batch_size % self.world:
+            raise ValueError(
+                f"grpo.batch_size ({cfg.batch_size}) must divide by the number of learner ranks "
+                f"(grpo.num_learners = WORLD_SIZE = {self.world}): each takes an equal share"
+            )
+        self.prompts_per_rank = cfg.batch_size // self.world
+        self.batch_len = self.prompts_per_rank * group_size
         self.learner_pass = cfg.learner_pass
         if self.learner_pass == "grouped" and not packing_supported(model):
             log.warning("this attention kernel takes no 4D mask: learning per completion")
@@ -148,7 +209,7 @@ class GRPOLearner:
         self.reuse_vision = not any(
             p.requires_grad for n, p in model.named_parameters() if ".visual." in n
         )
-        micro_batches = cfg.batch_size if self.learner_pass == "grouped" else self.batch_len
+        micro_batches = self.prompts_per_rank if self.learner_pass == "grouped" else self.batch_len
         ds = deepspeed_config(
             cfg.lr, cfg.weight_decay, cfg.grad_clip, cfg.zero_stage, self.precision, micro_batches
         )
@@ -192,11 +253,12 @@ class GRPOLearner:
         for i, ex in enumerate(batch):
             groups.setdefault(id(ex.messages), []).append(i)
         units = list(groups.values())
-        if len(units) != self.cfg.batch_size or len({len(u) for u in units}) != 1:
+        if len(units) != self.prompts_per_rank or len({len(u) for u in units}) != 1:
+            share = " per learner rank" if self.world > 1 else ""
             raise BatchError(
-                f"the grouped pass needs {self.cfg.batch_size} prompts (grpo.batch_size) with "
-                f"the same number of completions each, got {[len(u) for u in units]} "
-                "completions per prompt"
+                f"the grouped pass needs {self.prompts_per_rank} prompts{share} (grpo.batch_size"
+                f" / {self.world}) with the same number of completions each, got "
+                f"{[len(u) for u in units]} completions per prompt"
             )
         return units
 
@@ -211,9 +273,12 @@ class GRPOLearner:
             return logits
         return [lg / self.temperature for lg in logits]
 
-    def step(self, batch: list[GRPOExample]) -> StepMetrics:
-        """``updates_per_batch`` optimizer updates on one batch; metrics of the last one."""
+    def step(self, batch: list[GRPOExample], batch_tokens: int | None = None) -> StepMetrics:
+        """``updates_per_batch`` optimizer updates on one batch (this rank's share of it, whose
+        whole has ``batch_tokens`` completion tokens); metrics of the last one."""
         validate_batch(batch, self.batch_len)
+        if self.world > 1 and batch_tokens is None:
+            raise BatchError("with several learner ranks, step needs the whole batch's tokens")
         units = self._units(batch)
         # The G completions of a prompt share its messages: run the processor (images) once.
         prompts: dict[int, dict] = {}
@@ -242,6 +307,10 @@ class GRPOLearner:
                     for i, lg in zip(unit, logits):
                         refs[i] = token_logprobs(lg, seqs[i].completion_ids)
         tokens = sum(len(ex.completion_ids) for ex in batch)
+        # What the whole batch's means divide by: every rank's tokens, units and completions.
+        all_tokens = tokens if batch_tokens is None else batch_tokens
+        all_units = len(units) * self.world
+        all_completions = len(batch) * self.world
         olds: list[torch.Tensor | None] = [None] * len(batch)  # log pi_old, from the first update
         gaps: list[torch.Tensor] = []
         for update in range(self.cfg.updates_per_batch):
@@ -278,9 +347,9 @@ class GRPOLearner:
                     clip_eps_high=self.cfg.clip_eps_high,
                     kl_estimator=self.cfg.kl_estimator,
                     loss_agg=self.cfg.loss_agg,
-                    # DeepSpeed averages the micro-batch losses: the batch's token mean needs
-                    # each micro-batch's token sum over (batch tokens / micro-batches).
-                    token_count=tokens / len(units),
+                    # DeepSpeed averages the micro-batch losses of every rank: the batch's
+                    # token mean needs each one's token sum over (batch tokens / micro-batches).
+                    token_count=all_tokens / all_units,
                     max_tokens=self.max_tokens,
                 )
                 self.engine.backward(parts.loss)  # DeepSpeed averages over the micro-batches
@@ -288,25 +357,25 @@ class GRPOLearner:
                     grad_norm = adapter_grad_norm(self.engine)
                 self.engine.step()  # steps the optimizer at the end of the batch only
                 n = int(mask.sum())
-                totals["loss"] += parts.loss.item() / len(units)
-                totals["kl"] += parts.kl.item() / len(units)
+                totals["loss"] += parts.loss.item() / all_units
+                totals["kl"] += parts.kl.item() / all_units
                 totals["clip"] += parts.clip_fraction.item() * n
                 totals["ratio"] += parts.ratio_mean.item() * n
                 for lg in logits:
-                    totals["entropy"] += token_entropy(lg.detach()).mean().item() / len(batch)
+                    totals["entropy"] += token_entropy(lg.detach()).mean().item() / all_completions
             self.updates += 1
         gap = torch.cat(gaps)
         return StepMetrics(
             loss=totals["loss"],
             kl=totals["kl"],
-            clip_fraction=totals["clip"] / tokens,
+            clip_fraction=totals["clip"] / all_tokens,
             entropy=totals["entropy"],
             grad_norm=grad_norm,
             lr=float(self.engine.get_lr()[0]),
             tokens=tokens,
-            logprob_gap_mean=float(gap.mean()),
+            logprob_gap_mean=float(gap.sum()) / all_tokens,
             logprob_gap_max=float(gap.max()),
-            ratio_mean=totals["ratio"] / tokens,
+            ratio_mean=totals["ratio"] / all_tokens,
         )
 
     def export(self, out_dir: Path, version: int) -> WeightUpdate:
@@ -324,6 +393,11 @@ class GRPOLearner:
             version,
             adapter_dir=save_adapter(self.engine, self.processor, out_dir / f"adapter-v{version}"),
         )
+
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights (adapter folded into :meth:`write_policy_base`'s folder), by
+        checkpoint name: what a broadcast push sends. Every rank calls it (ZeRO-3 gathers)."""
+        return merged_state(self.engine, self.policy_base)
 
     def export_final(self, out_dir: Path) -> Path:
         """The trained policy as one adapter on the original base (SFT and GRPO adapters

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from learner.config import LoraSettings
+from rollout.hf_engine import checkpoint_dtype, merge_adapter  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -214,16 +215,67 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def init_distributed_env() -> None:
-    """Let DeepSpeed start in a plain single process (no launcher): it otherwise looks for MPI."""
-    if "RANK" in os.environ:
-        return
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits among the learner's data-parallel ranks."""
+
+    rank: int
+    world: int
+    master_addr: str
+    master_port: int
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def setup_rank(
+    rank: int | None = None,
+    world: int | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+) -> RankInfo:
+    """The rank set-up every learner process goes through before ``deepspeed.initialize``,
+    shared by the SFT cold start and the GRPO learner group.
+
+    Given a rank (a Ray learner actor), it writes the variables torchrun would set; without one
+    it reads those torchrun (or the deepspeed launcher) did set; with neither, it makes this
+    process rank 0 of 1 on a free loopback port (DeepSpeed otherwise looks for MPI). Each Ray
+    actor sees only its own GPU, as device 0, hence LOCAL_RANK 0.
+    """
+    if rank is not None:
+        if world is None or master_addr is None or master_port is None:
+            raise ValueError("a rank needs its world size, master address and master port")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in a world of {world}")
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(world),
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+    elif "RANK" not in os.environ:
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+        )
+    return RankInfo(
+        int(os.environ["RANK"]),
+        int(os.environ.get("WORLD_SIZE", 1)),
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ.get("MASTER_PORT", 0)),
     )
+
+
+def world_size() -> int:
+    """The learner's data-parallel world: WORLD_SIZE as :func:`setup_rank` left it (1 unset)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_lora_policy(
@@ -313,7 +365,7 @@ def build_engine(model, ds_config: dict, total_steps: int, warmup_ratio: float):
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
-    init_distributed_env()
+    setup_rank()
     forget_destroyed_groups()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -376,42 +428,29 @@ def _write_folder(out_dir: Path, write) -> Path:
     return out_dir
 
 
-def _checkpoint_dtype(path: Path) -> torch.dtype:
-    """The dtype a checkpoint folder stores its weights in (config.json), float32 if unsaid."""
-    import json
+def _merged_model(engine, base_path: Path):
+    from peft import PeftModel, set_peft_model_state_dict
+    from transformers import Qwen3VLForConditionalGeneration
 
-    config = json.loads((Path(path) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32)
+    state = lora_state(engine)
+    base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    peft_model = PeftModel(base, engine.module.peft_config["default"])
+    set_peft_model_state_dict(peft_model, state)
+    return peft_model.merge_and_unload().to(checkpoint_dtype(base_path))
+
+
+def merged_state(engine, base_path: Path) -> dict[str, torch.Tensor]:
+    """Full weights with the adapter folded in (merged in fp32, in the dtype ``base_path``
+    stores), by checkpoint name: what a full push sends."""
+    return {k: v.detach() for k, v in _merged_model(engine, base_path).state_dict().items()}
 
 
 def save_merged(engine, processor, base_path: Path, out_dir: Path) -> Path:
     """Full weights with the adapter folded in, as an HF checkpoint folder (for full pushes)."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from transformers import Qwen3VLForConditionalGeneration
 
     def write(tmp: Path) -> None:
-        base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
-        peft_model = PeftModel(base, engine.module.peft_config["default"])
-        set_peft_model_state_dict(peft_model, lora_state(engine))
-        merged = peft_model.merge_and_unload().to(_checkpoint_dtype(base_path))
-        merged.save_pretrained(str(tmp))
+        _merged_model(engine, base_path).save_pretrained(str(tmp))
         processor.save_pretrained(str(tmp))
-
-    return _write_folder(out_dir, write)
-
-
-def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
-    """A checkpoint folder of the base with an adapter folder merged in (merged in fp32, saved in
-    the base's dtype), with the processor: the weights vLLM serves as the SFT policy."""
-    from peft import PeftModel
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
-
-    def write(tmp: Path) -> None:
-        base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-        merged.to(_checkpoint_dtype(base_path)).save_pretrained(str(tmp))
-        AutoProcessor.from_pretrained(base_path).save_pretrained(str(tmp))
 
     return _write_folder(out_dir, write)
 

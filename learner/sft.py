@@ -13,7 +13,6 @@ with ``--resume``.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from learner.policy import (
     load_lora_policy,
     resolve_precision,
     save_adapter,
+    setup_rank,
     target_ids,
     token_logprobs,
 )
@@ -106,7 +106,8 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     out = Path(cfg.output_dir) / "sft"
     ckpt_dir = out / "checkpoints"
     s = cfg.sft
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    ranks = setup_rank()  # torchrun's (or the deepspeed launcher's) ranks, else rank 0 of 1
+    rank, world = ranks.rank, ranks.world
     lead = rank == 0  # logs, shows progress and writes the adapter
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
     top_k = cfg.data.key_slice_top_k(s.top_k)

@@ -6,11 +6,21 @@ When there are fewer prompts than actors (the paper's batch is one prompt), the 
 each prompt are split across actors instead, each part with its own seed, and put back together
 as one group, so no actor idles. An actor that dies is replaced by a fresh one, brought to the
 current weights, and its shard is generated again.
+
+Nothing here needs a disk shared with the learner: weights arrive as bytes through Ray's object
+store (or over the weight group, ``rollout.vllm_engine.WeightGroup``) and each actor writes what
+its engine loads from a folder into its own node-local scratch folder (:func:`node_scratch`):
+the adapters it is pushed, and the policy base (the base checkpoint with the SFT adapter merged
+in), built once per node from the base checkpoint and the SFT adapter's bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +29,63 @@ import ray
 from ray.exceptions import RayActorError
 
 from rollout.config import ModelConfig, RolloutConfig
-from rollout.records import Group, RolloutPrompt, WeightUpdate
+from rollout.records import FolderBytes, Group, RolloutPrompt, WeightSyncError, WeightUpdate
 
 log = logging.getLogger(__name__)
+
+SCRATCH_ENV = "MEDVOL_SCRATCH"  # a node's own scratch root, set in that node's environment
+
+
+def scratch_root(configured: str | Path | None = None) -> Path:
+    """The root of this node's scratch folders: ``$MEDVOL_SCRATCH`` where the node sets it,
+    else ``cluster.scratch_dir``, else the system's temporary folder."""
+    root = os.environ.get(SCRATCH_ENV) or configured
+    return Path(root) if root else Path(tempfile.gettempdir()) / "medvol-r1-scratch"
+
+
+def node_folder(configured: str | Path | None = None) -> Path:
+    """This Ray node's folder under the scratch root (one per node, even for two Ray nodes on
+    one machine)."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    folder = scratch_root(configured) / f"node-{node[:12]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def node_scratch(role: str, configured: str | Path | None = None) -> Path:
+    """A fresh scratch folder of one process on this node (``<role>-<pid>``)."""
+    folder = node_folder(configured) / f"{role}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 without Ray or on a loopback cluster)."""
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return "127.0.0.1"
+
+
+def policy_base(model_path: str | Path, adapter: FolderBytes, node: Path) -> Path:
+    """The base checkpoint with ``adapter`` merged in, built once on this node (the actors of a
+    node share it; a lock keeps two from building it at once) in ``node``."""
+    import fcntl
+
+    from rollout.hf_engine import merge_adapter
+
+    digest = hashlib.sha256(str(Path(model_path).resolve()).encode())
+    for name in sorted(adapter.files):
+        digest.update(name.encode() + b"\0" + adapter.files[name])
+    key = digest.hexdigest()[:16]
+    out = node / f"policy-base-{key}"
+    with open(node / f"policy-base-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "config.json").exists():
+            source = adapter.write(node / f"sft-adapter-{key}")
+            merge_adapter(Path(model_path), source, out)
+            shutil.rmtree(source, ignore_errors=True)
+    return out
 
 
 def build_engine(model_path: str | Path, cfg: RolloutConfig, model_cfg: ModelConfig | None = None):
@@ -36,13 +100,31 @@ def build_engine(model_path: str | Path, cfg: RolloutConfig, model_cfg: ModelCon
 
 
 class RolloutWorker:
-    """One engine inside a Ray actor."""
+    """One engine inside a Ray actor, with its node-local scratch folder.
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, model_cfg: ModelConfig):
+    ``base_adapter``: the SFT adapter's bytes; the engine then serves ``model_path`` with it
+    merged in (the policy base). Pushed adapters are kept in the scratch folder, the newest
+    ``keep_adapters`` of them; pushed full weights only until loaded.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        model_cfg: ModelConfig,
+        base_adapter: FolderBytes | None = None,
+        scratch_dir: str | None = None,
+        keep_adapters: int = 2,
+    ):
         from cluster.runtime import require_cuda, set_default_environment
 
         set_default_environment()
         require_cuda("rollout actor", cfg.gpus_per_actor)
+        self.scratch = node_scratch("rollout", scratch_dir)
+        self.keep_adapters = keep_adapters
+        if base_adapter is not None:
+            model_path = str(policy_base(model_path, base_adapter, self.scratch.parent))
+        self.served = [str(model_path)]  # every folder the engine has loaded, in order
         self.engine = build_engine(model_path, cfg, model_cfg)
 
     def generate(
@@ -55,15 +137,57 @@ class RolloutWorker:
         return self.engine.generate(prompts, greedy=greedy, seed=seed, group_size=group_size)
 
     def update_weights(self, update: WeightUpdate) -> int:
+        """Load ``update``: bytes are written to this actor's scratch folder first."""
+        if update.adapter is not None:
+            folder = update.adapter.write(self.scratch / f"adapter-v{update.version}")
+            update = WeightUpdate(update.version, adapter_dir=folder)
+        elif update.weights is not None:
+            folder = update.weights.write(self.scratch / f"merged-v{update.version}")
+            update = WeightUpdate(update.version, weights_dir=folder)
         self.engine.update_weights(update)
+        for folder in (update.adapter_dir, update.weights_dir):
+            if folder is not None:
+                self.served.append(str(folder))
+        # The engine holds what it loaded in memory: older adapters and loaded weights can go.
+        _prune(self.scratch, "adapter-v", self.keep_adapters)
+        _prune(self.scratch, "merged-v", 0)
         return self.engine.version
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
+        self.engine.join_weight_group(host, port, rank, world, timeout_s)
+        return rank
 
     def version(self) -> int:
         return self.engine.version
 
+    def where(self) -> dict:
+        """This actor's node, scratch folder and every folder its engine loaded (diagnostics)."""
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return {"node": node, "scratch": str(self.scratch), "served": list(self.served)}
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _prune(folder: Path, prefix: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest ``<prefix><version>`` folders in ``folder``."""
+    numbered = sorted(
+        (int(p.name[len(prefix) :]), p)
+        for p in folder.glob(f"{prefix}*")
+        if p.is_dir() and p.name[len(prefix) :].isdigit()
+    )
+    for _, path in numbered[: max(len(numbered) - keep, 0)]:
+        shutil.rmtree(path, ignore_errors=True)
+
 
 class RolloutFleet:
-    """N rollout actors behind one ``generate`` and one ``update_weights``."""
+    """N rollout actors behind one ``generate`` and one ``update_weights``.
+
+    ``catch_up``: for pushes over the weight group, which cannot be replayed to a replacement
+    actor, a function returning the current weights as an update that can (bytes). Each
+    replacement increments ``replacements``, so the owner of a weight group knows to form it
+    again.
+    """
 
     def __init__(
         self,
@@ -73,6 +197,11 @@ class RolloutFleet:
         cpus_per_actor: float = 1.0,
         placement_group=None,
         bundle_offset: int = 0,
+        base_adapter: FolderBytes | None = None,
+        scratch_dir: str | None = None,
+        keep_adapters: int = 2,
+        sync_timeout_s: float = 600.0,
+        catch_up=None,
     ):
         self.model_path = str(model_path)
         self.cfg = cfg
@@ -80,7 +209,15 @@ class RolloutFleet:
         self.cpus_per_actor = cpus_per_actor
         self.placement_group = placement_group
         self.bundle_offset = bundle_offset
-        self.last_update: WeightUpdate | None = None
+        # One copy in the object store however many actors (and replacements) read it.
+        self.base_adapter = ray.put(base_adapter) if base_adapter is not None else None
+        self.scratch_dir = scratch_dir
+        self.keep_adapters = keep_adapters
+        self.sync_timeout_s = sync_timeout_s
+        self.catch_up = catch_up
+        self.last_update = None  # a WeightUpdate or an object ref to one
+        self.version = 0
+        self.replacements = 0
         self.actors = [self._spawn(i) for i in range(cfg.num_actors)]
         ray.get([a.version.remote() for a in self.actors])  # wait until every engine is up
 
@@ -95,11 +232,30 @@ class RolloutFleet:
         actor = (
             ray.remote(RolloutWorker)
             .options(**options)
-            .remote(self.model_path, self.cfg, self.model_cfg)
+            .remote(
+                self.model_path,
+                self.cfg,
+                self.model_cfg,
+                self.base_adapter,
+                self.scratch_dir,
+                self.keep_adapters,
+            )
         )
-        if self.last_update is not None:
-            ray.get(actor.update_weights.remote(self.last_update))
+        update = self.last_update
+        if isinstance(update, WeightUpdate) and update.broadcast is not None:
+            if self.catch_up is None:
+                raise WeightSyncError(
+                    f"rollout actor {index} was replaced and weight version {self.version} "
+                    "came over the weight group: nothing can bring the replacement to it"
+                )
+            update = self.catch_up()
+        if update is not None:
+            ray.get(actor.update_weights.remote(update), timeout=self.sync_timeout_s)
         return actor
+
+    def _replace(self, index: int) -> None:
+        self.actors[index] = self._spawn(index)
+        self.replacements += 1
 
     def start(
         self,
@@ -141,17 +297,49 @@ class RolloutFleet:
         """Groups for all prompts, in order; a dead actor's shard is redone on its replacement."""
         return self.start(prompts, greedy, seed, retries).result()
 
-    def update_weights(self, update: WeightUpdate) -> None:
-        """Push new weights to every actor (a dead actor is replaced with them)."""
-        self.last_update = update
-        for i, actor in enumerate(self.actors):
+    def update_weights(self, update, version: int | None = None, alongside=()) -> None:
+        """Push new weights to every actor at once and wait for all of them, at most
+        ``sync_timeout_s`` (then :class:`WeightSyncError`); a dead actor is replaced with them.
+
+        ``update``: a WeightUpdate, or an object ref to one (then ``version`` says its version):
+        each actor fetches it from the object store of the node that made it. ``alongside``:
+        object refs that must finish with the push (learner rank 0 sending a broadcast).
+        """
+        if version is None:
+            version = update.version
+        refs = {actor.update_weights.remote(update): i for i, actor in enumerate(self.actors)}
+        waiting = [*refs, *alongside]
+        done, late = ray.wait(waiting, num_returns=len(waiting), timeout=self.sync_timeout_s)
+        if late:
+            actors = sorted(refs[r] for r in late if r in refs)
+            who = f"rollout actors {actors}" if actors else "learner rank 0"
+            raise WeightSyncError(
+                f"weight version {version}: {who} did not finish the push within "
+                f"{self.sync_timeout_s:g} s (cluster.weight_sync_timeout_s)"
+            )
+        ray.get(list(alongside))
+        self.last_update, self.version = update, version
+        for ref, i in refs.items():
             try:
-                ray.get(actor.update_weights.remote(update))
+                ray.get(ref)
             except RayActorError:
                 log.warning("rollout actor %d died during a weight update; replacing it", i)
-                self.actors[i] = self._spawn(i)
+                self._replace(i)
+
+    def join_weight_group(self, host: str, port: int, world: int, timeout_s: float) -> list:
+        """Start every actor joining the weight group at ``host:port`` (actor i as rank i + 1);
+        returns the object refs to wait on together with rank 0's own join."""
+        return [
+            actor.join_weight_group.remote(host, port, i + 1, world, timeout_s)
+            for i, actor in enumerate(self.actors)
+        ]
 
     def shutdown(self) -> None:
+        """Remove every actor's scratch folder, then the actors."""
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
@@ -184,7 +372,7 @@ class PendingGroups:
         self.fleet = fleet
         self.greedy = greedy
         self.retries = retries
-        self.version = fleet.last_update.version if fleet.last_update is not None else 0
+        self.version = fleet.version
         self._shards = dict(enumerate(shards))
         n = len(fleet.actors)
         self._actor_of = {index: index % n for index in self._shards}
@@ -219,7 +407,7 @@ class PendingGroups:
                     type(err).__name__,
                     len(shard.prompts),
                 )
-                self.fleet.actors[actor] = self.fleet._spawn(actor)
+                self.fleet._replace(actor)
                 self._refs[self._submit(index)] = index
                 continue
             if self._parts_of[shard.offset] == 1:

@@ -14,7 +14,12 @@ import torch
 from rollout.config import ModelConfig, RolloutConfig
 from rollout.prompting import check_batch, render
 from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
-from rollout.vllm_engine import check_same_architecture, vision_token_ids
+from rollout.vllm_engine import (
+    WeightGroup,
+    broadcast_mismatch,
+    check_same_architecture,
+    vision_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class TransformersEngine:
         self.dtype = getattr(torch, dtype)
         self.model = self._load(self.model_path)
         self.version = 0
+        self.weight_group: WeightGroup | None = None
         self.eos = [
             self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
             self.processor.tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -134,7 +140,62 @@ class TransformersEngine:
                 raise RolloutError(f"{update.adapter_dir}: adapter does not load ({err})") from None
             # Folded in, so generation runs at base-model speed.
             self.model = model.merge_and_unload().eval()
-        else:
+        elif update.weights_dir is not None:
             check_same_architecture(self.model_path, Path(update.weights_dir))
             self.model = self._load(Path(update.weights_dir))
+        elif update.broadcast is not None:
+            self._receive(update)
+        else:
+            raise RolloutError(
+                f"weight version {update.version}: bytes of a folder reach an engine only "
+                "through a rollout actor, which writes them to its scratch folder first"
+            )
         self.version = update.version
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
+        """Join the weight group as ``rank`` (blocks until all ``world`` members have joined)."""
+        self.weight_group = WeightGroup(host, port, rank, world, timeout_s)
+
+    def _receive(self, update: WeightUpdate) -> None:
+        if self.weight_group is None:
+            raise RolloutError("weight broadcast: this engine has not joined a weight group")
+        problem = broadcast_mismatch(self.model_path, update.broadcast)
+        # Received in full even when refused: the sender must not wait on this engine.
+        state = {name: t.clone() for name, t in self.weight_group.receive(update.broadcast)}
+        if problem is not None:
+            raise RolloutError(f"broadcast weights do not match the served model ({problem})")
+        model = self._load(self.model_path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise RolloutError(f"broadcast weights: unknown tensors {unexpected[:3]}")
+        self.model = model.eval()
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The dtype a checkpoint folder stores its weights in (config.json), float32 if unsaid."""
+    import json
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name), torch.float32)
+
+
+def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """A checkpoint folder of the base with an adapter folder merged in (merged in fp32, saved in
+    the base's dtype), with the processor: the weights vLLM serves as the SFT policy. Written to
+    a temporary sibling and renamed."""
+    import shutil
+
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base = Qwen3VLForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.to(checkpoint_dtype(base_path)).save_pretrained(str(tmp))
+    AutoProcessor.from_pretrained(base_path).save_pretrained(str(tmp))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

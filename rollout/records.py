@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,18 +35,125 @@ class Group:
     version: int  # weight version that produced the completions
 
 
+@dataclass(frozen=True, eq=False)
+class FolderBytes:
+    """A folder's files as bytes, by path relative to the folder: how adapters, checkpoints and
+    the final adapter travel between nodes that share no disk (through Ray's object store)."""
+
+    files: dict[str, bytes]
+
+    @classmethod
+    def read(cls, folder: Path) -> FolderBytes:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder")
+        return cls(
+            {
+                str(path.relative_to(folder)): path.read_bytes()
+                for path in sorted(folder.rglob("*"))
+                if path.is_file()
+            }
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+    def write(self, folder: Path) -> Path:
+        """The files under ``folder``, written to a temporary sibling and renamed (a reader never
+        sees half of them); whatever was in ``folder`` before is replaced."""
+        folder = Path(folder)
+        tmp = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, content in self.files.items():
+            path = tmp / name
+            if tmp.resolve() not in path.resolve().parents:
+                raise ValueError(f"{name!r}: a file name that leaves its folder")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        return folder
+
+    @classmethod
+    def union(cls, parts: list[FolderBytes]) -> FolderBytes:
+        """One folder of several processes' files (e.g. each rank's checkpoint shards); a name
+        that two parts hold with different contents is an error."""
+        files: dict[str, bytes] = {}
+        for part in parts:
+            for name, content in part.files.items():
+                if name in files and files[name] != content:
+                    raise ValueError(f"{name}: two parts hold different contents")
+                files[name] = content
+        return cls(files)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a broadcast: its checkpoint name, shape and dtype (``torch.float32`` ->
+    ``"float32"``)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class WeightBroadcast:
+    """Full weights that learner rank 0 sends over the weight group (``rollout.vllm_engine.
+    WeightGroup``): the tensors in the order sent, packed in buckets (each bucket one flat buffer
+    of one dtype, so a push is a few large collectives, not one per tensor)."""
+
+    buckets: tuple[tuple[TensorSpec, ...], ...]
+
+    def as_plain(self) -> list:
+        """Lists of str/int only: what survives vLLM's ``collective_rpc`` across processes."""
+        return [[[s.name, list(s.shape), s.dtype] for s in bucket] for bucket in self.buckets]
+
+    @classmethod
+    def from_plain(cls, plain: list) -> WeightBroadcast:
+        return cls(tuple(tuple(TensorSpec(n, tuple(shape), d) for n, shape, d in b) for b in plain))
+
+
 @dataclass(frozen=True)
 class WeightUpdate:
-    """New policy weights for the engines: a LoRA adapter folder or a full checkpoint folder."""
+    """New policy weights for the engines, exactly one of: a LoRA adapter or a full checkpoint,
+    each as a folder on this node or as the folder's bytes (sent through Ray's object store; the
+    receiving actor writes them to its node-local scratch folder), or full weights arriving over
+    the weight group (learner rank 0 broadcasting to every engine)."""
 
     version: int
     adapter_dir: Path | None = None  # peft adapter (adapter_config.json + weights)
     weights_dir: Path | None = None  # merged HF weights (safetensors) of the same architecture
+    adapter: FolderBytes | None = None  # an adapter folder's bytes
+    weights: FolderBytes | None = None  # a merged checkpoint folder's bytes
+    broadcast: WeightBroadcast | None = None  # merged weights over the weight group
 
     def __post_init__(self) -> None:
-        if (self.adapter_dir is None) == (self.weights_dir is None):
-            raise ValueError("a weight update needs exactly one of adapter_dir or weights_dir")
+        given = [
+            name
+            for name in ("adapter_dir", "weights_dir", "adapter", "weights", "broadcast")
+            if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "a weight update needs exactly one of adapter_dir, weights_dir, adapter, "
+                f"weights or broadcast, got {given or 'none'}"
+            )
 
 
 class RolloutError(ValueError):
     """A request the engine cannot serve (it keeps serving others); names the sample."""
+
+
+class WeightSyncError(RuntimeError):
+    """A weight push that did not complete (timed out, or a peer of the weight group failed);
+    names the version and the setting that bounds it. The step fails instead of hanging."""

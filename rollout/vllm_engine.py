@@ -1,9 +1,13 @@
 """The rollout engine over vLLM: G samples per prompt in one generate call, live weight updates.
 
 LoRA updates use one ``LoRARequest`` per adapter version (vLLM loads it on first use, the base
-weights stay put). Full-weight updates reload the worker's weights from a folder in place
-(``reload_weights``), then drop the prefix and encoder caches, which would otherwise serve
-activations of the old weights.
+weights stay put). Full-weight updates reload the worker's weights in place (``reload_weights``)
+from a folder, or from tensors arriving over the weight group (:class:`WeightGroup`: learner rank
+0 broadcasts to every engine, NCCL on GPUs, gloo on CPU), then drop the prefix and encoder
+caches, which would otherwise serve activations of the old weights. The broadcast is taken by
+the vLLM worker itself (:class:`WeightReceiver`, its ``worker_extension_cls``), in the engine
+process or the engine-core process alike: only tensor names, shapes and dtypes cross
+``collective_rpc``, as tensors inside its arguments do not survive between processes.
 """
 
 from __future__ import annotations
@@ -11,11 +15,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rollout.config import ModelConfig, RolloutConfig
 from rollout.prompting import check_batch, render
-from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
+from rollout.records import (
+    Completion,
+    Group,
+    RolloutError,
+    RolloutPrompt,
+    TensorSpec,
+    WeightBroadcast,
+    WeightSyncError,
+    WeightUpdate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +103,8 @@ class VLLMEngine:
             # Logprobs of the distribution tokens were drawn from (after temperature), which
             # the learner scores them under too; vLLM's default is the raw, untempered one.
             logprobs_mode="processed_logprobs",
+            # The worker joins the weight group and takes broadcast weights itself.
+            worker_extension_cls="rollout.vllm_engine.WeightReceiver",
             **kwargs,
         )
         self.version = 0
@@ -157,8 +173,15 @@ class VLLMEngine:
         engine keeps its current weights."""
         if update.adapter_dir is not None:
             self._use_adapter(update)
-        else:
+        elif update.weights_dir is not None:
             self._reload(update)
+        elif update.broadcast is not None:
+            self._receive(update.broadcast)
+        else:
+            raise RolloutError(
+                f"weight version {update.version}: bytes of a folder reach an engine only "
+                "through a rollout actor, which writes them to its scratch folder first"
+            )
         self.version = update.version
         log.info("rollout engine now at weight version %d", update.version)
 
@@ -193,9 +216,167 @@ class VLLMEngine:
     def _reload(self, update: WeightUpdate) -> None:
         check_same_architecture(self.model_path, Path(update.weights_dir))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(update.weights_dir)})
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
         # Cached prefixes and image encodings were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
+        """Join the weight group as ``rank`` (blocks until all ``world`` members have joined)."""
+        self.llm.collective_rpc("join_weight_group", args=(host, port, rank, world, timeout_s))
+
+    def _receive(self, broadcast: WeightBroadcast) -> None:
+        """Take a broadcast of full weights; one that does not fit the served model is received
+        all the same (the sender must not wait on us) and then refused."""
+        problem = broadcast_mismatch(self.model_path, broadcast)
+        self.llm.collective_rpc("receive_weights", args=(broadcast.as_plain(), problem is None))
+        if problem is not None:
+            raise RolloutError(f"broadcast weights do not match the served model ({problem})")
+        self._reset_caches()
+
+
+class WeightGroup:
+    """The collective group that full weights travel over when nodes share no disk: learner
+    rank 0 (rank 0, which hosts the rendezvous store) and every rollout engine (ranks 1..N).
+    NCCL between GPUs and gloo on CPU, through the same code. Each collective fails after
+    ``timeout_s`` with :class:`WeightSyncError` instead of hanging."""
+
+    def __init__(self, host: str, port: int, rank: int, world: int, timeout_s: float, store=None):
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        self.rank, self.world, self.timeout_s = rank, world, float(timeout_s)
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        backend = "nccl" if cuda else "gloo"
+        try:
+            if store is None:
+                store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+            self.store = store  # rank 0's store serves the others: keep it alive
+            store.set(f"backend/{rank}", backend)
+            first = store.get("backend/0").decode()
+            if first != backend:
+                raise WeightSyncError(
+                    f"weight group: learner rank 0 uses {first} but rank {rank} has {backend} "
+                    "(learner and rollout actors must both be on GPUs, or both on CPUs)"
+                )
+            group = dist.ProcessGroupNCCL if cuda else dist.ProcessGroupGloo
+            self.group = group(store, rank, world, timeout)
+        except RuntimeError as err:
+            raise WeightSyncError(
+                f"weight group: rank {rank} of {world} could not join {host}:{port} within "
+                f"{self.timeout_s:g} s (cluster.weight_sync_timeout_s): {err}"
+            ) from None
+
+    @staticmethod
+    def open(world: int, timeout_s: float) -> tuple[object, str, int]:
+        """Rank 0's rendezvous store on a free port of this node: (store, host, port)."""
+        import datetime
+
+        import torch.distributed as dist
+
+        from rollout.actor import node_ip
+
+        host = node_ip()
+        store = dist.TCPStore(
+            host,
+            0,
+            world,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        return store, host, store.port
+
+    def _broadcast(self, flat, index: int, count: int) -> None:
+        import torch
+        import torch.distributed as dist
+
+        options = dist.BroadcastOptions()
+        options.rootRank, options.rootTensor = 0, 0
+        try:
+            self.group.broadcast([flat], options).wait()
+            if flat.is_cuda:
+                torch.cuda.synchronize(flat.device)
+        except RuntimeError as err:
+            size = flat.numel() * flat.element_size() / 2**20
+            raise WeightSyncError(
+                f"weight broadcast: bucket {index + 1}/{count} ({size:.1f} MiB) did not complete "
+                f"on rank {self.rank} of {self.world} within {self.timeout_s:g} s "
+                f"(cluster.weight_sync_timeout_s): {err}"
+            ) from None
+
+    def send(self, tensors: Iterable, broadcast: WeightBroadcast) -> None:
+        """Rank 0: ``(name, tensor)`` pairs in ``broadcast``'s order, one collective a bucket."""
+        import torch
+
+        pairs = iter(tensors)
+        for index, bucket in enumerate(broadcast.buckets):
+            dtype = getattr(torch, bucket[0].dtype)
+            parts = []
+            for spec in bucket:
+                name, tensor = next(pairs)
+                if name != spec.name or tuple(tensor.shape) != spec.shape:
+                    raise ValueError(f"{name} {tuple(tensor.shape)} sent where {spec} was planned")
+                parts.append(tensor.detach().reshape(-1).to(dtype))
+            flat = torch.cat(parts)
+            if self.device is not None:
+                flat = flat.to(self.device)
+            self._broadcast(flat, index, len(broadcast.buckets))
+
+    def receive(self, broadcast: WeightBroadcast) -> Iterator:
+        """Ranks 1..N: ``(name, tensor)`` pairs as each bucket arrives."""
+        import torch
+
+        for index, bucket in enumerate(broadcast.buckets):
+            dtype = getattr(torch, bucket[0].dtype)
+            flat = torch.empty(sum(s.numel for s in bucket), dtype=dtype, device=self.device)
+            self._broadcast(flat, index, len(broadcast.buckets))
+            offset = 0
+            for spec in bucket:
+                yield spec.name, flat[offset : offset + spec.numel].view(spec.shape)
+                offset += spec.numel
+
+
+def plan_buckets(tensors: Iterable, bucket_bytes: int) -> WeightBroadcast:
+    """The broadcast of ``(name, tensor)`` pairs, in their order: consecutive tensors of one
+    dtype share a bucket of at most ``bucket_bytes`` (a larger tensor gets a bucket alone)."""
+    buckets: list[list[TensorSpec]] = []
+    size = 0
+    for name, tensor in tensors:
+        spec = TensorSpec(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        nbytes = tensor.numel() * tensor.element_size()
+        if not buckets or buckets[-1][0].dtype != spec.dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(spec)
+        size += nbytes
+    return WeightBroadcast(tuple(tuple(b) for b in buckets))
+
+
+class WeightReceiver:
+    """What vLLM mixes into its workers (``worker_extension_cls``): the worker joins the weight
+    group and reloads its weights in place from the tensors as they arrive."""
+
+    def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
+        self._medvol_weight_group = WeightGroup(host, port, rank, world, timeout_s)
+        return True
+
+    def receive_weights(self, plain: list, load: bool = True) -> int:
+        group = getattr(self, "_medvol_weight_group", None)
+        if group is None:
+            raise WeightSyncError("weight broadcast: this engine has not joined a weight group")
+        pairs = group.receive(WeightBroadcast.from_plain(plain))
+        if load:
+            self.reload_weights(weights_iterator=pairs)
+        for _ in pairs:  # what the reload did not take still has to be received
+            pass
+        return sum(len(b) for b in plain)
 
 
 def vision_token_ids(tokenizer) -> list[int]:
@@ -205,28 +386,40 @@ def vision_token_ids(tokenizer) -> list[int]:
     return [i for i in (tokenizer.convert_tokens_to_ids(n) for n in names) if i is not None]
 
 
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint folder, from its safetensors headers."""
+    from safetensors import safe_open
+
+    out = {}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise RolloutError(f"{folder}: no .safetensors weights")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                out[key] = tuple(f.get_slice(key).get_shape())
+    return out
+
+
+def _shape_mismatch(old: dict, fresh: dict) -> str | None:
+    wrong = [k for k in fresh if k in old and old[k] != fresh[k]]
+    unknown = [k for k in fresh if k not in old]
+    if not (wrong or unknown):
+        return None
+    return "; ".join(
+        [f"{k}: {fresh[k]} vs {old[k]}" for k in wrong[:3]] + [f"unknown {k}" for k in unknown[:3]]
+    )
+
+
 def check_same_architecture(current: Path, new: Path) -> None:
     """Raise unless ``new`` holds weights of the same shapes as ``current`` (by config and by
     the safetensors headers), so a bad push is refused before anything is loaded."""
-    from safetensors import safe_open
-
-    def shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-        out = {}
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise RolloutError(f"{folder}: no .safetensors weights")
-        for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    out[key] = tuple(f.get_slice(key).get_shape())
-        return out
-
-    old, fresh = shapes(current), shapes(new)
-    wrong = [k for k in fresh if k in old and old[k] != fresh[k]]
-    unknown = [k for k in fresh if k not in old]
-    if wrong or unknown:
-        detail = "; ".join(
-            [f"{k}: {fresh[k]} vs {old[k]}" for k in wrong[:3]]
-            + [f"unknown {k}" for k in unknown[:3]]
-        )
+    detail = _shape_mismatch(checkpoint_shapes(current), checkpoint_shapes(new))
+    if detail is not None:
         raise RolloutError(f"{new}: weights do not match the served model ({detail})")
+
+
+def broadcast_mismatch(current: Path, broadcast: WeightBroadcast) -> str | None:
+    """Why a broadcast's tensors do not fit the checkpoint in ``current``; None when they do."""
+    fresh = {s.name: s.shape for bucket in broadcast.buckets for s in bucket}
+    return _shape_mismatch(checkpoint_shapes(current), fresh)
