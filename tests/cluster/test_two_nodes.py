@@ -25,6 +25,20 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+def cluster_env(**extra: str) -> dict[str, str]:
+    """The environment of both nodes and of every driver: Ray's cluster mode (the project keeps
+    it off for its one-node runs, but `ray start --address` refuses to add a node without it,
+    and in it Ray takes the machine's network address for 127.0.0.1, so every node and driver
+    here names that address)."""
+    return {**RayHead.env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", **extra}
+
+
+def machine_ip() -> str:
+    from ray._private.services import get_node_ip_address
+
+    return get_node_ip_address()
+
+
 def ray_start(temp_dir: Path, resources: dict, hidden: list[Path], scratch: Path, head=None):
     """``ray start`` of one node inside its own mount namespace, ``hidden`` folders replaced by
     empty tmpfs mounts there; returns the head's port (or ``head``)."""
@@ -34,7 +48,7 @@ def ray_start(temp_dir: Path, resources: dict, hidden: list[Path], scratch: Path
         ray,
         "start",
         "--node-ip-address",
-        "127.0.0.1",
+        machine_ip(),
         "--num-cpus",
         "2",
         "--resources",
@@ -56,15 +70,10 @@ def ray_start(temp_dir: Path, resources: dict, hidden: list[Path], scratch: Path
         args += ["--ray-client-server-port", str(free_port())]
         args += ["--min-worker-port", "20000", "--max-worker-port", "24999"]
     else:
-        args += ["--address", f"127.0.0.1:{head}"]
+        args += ["--address", f"{machine_ip()}:{head}"]
         args += ["--min-worker-port", "25000", "--max-worker-port", "29999"]
     mounts = " && ".join(f"mount -t tmpfs -o size=16m hidden {shlex.quote(str(p))}" for p in hidden)
-    env = {**RayHead.env(), "MEDVOL_SCRATCH": str(scratch)}
-    if head is not None:
-        # The project keeps Ray out of "cluster mode" (else it takes the machine's network
-        # address for 127.0.0.1), and `ray start --address` refuses to add a node without it;
-        # every node and driver here names 127.0.0.1 explicitly.
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    env = cluster_env(MEDVOL_SCRATCH=str(scratch))
     command = f"{mounts} && {shlex.join(args)}"
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", command],
@@ -87,7 +96,7 @@ def seen_from(address: str, resource: str, paths: list[Path]) -> dict:
         f"print(json.dumps(ray.get(look.remote({[str(p) for p in paths]!r}))))\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=RayHead.env(), check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cluster_env(), check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -105,7 +114,7 @@ def two_nodes(tmp_path_factory):
     try:
         ray_start(heads[1], {"rollout_node": 4}, [driver, learner_scratch], rollout_scratch, port)
         yield {
-            "address": f"127.0.0.1:{port}",
+            "address": f"{machine_ip()}:{port}",
             "driver": driver,
             "learner": learner_scratch,
             "rollout": rollout_scratch,
@@ -164,14 +173,19 @@ def test_grpo_on_two_nodes_advances_and_resumes_with_weights_as_bytes(
     ]
     started = time.perf_counter()
     first = subprocess.run(
-        [*args, "steps=1"], cwd=REPO, capture_output=True, text=True, timeout=600
+        [*args, "steps=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=cluster_env()
     )
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = out / "grpo" / "checkpoints" / "step-1" / "learner" / "ckpt"
     shards = sorted(p.name for p in checkpoint.glob("zero_pp_rank_*"))
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     second = subprocess.run(
-        [*args, "steps=2", "--resume"], cwd=REPO, capture_output=True, text=True, timeout=600
+        [*args, "steps=2", "--resume"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cluster_env(),
     )
     assert second.returncode == 0, second.stderr[-3000:]
     print(f"two-node run, 1 step + resume 1 step: {time.perf_counter() - started:.0f} s")
