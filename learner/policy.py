@@ -351,12 +351,18 @@ def deepspeed_config(
 def forget_destroyed_groups() -> None:
     """DeepSpeed caches its process groups; when another part of the process tears the torch
     world down (vLLM's in-process engine does on shutdown), the next DeepSpeed engine would
-    reuse the dead groups and fail with "Group ... is not registered". Drop them first."""
+    reuse the dead groups and fail with "Group ... is not registered". Drop them first. A
+    process that is a world of its own also takes a fresh rendezvous port: the torn-down
+    world's store may still hold the old one (EADDRINUSE)."""
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    if not dist.is_initialized() and hasattr(groups, "_release_process_group_references"):
+    if dist.is_initialized():
+        return
+    if hasattr(groups, "_release_process_group_references"):
         groups._release_process_group_references(None)
+    if world_size() == 1:
+        os.environ["MASTER_PORT"] = str(free_port(os.environ.get("MASTER_ADDR", "127.0.0.1")))
 
 
 def build_engine(model, ds_config: dict, total_steps: int, warmup_ratio: float):

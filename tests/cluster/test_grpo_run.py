@@ -306,5 +306,6 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
     assert all(v in (2.0, 3.0, 4.0) for v in drawn.values()), drawn
     assert history("reward/timeouts") == {1: 0.0, 2: 0.0, 3: 0.0}
     assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
-    pushed = sorted(p.name for p in (tmp_path / "grpo" / "weights").glob("adapter-v*"))
-    assert pushed == ["adapter-v2", "adapter-v3"]  # keep_adapters: 2
+    # Pushed adapters travel as bytes into the actors' own scratch folders (pruned there to
+    # keep_adapters, tests/rollout/test_weight_sync.py): none is written under output_dir.
+    assert not (tmp_path / "grpo" / "weights").exists()
