@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
 
     one_time = 0.0  # seconds spent building the stand-in for a pretrained checkpoint
     if base.model.path is None and base.model.grounding_epochs > 0:
-        from learner.grounding import pretrained_dir, pretrained_tiny_model
+        from learner.grounding import MARKER, pretrained_dir, pretrained_tiny_model
 
         folder = pretrained_dir(base)
-        if (folder / "medvol_grounding.json").exists():
+        if (folder / MARKER).exists():
             say(f"the tiny model's stand-in for a pretrained checkpoint: reused from {folder}")
         else:
             say(

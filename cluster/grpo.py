@@ -64,7 +64,7 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 waits for the other ranks (torch.distributed's master): this node."""
-        from learner.policy import free_port
+        from cluster.services import free_port
         from rollout.actor import node_ip
 
         host = node_ip()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CACHE_ROOT = Path(os.environ.get("MEDVOL_CACHE", Path.home() / ".cache" / "medvol-r1"))
@@ -56,3 +59,18 @@ def require_cuda(role: str, gpus: float) -> None:
         "the GPU environment (MEDVOL_TARGET=gpu bash scripts/setup.sh) and an NVIDIA driver "
         ">= 580."
     )
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (created with its folder), held for the block: so
+    that processes starting together (torchrun ranks, tests, a node's actors) build a shared
+    folder once instead of each on its own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -18,10 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free on ``host`` now (the OS's pick)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def agent_port_args() -> list[str]:
+    """``ray start`` flags giving a node's agents free ports. Their defaults are fixed: a second
+    Ray on the machine (a test's local instance, another head or node) would hold them, and this
+    node's job agent would never come up ("No available agent to submit job")."""
+    flags = (
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--runtime-env-agent-port",
+        "--metrics-export-port",
+    )
+    return [arg for flag in flags for arg in (flag, str(free_port()))]
 
 
 def _bin(name: str) -> str:
@@ -66,17 +80,7 @@ class RayHead:
                 "--disable-usage-stats",
                 "--ray-client-server-port",
                 str(free_port()),
-                # The agents' default ports are fixed: a second Ray on the machine (a test's
-                # local instance, another head) would hold them and this head's job agent would
-                # never come up ("No available agent to submit job").
-                "--dashboard-agent-listen-port",
-                str(free_port()),
-                "--dashboard-agent-grpc-port",
-                str(free_port()),
-                "--runtime-env-agent-port",
-                str(free_port()),
-                "--metrics-export-port",
-                str(free_port()),
+                *agent_port_args(),
                 "--min-worker-port",
                 "20000",
                 "--max-worker-port",

@@ -23,12 +23,10 @@ It is not part of the paper's method, and a real checkpoint (``model.path``) ski
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,8 @@ GROUNDING_VERSION = 3
 # The corpus phantoms' random stream: run phantoms draw case i from [seed, i], the corpus from
 # [seed, i, CORPUS_STREAM], a different stream for every seed.
 CORPUS_STREAM = 1
+# Written into the stand-in's folder last: its presence means the folder is complete.
+MARKER = "medvol_grounding.json"
 
 
 def grounding_key(cfg) -> str:
@@ -77,26 +77,14 @@ def explicit_query(label: str) -> str:
     return f"Segment the {label}."
 
 
-@contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` (a file), so processes that start together (torchrun
-    ranks, tests) build the stand-in once instead of each on its own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def pretrained_tiny_model(cfg, progress: bool = True) -> Path:
     """The grounded tiny model for ``cfg``: reused from the cache when complete, else built
     (random tiny model, corpus phantoms, the stage) and left there. Returns its folder."""
+    from cluster.runtime import file_lock
+
     out = pretrained_dir(cfg)
-    marker = out / "medvol_grounding.json"
-    with _locked(out.with_name(out.name + ".lock")):
-        if marker.exists():
+    with file_lock(out.with_name(out.name + ".lock")):
+        if (out / MARKER).exists():
             return out
         from data.phantoms import SMALL_SHAPE, write_phantoms
         from rollout.tiny_model import build_tiny_qwen3vl
@@ -172,7 +160,7 @@ def ground(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     processor.save_pretrained(str(tmp))
-    (tmp / "medvol_grounding.json").write_text(
+    (tmp / MARKER).write_text(
         json.dumps({"key": grounding_key(cfg), "samples": len(usable), "epochs": epochs})
     )
     shutil.rmtree(out_dir, ignore_errors=True)

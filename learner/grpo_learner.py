@@ -34,7 +34,6 @@ from learner.policy import (
     encode_prompt,
     group_completion_logits,
     load_lora_policy,
-    merge_adapter,
     merged_state,
     pack_group,
     packing_supported,
@@ -47,6 +46,7 @@ from learner.policy import (
     with_completion,
     world_size,
 )
+from rollout.hf_engine import merge_adapter
 from rollout.records import WeightUpdate
 
 log = logging.getLogger(__name__)

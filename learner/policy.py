@@ -24,14 +24,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cluster.services import free_port
 from learner.config import LoraSettings
-from rollout.hf_engine import checkpoint_dtype, merge_adapter  # noqa: F401 - re-exported
+from rollout.hf_engine import checkpoint_dtype
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +221,6 @@ class RankInfo:
 
     rank: int
     world: int
-    master_addr: str
-    master_port: int
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def setup_rank(
@@ -265,12 +257,7 @@ def setup_rank(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(free_port()),
         )
-    return RankInfo(
-        int(os.environ["RANK"]),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        os.environ.get("MASTER_ADDR", "127.0.0.1"),
-        int(os.environ.get("MASTER_PORT", 0)),
-    )
+    return RankInfo(int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1)))
 
 
 def world_size() -> int:

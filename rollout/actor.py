@@ -70,8 +70,7 @@ def node_ip() -> str:
 def policy_base(model_path: str | Path, adapter: FolderBytes, node: Path) -> Path:
     """The base checkpoint with ``adapter`` merged in, built once on this node (the actors of a
     node share it; a lock keeps two from building it at once) in ``node``."""
-    import fcntl
-
+    from cluster.runtime import file_lock
     from rollout.hf_engine import merge_adapter
 
     digest = hashlib.sha256(str(Path(model_path).resolve()).encode())
@@ -79,8 +78,7 @@ def policy_base(model_path: str | Path, adapter: FolderBytes, node: Path) -> Pat
         digest.update(name.encode() + b"\0" + adapter.files[name])
     key = digest.hexdigest()[:16]
     out = node / f"policy-base-{key}"
-    with open(node / f"policy-base-{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(node / f"policy-base-{key}.lock"):
         if not (out / "config.json").exists():
             source = adapter.write(node / f"sft-adapter-{key}")
             merge_adapter(Path(model_path), source, out)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.services import RayHead, free_port
+from cluster.services import RayHead, agent_port_args, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,7 @@ def ray_start(temp_dir: Path, resources: dict, hidden: list[Path], scratch: Path
         "--temp-dir",
         str(temp_dir),
         "--disable-usage-stats",
-        "--dashboard-agent-listen-port",
-        str(free_port()),
-        "--dashboard-agent-grpc-port",
-        str(free_port()),
-        "--runtime-env-agent-port",
-        str(free_port()),
-        "--metrics-export-port",
-        str(free_port()),
+        *agent_port_args(),
     ]
     if head is None:
         args += ["--head", "--port", str(port), "--include-dashboard", "false"]
