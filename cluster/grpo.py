@@ -492,7 +492,9 @@ class GRPOTrainer:
                     include_dashboard=False,
                     log_to_driver=bool(cfg.cluster.log_to_driver),
                 )
-        group = placement_group(placement.bundles, strategy=placement.strategy)
+        self.placement_group = group = placement_group(
+            placement.bundles, strategy=placement.strategy
+        )
         ray.get(group.ready(), timeout=600)
 
         self.checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
@@ -760,10 +762,15 @@ class GRPOTrainer:
         return metrics
 
     def close(self) -> None:
+        """End the MLflow run and free everything the run holds on the cluster, its placement
+        group included (a second run in the same Ray instance can then be placed)."""
+        from ray.util.placement_group import remove_placement_group
+
         self.tracker.end()
         self.pool.shutdown()
         self.fleet.shutdown()
         self.learners.close()
+        remove_placement_group(self.placement_group)
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:

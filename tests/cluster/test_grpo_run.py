@@ -309,3 +309,29 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
     # Pushed adapters travel as bytes into the actors' own scratch folders (pruned there to
     # keep_adapters, tests/rollout/test_weight_sync.py): none is written under output_dir.
     assert not (tmp_path / "grpo" / "weights").exists()
+
+
+@pytest.mark.slow
+def test_a_closed_run_frees_its_placement_group_for_the_next_run(run_args, tmp_path):
+    """Two runs one after the other in one Ray instance (a notebook, ``bench.overlap``): closing
+    the first removes its placement group, so the second is placed instead of waiting for CPUs
+    the first still holds."""
+    import ray
+    from ray.util import placement_group_table
+
+    from cluster.grpo import GRPOTrainer
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    try:
+        for i in range(2):
+            cfg = load_run_config(
+                "configs/tiny.yaml",
+                [*run_args, f"output_dir={tmp_path / str(i)}", f"tracking.tracking_uri={uri}"],
+            )
+            trainer = GRPOTrainer(cfg)
+            assert trainer.step()["reward/workers"] == 1
+            group = trainer.placement_group.id.hex()
+            trainer.close()
+            assert placement_group_table()[group]["state"] == "REMOVED"
+    finally:
+        ray.shutdown()
