@@ -30,8 +30,12 @@ import logging
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -746,18 +750,29 @@ class GRPOTrainer:
 
     def fit(self) -> dict:
         """Steps until the run's step count, checkpointing on schedule; the last step's metrics.
-        Ends with the trained policy as one adapter in ``<output_dir>/grpo/adapter``."""
+        Ends with the trained policy as one adapter in ``<output_dir>/grpo/adapter``.
+
+        Ctrl-C (SIGINT) stops the run after the step under way, with a checkpoint of it, and
+        raises KeyboardInterrupt; ``--resume`` continues from there. A second Ctrl-C stops at
+        once (the run then resumes from its last scheduled checkpoint)."""
         from tqdm import tqdm
 
         metrics: dict = {}
-        with tqdm(total=self.steps, initial=self.state["step"], desc="GRPO") as bar:
+        with (
+            stop_requests() as stop,
+            tqdm(total=self.steps, initial=self.state["step"], desc="GRPO") as bar,
+        ):
             while self.state["step"] < self.steps and self._batch_left():
                 metrics = self.step()
                 step = self.state["step"]
-                if step % self.cfg.checkpoint_every == 0 or step == self.steps:
+                due = step % self.cfg.checkpoint_every == 0 or step == self.steps
+                if due or stop.is_set():
                     self.checkpoint()
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward/total']:.3f}")
+                if stop.is_set():
+                    log.warning("interrupted: stopped after step %d, checkpoint saved", step)
+                    raise KeyboardInterrupt
         self.learners.export_final(self.out / "adapter")
         return metrics
 
@@ -771,6 +786,32 @@ class GRPOTrainer:
         self.fleet.shutdown()
         self.learners.close()
         remove_placement_group(self.placement_group)
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
+    """An event set by the first SIGINT inside the block (a Python-level handler only sets it,
+    so the request cannot be lost in a callback that swallows KeyboardInterrupt); the handler
+    then steps aside, and a second SIGINT raises KeyboardInterrupt as usual. Outside the main
+    thread no handler can be installed, and the event is never set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # installed outside Python: hand back Python's default
+        previous = signal.default_int_handler
+
+    def request(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        log.warning("interrupt: stopping after this step (Ctrl-C again to stop now)")
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run(cfg: RunConfig, resume: bool = False) -> dict:

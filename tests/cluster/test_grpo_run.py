@@ -119,6 +119,21 @@ def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
         load_run_config("configs/tiny.yaml", ["keep_checkpoints=0"])
 
 
+def test_a_first_interrupt_asks_to_stop_and_a_second_interrupts():
+    from cluster.grpo import stop_requests
+
+    before = signal.getsignal(signal.SIGINT)
+    with stop_requests() as stop:
+        assert not stop.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread at the next bytecode
+        assert stop.is_set()  # asked, not raised
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
     from cluster.grpo import main
     from data.cli import run_cli
@@ -240,8 +255,10 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
     while not latest.exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.5)
     assert latest.read_text().strip() == "step-2"
-    first.send_signal(signal.SIGINT)  # the driver dies mid-run
-    first.wait(timeout=120)
+    first.send_signal(signal.SIGINT)  # Ctrl-C mid-run: it stops after the step under way
+    assert first.wait(timeout=120) == 130  # "error: interrupted", not a finished run
+    stopped = int(latest.read_text().strip().removeprefix("step-"))
+    assert 2 <= stopped < 6  # the interrupted step's checkpoint
     scale.write_text("2")  # change the reward worker count for the rest of the run
     second = subprocess.run(
         [*args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=900
@@ -256,9 +273,9 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
         h.step: h.value
         for h in MlflowClient(uri).get_metric_history(runs[0].info.run_id, "reward/workers")
     }
-    # The interrupt can land a step or two after checkpoint 2; the resumed driver runs the rest,
-    # the last step at least, with the new worker count.
+    # The resumed driver runs the steps after the interrupted one with the new worker count.
     assert workers[6] == 2 and workers[1] == 1
+    assert all(workers[s] == 1 for s in range(1, stopped + 1))
 
 
 @pytest.mark.slow
