@@ -122,16 +122,21 @@ def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
 def test_a_first_interrupt_asks_to_stop_and_a_second_interrupts():
     from cluster.grpo import stop_requests
 
-    before = signal.getsignal(signal.SIGINT)
-    with stop_requests() as stop:
-        assert not stop.is_set()
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs in the main thread at the next bytecode
-        assert stop.is_set()  # asked, not raised
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own handler before the block, whatever an earlier test left installed
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stop_requests() as stop:
+            assert not stop.is_set()
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert signal.getsignal(signal.SIGINT) is before
+            time.sleep(0.1)  # the handler runs in the main thread at the next bytecode
+            assert stop.is_set()  # asked, not raised
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        if outer is not None:  # None: a handler installed outside Python, left as it was
+            signal.signal(signal.SIGINT, outer)
 
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
