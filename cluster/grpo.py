@@ -43,7 +43,7 @@ import numpy as np
 
 from cluster.config import RunConfig, load_run_config, to_dict
 from cluster.placement import Placement, assign, describe, describe_assignment, parse_cluster, plan
-from cluster.runtime import require_cuda, set_default_environment
+from cluster.runtime import prune, require_cuda, set_default_environment
 from rollout.records import FolderBytes, WeightSyncError, WeightUpdate
 
 log = logging.getLogger("cluster.grpo")
@@ -103,9 +103,9 @@ class LearnerWorker:
         return self.where()
 
     def where(self) -> dict:
-        import ray
+        from rollout.actor import node_id
 
-        return {"node": ray.get_runtime_context().get_node_id(), "scratch": str(self.scratch)}
+        return {"node": node_id(), "scratch": str(self.scratch)}
 
     def step(self, batch, batch_tokens: int):
         return self.learner.step(batch, batch_tokens)
@@ -282,14 +282,9 @@ class LearnerGroup:
         return self._all("export_final")[0].write(out_dir)
 
     def close(self) -> None:
-        import ray
+        from rollout.actor import close_actors
 
-        try:
-            ray.get([w.close.remote() for w in self.workers], timeout=60)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        for worker in self.workers:
-            ray.kill(worker)
+        close_actors(self.workers)
 
 
 class WeightSync:
@@ -431,21 +426,6 @@ class Checkpoints:
         marker.replace(self.root / "latest")
         prune(self.root, "step-", self.keep)
         return final
-
-
-def prune(folder: Path, prefix: str, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest ``<prefix><number>`` folders in ``folder`` (by number);
-    returns what was deleted. Each step writes an adapter and every few steps a checkpoint, so
-    a long run would otherwise fill the disk."""
-    numbered = []
-    for path in folder.glob(f"{prefix}*"):
-        suffix = path.name[len(prefix) :]
-        if path.is_dir() and suffix.isdigit():
-            numbered.append((int(suffix), path))
-    doomed = [path for _, path in sorted(numbered)[:-keep]] if keep > 0 else []
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
 
 
 def rng_state(rng: np.random.Generator) -> dict:

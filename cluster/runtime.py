@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,3 +75,19 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prune(folder: Path, prefix: str, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``<prefix><number>`` folders in ``folder`` (by number;
+    ``keep`` 0 deletes them all); returns what was deleted. A run writes a checkpoint every few
+    steps and each rollout actor an adapter every step: a long run would otherwise fill the
+    disk."""
+    numbered = []
+    for path in folder.glob(f"{prefix}*"):
+        suffix = path.name[len(prefix) :]
+        if path.is_dir() and suffix.isdigit():
+            numbered.append((int(suffix), path))
+    doomed = [path for _, path in sorted(numbered)[: max(len(numbered) - keep, 0)]]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed

@@ -43,11 +43,15 @@ def scratch_root(configured: str | Path | None = None) -> Path:
     return Path(root) if root else Path(tempfile.gettempdir()) / "medvol-r1-scratch"
 
 
+def node_id() -> str:
+    """This process's Ray node ("local" without Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 def node_folder(configured: str | Path | None = None) -> Path:
     """This Ray node's folder under the scratch root (one per node, even for two Ray nodes on
     one machine)."""
-    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-    folder = scratch_root(configured) / f"node-{node[:12]}"
+    folder = scratch_root(configured) / f"node-{node_id()[:12]}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -65,6 +69,17 @@ def node_ip() -> str:
     if ray.is_initialized():
         return ray.util.get_node_ip_address()
     return "127.0.0.1"
+
+
+def close_actors(actors: list, timeout_s: float = 60.0) -> None:
+    """Let each actor clean up (its ``close()``: its scratch folder), then kill them all; an
+    actor that is dead or does not answer within ``timeout_s`` is killed all the same."""
+    try:
+        ray.get([a.close.remote() for a in actors], timeout=timeout_s)
+    except (RayActorError, ray.exceptions.GetTimeoutError):
+        pass
+    for actor in actors:
+        ray.kill(actor)
 
 
 def policy_base(model_path: str | Path, adapter: FolderBytes, node: Path) -> Path:
@@ -136,6 +151,8 @@ class RolloutWorker:
 
     def update_weights(self, update: WeightUpdate) -> int:
         """Load ``update``: bytes are written to this actor's scratch folder first."""
+        from cluster.runtime import prune
+
         if update.adapter is not None:
             folder = update.adapter.write(self.scratch / f"adapter-v{update.version}")
             update = WeightUpdate(update.version, adapter_dir=folder)
@@ -147,8 +164,8 @@ class RolloutWorker:
             if folder is not None:
                 self.served.append(str(folder))
         # The engine holds what it loaded in memory: older adapters and loaded weights can go.
-        _prune(self.scratch, "adapter-v", self.keep_adapters)
-        _prune(self.scratch, "merged-v", 0)
+        prune(self.scratch, "adapter-v", self.keep_adapters)
+        prune(self.scratch, "merged-v", 0)
         return self.engine.version
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
@@ -160,22 +177,10 @@ class RolloutWorker:
 
     def where(self) -> dict:
         """This actor's node, scratch folder and every folder its engine loaded (diagnostics)."""
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
-        return {"node": node, "scratch": str(self.scratch), "served": list(self.served)}
+        return {"node": node_id(), "scratch": str(self.scratch), "served": list(self.served)}
 
     def close(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _prune(folder: Path, prefix: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest ``<prefix><version>`` folders in ``folder``."""
-    numbered = sorted(
-        (int(p.name[len(prefix) :]), p)
-        for p in folder.glob(f"{prefix}*")
-        if p.is_dir() and p.name[len(prefix) :].isdigit()
-    )
-    for _, path in numbered[: max(len(numbered) - keep, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 class RolloutFleet:
@@ -334,12 +339,7 @@ class RolloutFleet:
 
     def shutdown(self) -> None:
         """Remove every actor's scratch folder, then the actors."""
-        try:
-            ray.get([a.close.remote() for a in self.actors], timeout=60)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        for actor in self.actors:
-            ray.kill(actor)
+        close_actors(self.actors)
         self.actors = []
 
 

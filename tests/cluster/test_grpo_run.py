@@ -106,7 +106,7 @@ def test_dry_run_places_the_paper_plan_on_a_described_cluster_or_refuses_it():
 
 
 def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
-    from cluster.grpo import prune
+    from cluster.runtime import prune
 
     for n in (1, 2, 9, 10, 11):
         (tmp_path / f"step-{n}").mkdir()
