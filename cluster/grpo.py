@@ -107,8 +107,8 @@ class LearnerWorker:
 
         return {"node": node_id(), "scratch": str(self.scratch)}
 
-    def step(self, batch, batch_tokens: int):
-        return self.learner.step(batch, batch_tokens)
+    def step(self, batch, batch_tokens: int, sft_batch=None):
+        return self.learner.step(batch, batch_tokens, sft_batch)
 
     def _on_rank0(self, make):
         """``make()`` on rank 0, None elsewhere; under ZeRO-3 the other ranks take part in
@@ -242,15 +242,21 @@ class LearnerGroup:
 
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def step(self, batch: list):
-        """One update on the whole batch: each rank its share, the metrics combined."""
+    def step(self, batch: list, sft_batch: list | None = None):
+        """One update on the whole batch: each rank its share (of the groups, and of the SFT
+        targets of ``grpo.sft_coef``), the metrics combined."""
         import ray
 
         from learner.grpo_learner import combine_metrics, split_groups
 
         tokens = sum(len(ex.completion_ids) for ex in batch)
-        shares = split_groups(batch, len(self.workers))
-        parts = ray.get([w.step.remote(s, tokens) for w, s in zip(self.workers, shares)])
+        n = len(self.workers)
+        shares = split_groups(batch, n)
+        per = len(sft_batch) // n if sft_batch else 0
+        sft_shares = [sft_batch[i * per : (i + 1) * per] if sft_batch else None for i in range(n)]
+        parts = ray.get(
+            [w.step.remote(s, tokens, t) for w, s, t in zip(self.workers, shares, sft_shares)]
+        )
         return combine_metrics(parts)
 
     def export(self, version: int):
@@ -452,6 +458,7 @@ class GRPOTrainer:
         placement = plan(cfg)
         self.dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
         usable, self.skipped = anchorable(self.dataset)
+        self.usable = usable  # indices of the samples that can anchor an answer
         for sample_id in self.skipped:
             log.warning("skipping %s: no box of its target on any sampled slice", sample_id)
         if not usable:
@@ -567,6 +574,27 @@ class GRPOTrainer:
             return sample_query(sample.label, "train", self.rng)
         return sample.query
 
+    def _sft_batch(self) -> list | None:
+        """``grpo.sft_coef``'s cold-start targets for one update: grpo.batch_size training
+        samples drawn at random with the run's (checkpointed) generator, each with its SFT target
+        answer and asked as SFT asks it; None when the term is off."""
+        from learner.grpo_learner import SFTExample
+        from learner.sft import sft_example
+
+        cfg = self.cfg
+        if cfg.grpo.sft_coef == 0:
+            return None
+        top_k = cfg.data.key_slice_top_k(cfg.sft.top_k)
+        picks = self.rng.choice(len(self.usable), size=cfg.grpo.batch_size)
+        return [
+            SFTExample(
+                *sft_example(
+                    self.dataset, self.usable[int(i)], top_k, self.rng, cfg.data.resample_queries
+                )
+            )
+            for i in picks
+        ]
+
     def _score(self, rollout: Rollout) -> tuple[list[ScoredGroup], float]:
         """Rewards of a rollout's groups: each actor's groups go to the reward pool as soon as
         they exist, and all are collected here. Also returns when the last group arrived."""
@@ -661,7 +689,7 @@ class GRPOTrainer:
             for i, g in enumerate(batch_groups)
             for j, c in enumerate(g.group.completions)
         ]
-        learned = self.learners.step(batch)
+        learned = self.learners.step(batch, self._sft_batch())
         t3 = time.perf_counter()
         self.weights.push(step)
         t4 = time.perf_counter()
@@ -689,6 +717,7 @@ class GRPOTrainer:
             "learner/entropy": learned.entropy,
             "learner/grad_norm": learned.grad_norm,
             "learner/lr": learned.lr,
+            **({"learner/sft_loss": learned.sft_loss} if cfg.grpo.sft_coef > 0 else {}),
             "rollout/response_length": float(np.mean(lengths)),
             "data/skipped_samples": float(len(self.skipped)),
             **info,

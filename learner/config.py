@@ -91,6 +91,11 @@ class GRPOConfig:
     # batch still short is topped up with dropped groups. Logged as data/dropped_group_share.
     dynamic_sampling: bool = False
     dynamic_sampling_rounds: int = 3
+    # An SFT term in every update (InstructGPT's PPO-ptx; 0, the paper's GRPO, by default): the
+    # loss adds sft_coef x the token-mean cross-entropy of cold-start target answers (the mask's
+    # evidence anchor) of grpo.batch_size training samples drawn at random each step, so the
+    # answers of targets a batch does not ask about are held where SFT put them.
+    sft_coef: float = 0.0
     lora: LoraSettings = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -111,6 +116,8 @@ class GRPOConfig:
             raise ValueError(
                 f"grpo.lora.dropout must be 0 (pi must equal pi_old), got {self.lora.dropout}"
             )
+        if not self.sft_coef >= 0:
+            raise ValueError(f"grpo.sft_coef must be >= 0, got {self.sft_coef}")
         if self.tis_cap is not None and self.tis_cap <= 0:
             raise ValueError(f"grpo.tis_cap must be > 0 or null, got {self.tis_cap}")
         if self.loss_agg not in LOSS_AGGREGATIONS:

@@ -31,6 +31,7 @@ from learner.policy import (
     build_engine,
     completion_logits,
     deepspeed_config,
+    encode,
     encode_prompt,
     group_completion_logits,
     load_lora_policy,
@@ -41,6 +42,7 @@ from learner.policy import (
     save_adapter,
     save_merged,
     save_stacked_adapter,
+    target_ids,
     token_logprobs,
     vision_features,
     with_completion,
@@ -67,6 +69,15 @@ class GRPOExample:
 
 
 @dataclass(frozen=True)
+class SFTExample:
+    """A cold-start target an update also learns (``grpo.sft_coef``): a training prompt and
+    the SFT target answer for it."""
+
+    messages: list[dict]
+    target: str  # the assistant's answer text (data.prompts.sft_target_text)
+
+
+@dataclass(frozen=True)
 class StepMetrics:
     """One step's metrics over the whole batch; from one rank of several, that rank's part of
     each mean (see :func:`combine_metrics`)."""
@@ -81,6 +92,7 @@ class StepMetrics:
     logprob_gap_mean: float  # mean |log pi_old (learner) - log pi (sampler)| over tokens
     logprob_gap_max: float  # its largest value in the batch
     ratio_mean: float  # mean pi / pi_old over tokens at the last update (1 with one update)
+    sft_loss: float = 0.0  # mean cross-entropy of the SFT targets (0 without grpo.sft_coef)
 
 
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +118,7 @@ def combine_metrics(parts: list[StepMetrics]) -> StepMetrics:
             "tokens",
             "logprob_gap_mean",
             "ratio_mean",
+            "sft_loss",
         )
     }
     return StepMetrics(
@@ -273,13 +286,40 @@ class GRPOLearner:
             return logits
         return [lg / self.temperature for lg in logits]
 
-    def step(self, batch: list[GRPOExample], batch_tokens: int | None = None) -> StepMetrics:
+    def step(
+        self,
+        batch: list[GRPOExample],
+        batch_tokens: int | None = None,
+        sft_batch: list[SFTExample] | None = None,
+    ) -> StepMetrics:
         """``updates_per_batch`` optimizer updates on one batch (this rank's share of it, whose
-        whole has ``batch_tokens`` completion tokens); metrics of the last one."""
+        whole has ``batch_tokens`` completion tokens); metrics of the last one. With
+        ``grpo.sft_coef`` > 0, ``sft_batch`` holds one SFT target per prompt of the share, and
+        the update adds sft_coef x their mean cross-entropy (at temperature 1, the cold start's
+        loss): each target rides on the micro-batch of its group's first completion."""
         validate_batch(batch, self.batch_len)
         if self.world > 1 and batch_tokens is None:
             raise BatchError("with several learner ranks, step needs the whole batch's tokens")
         units = self._units(batch)
+        sft_seqs, sft_at = [], {}
+        if self.cfg.sft_coef > 0:
+            if sft_batch is None or len(sft_batch) != self.prompts_per_rank:
+                got = "none" if sft_batch is None else len(sft_batch)
+                raise BatchError(
+                    f"grpo.sft_coef {self.cfg.sft_coef} needs one SFT target per prompt "
+                    f"({self.prompts_per_rank}), got {got}"
+                )
+            sft_seqs = [
+                encode(self.processor, ex.messages, target_ids(self.processor, ex.target))
+                for ex in sft_batch
+            ]
+            firsts: dict[int, int] = {}  # group -> its first micro-batch
+            for u, unit in enumerate(units):
+                firsts.setdefault(id(batch[unit[0]].messages), u)
+            sft_at = {u: j for j, u in enumerate(firsts.values())}
+        # DeepSpeed divides each micro-batch's loss by their number: a target on one of them
+        # is weighted by micro-batches / targets, so the update adds sft_coef x the mean.
+        sft_weight = self.cfg.sft_coef * len(units) / max(len(sft_seqs), 1)
         # The G completions of a prompt share its messages: run the processor (images) once.
         prompts: dict[int, dict] = {}
         for ex in batch:
@@ -314,7 +354,7 @@ class GRPOLearner:
         olds: list[torch.Tensor | None] = [None] * len(batch)  # log pi_old, from the first update
         gaps: list[torch.Tensor] = []
         for update in range(self.cfg.updates_per_batch):
-            totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0}
+            totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "sft": 0.0}
             grad_norm = float("nan")
             for u, (unit, packed, vision) in enumerate(zip(units, packs, visions)):
                 logits = self._logits(self.engine, unit, packed, seqs, vision)
@@ -352,7 +392,14 @@ class GRPOLearner:
                     token_count=all_tokens / all_units,
                     max_tokens=self.max_tokens,
                 )
-                self.engine.backward(parts.loss)  # DeepSpeed averages over the micro-batches
+                loss = parts.loss
+                if u in sft_at:
+                    seq = sft_seqs[sft_at[u]]
+                    lg = completion_logits(self.engine, seq, self.device)
+                    sft_loss = -token_logprobs(lg, seq.completion_ids).mean()
+                    loss = loss + sft_weight * sft_loss
+                    totals["sft"] += sft_loss.item() / (len(sft_seqs) * self.world)
+                self.engine.backward(loss)  # DeepSpeed averages over the micro-batches
                 if u == len(units) - 1:
                     grad_norm = adapter_grad_norm(self.engine)
                 self.engine.step()  # steps the optimizer at the end of the batch only
@@ -376,6 +423,7 @@ class GRPOLearner:
             logprob_gap_mean=float(gap.sum()) / all_tokens,
             logprob_gap_max=float(gap.max()),
             ratio_mean=totals["ratio"] / all_tokens,
+            sft_loss=totals["sft"],
         )
 
     def export(self, out_dir: Path, version: int) -> WeightUpdate:

@@ -69,19 +69,28 @@ def sft_examples(
 ):
     """(messages, target text) for the given samples, anchors (and with ``resample_queries``
     the query phrasings) drawn with a per-epoch seed."""
-    from data.queries import sample_query, target_of
-
     rng = np.random.default_rng([seed, epoch])
     for i in indices:
-        sample, prepared = dataset[i]
-        anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
-        query = sample.query
-        if resample_queries and target_of(sample.label) is not None:
-            query = sample_query(sample.label, "train", rng)
-        yield (
-            build_messages(np.asarray(prepared.slices), query),
-            sft_target_text(anchor, sample.label),
-        )
+        yield sft_example(dataset, i, top_k, rng, resample_queries)
+
+
+def sft_example(
+    dataset: VolumeDataset,
+    index: int,
+    top_k: int,
+    rng: np.random.Generator,
+    resample_queries: bool = False,
+) -> tuple[list[dict], str]:
+    """(messages, target text) of one training sample: a Top-K key slice and its boxes drawn
+    with ``rng``, and with ``resample_queries`` a training phrasing of its target drawn too."""
+    from data.queries import sample_query, target_of
+
+    sample, prepared = dataset[index]
+    anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
+    query = sample.query
+    if resample_queries and target_of(sample.label) is not None:
+        query = sample_query(sample.label, "train", rng)
+    return build_messages(np.asarray(prepared.slices), query), sft_target_text(anchor, sample.label)
 
 
 def shard(dataset: VolumeDataset, seed: int, rank: int, world: int) -> tuple[list[int], int]:

@@ -287,7 +287,8 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
 def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
     """One-step off-policy overlap: step 1 learns on fresh samples, later steps on samples of
     the previous weights (staleness 1). Dynamic sampling logs the share of groups it dropped
-    and how many prompts it drew; the learner still gets whole batches."""
+    and how many prompts it drew; the learner still gets whole batches. The SFT term
+    (grpo.sft_coef) gets its cold-start targets from the driver and logs their loss."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -307,6 +308,7 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
             "grpo.tis_cap=2.0",
             "grpo.dynamic_sampling=true",
             "grpo.dynamic_sampling_rounds=1",
+            "grpo.sft_coef=0.5",
         ],
         cwd=REPO,
         capture_output=True,
@@ -327,6 +329,8 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
     # two prompts a round, at most one extra round
     assert all(v in (2.0, 3.0, 4.0) for v in drawn.values()), drawn
     assert history("reward/timeouts") == {1: 0.0, 2: 0.0, 3: 0.0}
+    sft_loss = history("learner/sft_loss")  # a random model on ~60-token targets: ~ln(vocab)
+    assert sorted(sft_loss) == [1, 2, 3] and all(1.0 < v < 20.0 for v in sft_loss.values())
     assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").exists()
     # Pushed adapters travel as bytes into the actors' own scratch folders (pruned there to
     # keep_adapters, tests/rollout/test_weight_sync.py): none is written under output_dir.

@@ -429,3 +429,72 @@ print("moved", float((second.module.weight - before).abs().max()))
     assert done.returncode == 0, done.stderr[-3000:]
     moved = float(done.stdout.split("moved")[-1])
     assert moved > 1e-4, done.stdout
+
+
+SFT_TARGET = (
+    '<think>The query refers to the liver.</think><answer>{"key_slice": 2, '
+    '"bbox_2d_list": [[3, 5, 30, 41]]}</answer>'
+)
+
+
+@pytest.mark.parametrize("learner_pass", ["grouped", "per_completion"])
+def test_the_sft_term_adds_sft_coef_times_the_targets_cross_entropy(tiny_model, learner_pass):
+    """grpo.sft_coef: with zero advantages and no KL an update is the SFT term alone. Its loss
+    is the target's token-mean cross-entropy at temperature 1 (rollouts are scored at 0.5 here),
+    computed by hand; its gradient is sft_coef times that cross-entropy's on either learner pass
+    (one micro-batch per group, or one per completion); the update lowers it. Without the
+    targets the step refuses."""
+    from learner.grpo_learner import SFTExample
+    from learner.policy import target_ids
+
+    cfg = GRPOConfig(
+        lr=1e-2,
+        zero_stage=0,
+        warmup_ratio=0.0,
+        precision="fp32",
+        gradient_checkpointing=False,
+        grad_clip=1e9,
+        beta=0.0,
+        sft_coef=0.5,
+        learner_pass=learner_pass,
+        lora=LoraSettings(rank=4, alpha=8),
+    )
+    lrn = GRPOLearner(tiny_model, cfg, group_size=4, total_steps=4, temperature=0.5)
+    prompt, other = make_prompt("a", seed=0), make_prompt("b", seed=1)
+    batch = [GRPOExample(prompt.messages, ids, (-6.0,) * len(ids), 0.0) for ids in COMPLETIONS]
+    seq = encode(lrn.processor, other.messages, target_ids(lrn.processor, SFT_TARGET))
+    names = [n for n, p in lrn.engine.module.named_parameters() if p.requires_grad]
+    params = [p for p in lrn.engine.module.parameters() if p.requires_grad]
+
+    def cross_entropy():
+        logits = completion_logits(lrn.engine.module, seq, lrn.device)  # temperature 1
+        return -token_logprobs(logits, seq.completion_ids).mean()
+
+    before = cross_entropy()
+    by_hand = dict(zip(names, torch.autograd.grad(before, params)))
+    with pytest.raises(BatchError, match=r"needs one SFT target per prompt \(1\), got none"):
+        lrn.step(batch)
+    target = [SFTExample(other.messages, SFT_TARGET)]
+    seen = {}
+    optimizer_step = lrn.engine.optimizer.step
+
+    def step_and_keep(*args, **kwargs):
+        seen.update({n: p.grad.detach().clone() for n, p in zip(names, params)})
+        return optimizer_step(*args, **kwargs)
+
+    lrn.engine.optimizer.step = step_and_keep
+    metrics = lrn.step(batch, sft_batch=target)
+    lrn.engine.optimizer.step = optimizer_step
+    assert metrics.loss == pytest.approx(0.0, abs=1e-7)  # the GRPO part: every A_i is 0
+    assert metrics.sft_loss == pytest.approx(float(before.detach()), rel=1e-5)
+    assert sum(float(g.abs().sum()) for g in by_hand.values()) > 0
+    worst = max(
+        float((seen[n] - 0.5 * by_hand[n]).norm() / by_hand[n].norm())
+        for n in names
+        if by_hand[n].norm() > 0
+    )
+    assert worst < 1e-5, worst
+    with torch.no_grad():
+        assert float(cross_entropy()) < float(before.detach()) - 0.05
+    with pytest.raises(ValueError, match="sft_coef must be >= 0, got -1"):
+        GRPOConfig(sft_coef=-1.0)

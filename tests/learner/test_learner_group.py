@@ -1,5 +1,6 @@
 """The learner group on a local Ray instance: two DeepSpeed ranks (gloo, ZeRO-2) make the same
-update as one rank on the same batch, and a checkpoint of two ranks resumes exactly."""
+update as one rank on the same batch (SFT term included: each rank takes its share of the
+targets), and a checkpoint of two ranks resumes exactly."""
 
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from cluster.config import load_run_config
 from cluster.placement import plan
-from learner.grpo_learner import GRPOExample
+from learner.grpo_learner import GRPOExample, SFTExample
 from rollout.records import FolderBytes
 from tests.rollout.conftest import make_prompt
 
@@ -51,6 +52,7 @@ def group(tiny_model, sft_adapter, ranks: int):
             "grpo.lr=0.01",
             "grpo.beta=0.05",
             "grpo.grad_clip=1e9",
+            "grpo.sft_coef=0.5",
             # the whole batch's token count divides the loss: a rank must not use its own
             "grpo.loss_agg=token_mean",
             "cluster.learner_cpus=1",
@@ -73,6 +75,16 @@ def batch() -> list[GRPOExample]:
     return out
 
 
+def sft_targets() -> list[SFTExample]:
+    """One cold-start target per prompt of the batch, on prompts of their own."""
+    from tests.learner.test_learner import SFT_TARGET
+
+    return [
+        SFTExample(make_prompt(name, seed=s).messages, SFT_TARGET)
+        for name, s in (("c", 2), ("d", 3))
+    ]
+
+
 def adapter(learners, version: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load
 
@@ -82,7 +94,8 @@ def adapter(learners, version: int) -> dict[str, torch.Tensor]:
 
 
 def assert_same_step(one, two, rtol=RTOL):
-    for name in ("loss", "kl", "grad_norm", "entropy", "logprob_gap_mean", "ratio_mean"):
+    names = ("loss", "kl", "grad_norm", "entropy", "logprob_gap_mean", "ratio_mean", "sft_loss")
+    for name in names:
         assert getattr(two, name) == pytest.approx(getattr(one, name), rel=rtol), name
     assert two.tokens == one.tokens and two.clip_fraction == one.clip_fraction
     assert two.logprob_gap_max == pytest.approx(one.logprob_gap_max, rel=rtol)
@@ -92,22 +105,22 @@ def assert_same_step(one, two, rtol=RTOL):
 def two_steps(ray_local, tiny_model, sft_adapter, tmp_path_factory):
     """One rank and two ranks, two steps each on the same batch; a checkpoint of the two ranks
     after the first step; the adapters after the second."""
-    examples = batch()
+    examples, sft = batch(), sft_targets()
     one, two = group(tiny_model, sft_adapter, 1), group(tiny_model, sft_adapter, 2)
     out = {"ckpt": tmp_path_factory.mktemp("group-ckpt") / "learner"}
-    out["first"] = (one.step(examples), two.step(examples))
+    out["first"] = (one.step(examples, sft), two.step(examples, sft))
     two.save_checkpoint(out["ckpt"], "ckpt", {"step": 1})
-    out["second"] = (one.step(examples), two.step(examples))
+    out["second"] = (one.step(examples, sft), two.step(examples, sft))
     out["adapters"] = (adapter(one, 2), adapter(two, 2))
     # Negative control: rank shares that each divide by their own token count instead.
     shares = [examples[:4], examples[4:]]
     wrong = ray.get(
         [
-            w.step.remote(s, sum(len(e.completion_ids) for e in s))
-            for w, s in zip(two.workers, shares)
+            w.step.remote(s, sum(len(e.completion_ids) for e in s), t)
+            for w, s, t in zip(two.workers, shares, ([sft[0]], [sft[1]]))
         ]
     )
-    out["wrong"] = (one.step(examples), wrong)
+    out["wrong"] = (one.step(examples, sft), wrong)
     one.close()
     two.close()
     return out
@@ -117,7 +130,7 @@ def test_two_ranks_make_the_same_update_as_one(two_steps):
     from learner.grpo_learner import combine_metrics
 
     (one1, two1), (one2, two2) = two_steps["first"], two_steps["second"]
-    assert one1.tokens == 24 and one1.grad_norm > 0
+    assert one1.tokens == 24 and one1.grad_norm > 0 and one1.sft_loss > 1.0
     assert_same_step(one1, two1)
     assert_same_step(one2, two2)
     assert one2.kl > 0  # the second step starts away from the reference: a real KL term
@@ -145,7 +158,7 @@ def test_two_rank_checkpoint_holds_each_shard_and_resumes_exactly(
     fresh = group(tiny_model, sft_adapter, 2)
     state = fresh.load_checkpoint(folder, "ckpt")
     assert state["step"] == 1
-    metrics = fresh.step(batch())
+    metrics = fresh.step(batch(), sft_targets())
     assert_same_step(two_steps["second"][1], metrics, rtol=1e-6)
     resumed, expected = adapter(fresh, 2), two_steps["adapters"][1]
     assert all(torch.allclose(resumed[k], expected[k], rtol=1e-6, atol=0) for k in expected)
