@@ -457,13 +457,14 @@ class GRPOTrainer:
         out.mkdir(parents=True, exist_ok=True)
         placement = plan(cfg)
         self.dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
-        usable, self.skipped = anchorable(self.dataset)
-        self.usable = usable  # indices of the samples that can anchor an answer
+        # indices of the samples that can anchor an answer
+        self.usable, self.skipped = anchorable(self.dataset)
         for sample_id in self.skipped:
             log.warning("skipping %s: no box of its target on any sampled slice", sample_id)
-        if not usable:
+        if not self.usable:
             raise ValueError(f"{cfg.data.manifest}: no training sample has a visible target")
-        self.order = [usable[i] for i in prompt_order(len(usable), cfg.grpo.epochs, cfg.seed)]
+        order = prompt_order(len(self.usable), cfg.grpo.epochs, cfg.seed)
+        self.order = [self.usable[i] for i in order]
         steps = len(self.order) // cfg.grpo.batch_size
         for limit in (cfg.steps, cfg.grpo.max_steps):
             if limit is not None:
@@ -551,6 +552,7 @@ class GRPOTrainer:
         """Take the next ``count`` prompts (fewer at the end of the order) and start their
         groups on the rollout actors; None when the order is used up."""
         from data.prompts import build_messages
+        from data.queries import training_query
         from rollout.records import RolloutPrompt
 
         idx = self.order[self.cursor : self.cursor + count]
@@ -558,21 +560,16 @@ class GRPOTrainer:
             return None
         self.cursor += len(idx)
         samples = [self.dataset[i] for i in idx]
+        # with data.resample_queries, a phrasing drawn with the run's (checkpointed) generator
+        ask = self.cfg.data.resample_queries
         prompts = [
-            RolloutPrompt(s.id, build_messages(np.asarray(p.slices), self._query(s)))
+            RolloutPrompt(
+                s.id, build_messages(np.asarray(p.slices), training_query(s, ask, self.rng))
+            )
             for s, p in samples
         ]
         pending = self.fleet.start(prompts, seed=int(self.rng.integers(2**31)))
         return Rollout(samples, prompts, pending)
-
-    def _query(self, sample) -> str:
-        """The query a prompt asks: the manifest's, or with ``data.resample_queries`` a training
-        phrasing of the sample's target drawn with the run's (checkpointed) generator."""
-        from data.queries import sample_query, target_of
-
-        if self.cfg.data.resample_queries and target_of(sample.label) is not None:
-            return sample_query(sample.label, "train", self.rng)
-        return sample.query
 
     def _sft_batch(self) -> list | None:
         """``grpo.sft_coef``'s cold-start targets for one update: grpo.batch_size training

@@ -264,3 +264,12 @@ def sample_query(target: str, split: str, rng: np.random.Generator) -> str:
     """One phrasing of ``target`` drawn from its split's phrasings."""
     options = phrasings(target, split)
     return options[int(rng.integers(len(options)))]
+
+
+def training_query(sample, resample: bool, rng: np.random.Generator) -> str:
+    """The query one training use of ``sample`` asks: the manifest's, or with ``resample``
+    (``data.resample_queries``) a training phrasing of its target drawn with ``rng``, as
+    M3D-Seg's loaders draw a question per access. A label with no phrasings keeps its own."""
+    if resample and target_of(sample.label) is not None:
+        return sample_query(sample.label, "train", rng)
+    return sample.query

@@ -317,9 +317,9 @@ class GRPOLearner:
             for u, unit in enumerate(units):
                 firsts.setdefault(id(batch[unit[0]].messages), u)
             sft_at = {u: j for j, u in enumerate(firsts.values())}
-        # DeepSpeed divides each micro-batch's loss by their number: a target on one of them
-        # is weighted by micro-batches / targets, so the update adds sft_coef x the mean.
-        sft_weight = self.cfg.sft_coef * len(units) / max(len(sft_seqs), 1)
+            # DeepSpeed divides each micro-batch's loss by their number: a target on one of
+            # them is weighted by micro-batches / targets, so the update adds sft_coef x the mean.
+            sft_weight = self.cfg.sft_coef * len(units) / len(sft_seqs)
         # The G completions of a prompt share its messages: run the processor (images) once.
         prompts: dict[int, dict] = {}
         for ex in batch:

@@ -83,13 +83,11 @@ def sft_example(
 ) -> tuple[list[dict], str]:
     """(messages, target text) of one training sample: a Top-K key slice and its boxes drawn
     with ``rng``, and with ``resample_queries`` a training phrasing of its target drawn too."""
-    from data.queries import sample_query, target_of
+    from data.queries import training_query
 
     sample, prepared = dataset[index]
     anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
-    query = sample.query
-    if resample_queries and target_of(sample.label) is not None:
-        query = sample_query(sample.label, "train", rng)
+    query = training_query(sample, resample_queries, rng)
     return build_messages(np.asarray(prepared.slices), query), sft_target_text(anchor, sample.label)
 
 

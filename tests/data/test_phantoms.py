@@ -87,3 +87,17 @@ def test_written_image_reads_back_in_canonical_orientation(tmp_path):
     liver_cols = np.nonzero(case.labels == LABELS["liver"])[2]
     assert liver_cols.mean() < SHAPE[2] / 2
     assert HU["air"] == -1000
+
+
+def test_a_training_use_asks_a_fresh_training_phrasing_or_the_manifest_query():
+    from types import SimpleNamespace
+
+    from data.queries import training_query
+
+    liver = SimpleNamespace(label="liver", query="the manifest's own query")
+    rng = np.random.default_rng(0)
+    drawn = {training_query(liver, True, rng) for _ in range(200)}
+    assert drawn == set(phrasings("liver", "train"))  # every training phrasing, no test one
+    assert training_query(liver, False, rng) == "the manifest's own query"
+    unknown = SimpleNamespace(label="gallbladder stone", query="find the stone")
+    assert training_query(unknown, True, rng) == "find the stone"  # no phrasings: its own
