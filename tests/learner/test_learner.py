@@ -146,9 +146,9 @@ def test_checkpoint_round_trip(grpo, tmp_path):
     assert all(torch.equal(before[n], after[n]) for n in before)
 
 
-def adapter_gradients(lrn, batch) -> tuple[float, dict]:
-    """One step's loss and the adapter gradients the optimizer received (seen by wrapping the
-    optimizer's step; ZeRO-0 keeps them on the parameters)."""
+def adapter_gradients(lrn, batch, **step_args) -> tuple:
+    """One step's metrics and the adapter gradients the optimizer received (seen by wrapping
+    the optimizer's step; ZeRO-0 keeps them on the parameters)."""
     seen = {}
     optimizer_step = lrn.engine.optimizer.step
 
@@ -159,9 +159,9 @@ def adapter_gradients(lrn, batch) -> tuple[float, dict]:
         return optimizer_step(*args, **kwargs)
 
     lrn.engine.optimizer.step = step_and_keep
-    metrics = lrn.step(batch)
+    metrics = lrn.step(batch, **step_args)
     lrn.engine.optimizer.step = optimizer_step
-    return metrics.loss, seen
+    return metrics, seen
 
 
 @pytest.mark.parametrize("loss_agg", ["seq_mean_token_mean", "token_mean", "seq_sum_norm"])
@@ -196,8 +196,8 @@ def test_grouped_pass_gives_the_per_completion_loss_and_gradients(tiny_model, lo
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
         results[learner_pass] = adapter_gradients(lrn, batch)
         del lrn
-    (loss_a, grads_a), (loss_b, grads_b) = results["per_completion"], results["grouped"]
-    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    (metrics_a, grads_a), (metrics_b, grads_b) = results["per_completion"], results["grouped"]
+    assert metrics_a.loss == pytest.approx(metrics_b.loss, rel=1e-5)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) > 0
     assert sum(float(g.abs().sum()) for g in grads_a.values()) > 0
     # relative to each gradient's norm (elementwise, entries near 0 carry fp32 rounding)
@@ -474,17 +474,9 @@ def test_the_sft_term_adds_sft_coef_times_the_targets_cross_entropy(tiny_model, 
     by_hand = dict(zip(names, torch.autograd.grad(before, params)))
     with pytest.raises(BatchError, match=r"needs one SFT target per prompt \(1\), got none"):
         lrn.step(batch)
-    target = [SFTExample(other.messages, SFT_TARGET)]
-    seen = {}
-    optimizer_step = lrn.engine.optimizer.step
-
-    def step_and_keep(*args, **kwargs):
-        seen.update({n: p.grad.detach().clone() for n, p in zip(names, params)})
-        return optimizer_step(*args, **kwargs)
-
-    lrn.engine.optimizer.step = step_and_keep
-    metrics = lrn.step(batch, sft_batch=target)
-    lrn.engine.optimizer.step = optimizer_step
+    metrics, seen = adapter_gradients(
+        lrn, batch, sft_batch=[SFTExample(other.messages, SFT_TARGET)]
+    )
     assert metrics.loss == pytest.approx(0.0, abs=1e-7)  # the GRPO part: every A_i is 0
     assert metrics.sft_loss == pytest.approx(float(before.detach()), rel=1e-5)
     assert sum(float(g.abs().sum()) for g in by_hand.values()) > 0
