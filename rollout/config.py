@@ -9,7 +9,7 @@ from pathlib import Path
 @dataclass
 class ModelConfig:
     path: Path | None = None  # HF checkpoint folder (Qwen3-VL); None = build the tiny one here
-    tiny_size: str = "test"  # size of the tiny Qwen3-VL built when path is None: test | small
+    tiny_size: str = "test"  # tiny Qwen3-VL built when path is None: test | medium | small
     dtype: str = "auto"  # "auto": bfloat16 on GPU, float32 on CPU; or float32 / bfloat16
     # Tiny model only: epochs of the full-parameter grounding stage that stands for pretraining
     # (learner.grounding; 0: none, the random model is the base). Not part of the paper.

@@ -48,6 +48,17 @@ SIZES = {
         "vision_heads": 2,
         "vision_ffn": 256,
     },
+    "medium": {
+        "hidden": 256,
+        "layers": 4,
+        "heads": 4,
+        "kv_heads": 2,
+        "ffn": 512,
+        "vision_hidden": 128,
+        "vision_depth": 2,
+        "vision_heads": 2,
+        "vision_ffn": 256,
+    },
     "small": {
         "hidden": 512,
         "layers": 8,

@@ -24,6 +24,23 @@ def test_same_seed_same_weights_other_seed_other_weights_and_reuse(tiny_model, t
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
+@pytest.mark.parametrize("size", ["medium", "small"])
+def test_each_larger_size_builds_with_its_dimensions(size, tmp_path):
+    import json
+
+    from rollout.tiny_model import SIZES
+
+    config = json.loads((build_tiny_qwen3vl(tmp_path, size) / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    want = SIZES[size]
+    assert (text["hidden_size"], text["num_hidden_layers"]) == (want["hidden"], want["layers"])
+    assert text["num_attention_heads"] == want["heads"]
+    assert text["num_key_value_heads"] == want["kv_heads"]
+    assert text["head_dim"] == 64  # every size keeps the test size's head width
+    assert (vision["hidden_size"], vision["depth"]) == (want["vision_hidden"], want["vision_depth"])
+    assert vision["out_hidden_size"] == want["hidden"]
+
+
 def test_unknown_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny model size 'huge'"):
         build_tiny_qwen3vl(tmp_path, "huge")
