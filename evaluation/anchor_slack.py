@@ -14,13 +14,13 @@ suite's mean DSC, x100), on the propagator of ``reward.propagator``.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from cluster.config import RunConfig, load_run_config
+from cluster.config import RunConfig
 from cluster.runtime import set_default_environment
-from data.cli import ArgumentParser, UsageError, existing_file, run_cli
+from data.cli import UsageError, run_cli
+from evaluation.cases import cases_config, cases_parser, read_cases
 
 
 def grown(boxes, pad: int, size: int) -> tuple:
@@ -65,14 +65,7 @@ def anchor_slack(
     from data.targets import anchor_slices, boxes_on_slice
     from evaluation.evaluate import CaseJob, CaseScorer
 
-    records = [json.loads(line) for line in Path(cases_file).read_text().splitlines()]
-    present = list(dict.fromkeys(r["row"] for r in records))
-    rows = rows or [r for r in present if "held-out phrasings" not in r]
-    missing = [r for r in rows if r not in present]
-    if missing:
-        raise UsageError(
-            f"{cases_file}: no row {', '.join(map(repr, missing))}; it holds {present}"
-        )
+    records, rows = read_cases(cases_file, rows, lambda row: "held-out phrasings" not in row)
     if slices < 1:
         raise UsageError(f"--slices {slices}: must be at least 1")
     scorer = CaseScorer(cfg.data.manifest, cfg.data, cfg.reward, cfg.reward.propagator)
@@ -134,21 +127,13 @@ def report(lines: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = ArgumentParser(
-        prog="python -m evaluation.anchor_slack", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", type=existing_file)
-    parser.add_argument("--cases", type=existing_file, required=True, help="an eval cases.jsonl")
-    parser.add_argument("--row", action="append", help="a row of cases.jsonl (default: all)")
+    parser = cases_parser("python -m evaluation.anchor_slack", __doc__.split("\n")[0])
     parser.add_argument(
         "--pad", action="append", type=int, help="grow boxes by this many px (negative: shrink)"
     )
     parser.add_argument("--slices", type=int, default=3, help="largest slices to try")
-    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides)
-    if cfg.data.manifest is None:
-        raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
+    cfg = cases_config(args)
     pads = tuple(args.pad) if args.pad else (-2, 2, 4)
     if 0 in pads:
         raise UsageError("--pad 0: the anchors as answered are always scored")

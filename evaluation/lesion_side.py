@@ -13,14 +13,15 @@ across it counts as both sides.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
-from cluster.config import RunConfig, load_run_config
+from cluster.config import RunConfig
 from cluster.runtime import set_default_environment
-from data.cli import ArgumentParser, UsageError, existing_file, run_cli
+from data.cli import UsageError, run_cli
+from evaluation.cases import cases_config, cases_parser, read_cases
+from evaluation.stats import wilson
 
 LESION_KIDNEYS = ("tumour kidney", "cyst kidney")
 SIDES = ("target side", "other side", "both sides", "none")
@@ -40,29 +41,12 @@ def answer_side(boxes, target_x: float, midline: float) -> str:
     return "target side" if sides == {target_x < midline} else "other side"
 
 
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a share hits / n (0 to 1 when n is 0)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def lesion_side(cfg: RunConfig, cases_file: Path, rows: list[str] | None = None) -> list[dict]:
     """One line per row: the counts of SIDES over its lesion-kidney cases, and the share on the
     target's side of the answers that pick one side, with its Wilson 95% interval."""
     from data.dataset import VolumeDataset
 
-    records = [json.loads(line) for line in Path(cases_file).read_text().splitlines()]
-    present = list(dict.fromkeys(r["row"] for r in records))
-    rows = rows or present
-    missing = [r for r in rows if r not in present]
-    if missing:
-        raise UsageError(
-            f"{cases_file}: no row {', '.join(map(repr, missing))}; it holds {present}"
-        )
+    records, rows = read_cases(cases_file, rows)
     dataset = VolumeDataset(cfg.data.manifest, cfg.data)
     labels = {s.id: s.label for s in dataset.samples}
     target_x: dict[str, float] = {}
@@ -102,18 +86,9 @@ def report(lines: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = ArgumentParser(
-        prog="python -m evaluation.lesion_side", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--config", type=existing_file)
-    parser.add_argument("--cases", type=existing_file, required=True, help="an eval cases.jsonl")
-    parser.add_argument("--row", action="append", help="a row of cases.jsonl (default: all)")
-    parser.add_argument("overrides", nargs="*")
+    parser = cases_parser("python -m evaluation.lesion_side", __doc__.split("\n")[0])
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides)
-    if cfg.data.manifest is None:
-        raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
-    print(report(lesion_side(cfg, args.cases, args.row)))
+    print(report(lesion_side(cases_config(args), args.cases, args.row)))
     return 0
 
 

@@ -7,6 +7,7 @@
 - Paired difference: two checkpoints scored on the same cases; the per-case difference d_i =
   b_i - a_i is resampled the same stratified way, which keeps the pairing (a case's two scores
   move together) and so is far tighter than comparing two independent CIs.
+- Share: the Wilson score interval of a share of hits among n trials (a binomial proportion).
 - Slope: least-squares slope of a curve (reward per GRPO step) with a 95% CI from a bootstrap
   over the (step, value) points.
 Bootstraps use a fixed seed: the same results give the same interval.
@@ -14,6 +15,7 @@ Bootstraps use a fixed seed: the same results give the same interval.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -117,3 +119,13 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     idx = np.arange(1, len(v) + 1)
     lo = np.maximum(0, idx - window)
     return (sums[idx] - sums[lo]) / (idx - lo)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a share hits / n (0 to 1 when n is 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

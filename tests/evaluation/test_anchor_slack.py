@@ -18,25 +18,11 @@ def test_boxes_grow_and_shrink_inside_the_slice_and_keep_a_pixel():
 
 
 @pytest.fixture(scope="module")
-def oracle_cases(phantom_manifest, tmp_path_factory):
-    """cases.jsonl as the evaluation writes it: the oracle row of every case (split train and
-    test, for more cases) and a row of malformed answers."""
-    from cluster.config import load_run_config
-    from data.dataset import VolumeDataset
-    from evaluation.evaluate import CaseScorer, oracle_jobs
-
-    overrides = [
-        f"data.manifest={phantom_manifest}",
-        "data.cache_dir=null",
-        "data.num_slices=16",
-        "data.slice_size=96",
-    ]
-    cfg = load_run_config("configs/tiny.yaml", overrides)
-    dataset = VolumeDataset(cfg.data.manifest, cfg.data)
-    samples = [dataset[i] for i in range(len(dataset))]
-    scorer = CaseScorer(cfg.data.manifest, cfg.data, cfg.reward, "baseline")
-    records = [scorer.score(job) for job in oracle_jobs("oracle", samples, cfg.data.min_box_area)]
-    records += [dict(r, row="broken", dsc=0.0, key_slice=None, boxes=[]) for r in records]
+def oracle_cases(oracle_records, tmp_path_factory):
+    """cases.jsonl as the evaluation writes it: the oracle row of every case and a row of
+    malformed answers."""
+    cfg, overrides, _, oracle = oracle_records
+    records = oracle + [dict(r, row="broken", dsc=0.0, key_slice=None, boxes=[]) for r in oracle]
     path = tmp_path_factory.mktemp("slack") / "cases.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return cfg, path, overrides, records

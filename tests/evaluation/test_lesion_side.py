@@ -6,7 +6,8 @@ import json
 import pytest
 
 from data.cli import UsageError
-from evaluation.lesion_side import answer_side, lesion_side, main, wilson
+from evaluation.lesion_side import answer_side, lesion_side, main
+from evaluation.stats import wilson
 
 
 def test_boxes_are_put_on_a_side_of_the_midline():
@@ -19,38 +20,19 @@ def test_boxes_are_put_on_a_side_of_the_midline():
     assert answer_side([], target_x=30.0, midline=48) == "none"
 
 
-def test_wilson_interval_by_hand():
-    # 5 of 10: centre (0.5 + 1.96^2/20) / (1 + 1.96^2/10) = 0.5; half-width 0.2634
-    low, high = wilson(5, 10)
-    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
-    low, high = wilson(10, 10)
-    assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-4)
-    assert wilson(0, 0) == (0.0, 1.0)
-
-
 @pytest.fixture(scope="module")
-def lesion_cases(phantom_manifest, tmp_path_factory):
+def lesion_cases(oracle_records, tmp_path_factory):
     """cases.jsonl rows over every sample: the oracle's anchors, the same boxes mirrored across
     the slice's middle column, and malformed answers."""
-    from cluster.config import load_run_config
-    from data.dataset import VolumeDataset
-    from evaluation.evaluate import CaseScorer, oracle_jobs
-
-    overrides = [
-        f"data.manifest={phantom_manifest}",
-        "data.cache_dir=null",
-        "data.num_slices=16",
-        "data.slice_size=96",
-    ]
-    cfg = load_run_config("configs/tiny.yaml", overrides)
-    dataset = VolumeDataset(cfg.data.manifest, cfg.data)
-    samples = [dataset[i] for i in range(len(dataset))]
-    scorer = CaseScorer(cfg.data.manifest, cfg.data, cfg.reward, "baseline")
-    records = [scorer.score(job) for job in oracle_jobs("oracle", samples, cfg.data.min_box_area)]
-    records += [
-        dict(r, row="mirrored", boxes=[[96 - b[2], b[1], 96 - b[0], b[3]] for b in r["boxes"]])
-        for r in records
-    ] + [dict(r, row="broken", key_slice=None, boxes=[]) for r in records]
+    cfg, overrides, samples, oracle = oracle_records
+    records = (
+        oracle
+        + [
+            dict(r, row="mirrored", boxes=[[96 - b[2], b[1], 96 - b[0], b[3]] for b in r["boxes"]])
+            for r in oracle
+        ]
+        + [dict(r, row="broken", key_slice=None, boxes=[]) for r in oracle]
+    )
     lesion_ids = [s.id for s, _ in samples if s.label in ("tumour kidney", "cyst kidney")]
     path = tmp_path_factory.mktemp("side") / "cases.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

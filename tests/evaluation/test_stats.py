@@ -10,6 +10,7 @@ from evaluation.stats import (
     slope,
     slope_ci,
     suite_mean,
+    wilson,
 )
 
 
@@ -65,3 +66,12 @@ def test_moving_average_is_trailing():
     assert moving_average([1, 2, 3, 4, 5], 3).tolist() == pytest.approx([1, 1.5, 2, 3, 4])
     with pytest.raises(ValueError, match="window"):
         moving_average([1.0], 0)
+
+
+def test_wilson_interval_by_hand():
+    # 5 of 10: centre (0.5 + 1.96^2/20) / (1 + 1.96^2/10) = 0.5; half-width 0.2634
+    low, high = wilson(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson(10, 10)
+    assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-4)
+    assert wilson(0, 0) == (0.0, 1.0)
