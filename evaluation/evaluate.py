@@ -18,7 +18,8 @@ Queries: test cases are asked with the held-out phrasings of the manifest (``hel
 paper's setting), or with one training phrasing per case (``training``: a phrasing the policy
 has seen, on a case it has not; drawn by a seed made from the case id, never chosen by
 results), or both (rows named ``NAME (held-out phrasings)``). The table's mean is the mean over
-suites of each suite's mean DSC, with a stratified bootstrap CI (``evaluation.stats``);
+suites of each suite's mean DSC, with a CI from a bootstrap that resamples scans within each
+suite (``evaluation.stats``);
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
@@ -247,43 +248,6 @@ def policy_answers(
     return {name: answers[name] for name in checkpoints}
 
 
-def sampled_rewards(
-    model_path: Path,
-    adapter: Path | None,
-    cfg: RunConfig,
-    samples,
-    seed: int = 0,
-    group_size: int | None = None,
-) -> list[dict]:
-    """What GRPO maximises, on held-out cases: per case, the mean reward (and its terms) of
-    ``group_size`` (default G) answers sampled as in training (rollout temperature), scored by
-    the reward scorer."""
-    from reward_server.scorer import RewardScorer
-    from rollout.records import WeightUpdate
-
-    engine = policy_engine(model_path, cfg, [adapter])
-    if adapter is not None:
-        engine.update_weights(WeightUpdate(1, adapter_dir=adapter))
-    groups = generate_in_chunks(engine, samples, group_size=group_size, seed=seed)
-    del engine
-    scorer = RewardScorer(cfg.reward)
-    out = []
-    for (sample, prepared), group in zip(samples, groups):
-        rewards = scorer.score_group(prepared, [c.text for c in group.completions])
-        out.append(
-            {
-                "id": sample.id,
-                "suite": sample.suite,
-                "reward": float(np.mean([r.total for r in rewards])),
-                "format": float(np.mean([r.format for r in rewards])),
-                "axial": float(np.mean([r.axial for r in rewards])),
-                "spatial": float(np.mean([r.spatial for r in rewards])),
-                "consistency": float(np.mean([r.consistency for r in rewards])),
-            }
-        )
-    return out
-
-
 def anchor_jobs(row: str, samples, texts: list[str]) -> list[CaseJob]:
     from data.answer import ParsedAnswer, parse_answer
 
@@ -338,8 +302,8 @@ def _mean_cell(values: list, scale: float) -> str:
 
 def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
     """Markdown and CSV rows: mean DSC / IoU / NSD (x100) and HD95 (mm) per dataset, the mean
-    DSC over datasets with its 95% CI (stratified bootstrap over cases), the mean NSD and HD95
-    over datasets, one row per table row."""
+    DSC over datasets with its 95% CI (bootstrap over scans, stratified by suite), the mean NSD
+    and HD95 over datasets, one row per table row."""
     from evaluation.stats import bootstrap_ci
 
     suites = sorted(
@@ -361,8 +325,7 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
             vals = [r for r in mine if r["suite"] == suite]
             for key, _, scale in TABLE_METRICS:
                 cells.append(_mean_cell([v.get(key) for v in vals], scale))
-        scores = {suite: list(cases.values()) for suite, cases in suite_scores(mine, row).items()}
-        mean, low, high = bootstrap_ci(scores)
+        mean, low, high = bootstrap_ci(suite_scores(mine, row))
         cells += [f"{100 * mean:.2f}", f"[{100 * low:.2f}, {100 * high:.2f}]"]
         for key, scale in (("nsd", 100.0), ("hd95", 1.0)):
             per_suite = [[v.get(key) for v in mine if v["suite"] == s] for s in suites]
@@ -397,7 +360,8 @@ def compare(results: list[dict], before: str, after: str) -> dict:
 def comparison_line(c: dict) -> str:
     return (
         f"{c['after']} - {c['before']}: {c['dsc_difference']:+.2f} DSC per case, 95% CI "
-        f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['cases']} cases (paired bootstrap)"
+        f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['cases']} cases "
+        "(paired, scans resampled)"
     )
 
 

@@ -1,15 +1,18 @@
 """Confidence intervals for the evaluation table and the training curves, as pure functions.
 
-- Suite mean: the table's headline number is the mean over suites of each suite's mean per-case
+- The unit that is resampled is the scan, not the row. An evaluation row is one target of one
+  scan (a CT-ORG scan has up to six); targets of one scan share its anatomy, contrast and noise,
+  so their scores move together. Treating them as independent draws makes intervals too narrow.
+  A case id's part before the first ``/`` names its scan (``ctorg_0003/liver`` -> ``ctorg_0003``).
+- Suite mean: the table's headline number is the mean over suites of each suite's mean per-target
   score (every suite weighs the same, as the paper reports per dataset). Its 95% CI is a
-  percentile bootstrap that resamples cases *within* each suite (stratified), so a resample
-  always holds every suite with its own number of cases.
-- Paired difference: two checkpoints scored on the same cases; the per-case difference d_i =
-  b_i - a_i is resampled the same stratified way, which keeps the pairing (a case's two scores
-  move together) and so is far tighter than comparing two independent CIs.
+  percentile cluster bootstrap: within each suite (stratified), draw as many scans as the suite
+  has, with replacement, keep every target of a drawn scan, and take the mean over the targets
+  drawn. Duplicating targets of a scan changes nothing; a scan with one target is a row.
+- Paired difference: two checkpoints scored on the same targets; the per-target difference
+  d_i = b_i - a_i is resampled the same way, which keeps the pairing (a target's two scores move
+  together) and so is far tighter than comparing two independent CIs.
 - Share: the Wilson score interval of a share of hits among n trials (a binomial proportion).
-- Slope: least-squares slope of a curve (reward per GRPO step) with a 95% CI from a bootstrap
-  over the (step, value) points.
 Bootstraps use a fixed seed: the same results give the same interval.
 """
 
@@ -24,34 +27,56 @@ RESAMPLES = 4000
 SEED = 0
 
 
-def suite_mean(scores: Mapping[str, Sequence[float]]) -> float:
-    """Mean over suites of the mean score of each suite's cases."""
+def scan_of(case_id: str) -> str:
+    """The scan a case id belongs to: its part before the first ``/`` (the whole id without)."""
+    return case_id.split("/", 1)[0]
+
+
+def suite_mean(scores: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean over suites of the mean score of each suite's targets, ``{suite: {case id: score}}``."""
     if not scores or any(len(v) == 0 for v in scores.values()):
         raise ValueError("every suite needs at least one case")
-    return float(np.mean([np.mean(v) for v in scores.values()]))
+    return float(np.mean([np.mean(list(v.values())) for v in scores.values()]))
 
 
-def _stratified_means(
-    scores: Mapping[str, Sequence[float]], resamples: int, rng: np.random.Generator
+def _scan_totals(cases: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per scan: the sum of its targets' scores and how many targets it has."""
+    index: dict[str, int] = {}
+    sums: list[float] = []
+    counts: list[int] = []
+    for case_id, value in cases.items():
+        i = index.setdefault(scan_of(case_id), len(sums))
+        if i == len(sums):
+            sums.append(0.0)
+            counts.append(0)
+        sums[i] += float(value)
+        counts[i] += 1
+    return np.asarray(sums), np.asarray(counts, dtype=np.float64)
+
+
+def _cluster_means(
+    scores: Mapping[str, Mapping[str, float]], resamples: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Suite mean of ``resamples`` stratified bootstrap resamples: shape (resamples,)."""
+    """Suite mean of ``resamples`` scan-level bootstrap resamples, stratified by suite:
+    shape (resamples,)."""
     per_suite = []
-    for values in scores.values():
-        values = np.asarray(values, dtype=np.float64)
-        picks = rng.integers(0, len(values), size=(resamples, len(values)))
-        per_suite.append(values[picks].mean(axis=1))
+    for cases in scores.values():
+        sums, counts = _scan_totals(cases)
+        picks = rng.integers(0, len(sums), size=(resamples, len(sums)))
+        per_suite.append(sums[picks].sum(axis=1) / counts[picks].sum(axis=1))
     return np.mean(per_suite, axis=0)
 
 
 def bootstrap_ci(
-    scores: Mapping[str, Sequence[float]],
+    scores: Mapping[str, Mapping[str, float]],
     level: float = 0.95,
     resamples: int = RESAMPLES,
     seed: int = SEED,
 ) -> tuple[float, float, float]:
-    """(suite mean, CI low, CI high) of per-case ``scores`` grouped by suite."""
+    """(suite mean, CI low, CI high) of per-target ``scores``, ``{suite: {case id: score}}``,
+    resampling scans within each suite."""
     estimate = suite_mean(scores)
-    means = _stratified_means(scores, resamples, np.random.default_rng(seed))
+    means = _cluster_means(scores, resamples, np.random.default_rng(seed))
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return estimate, float(low), float(high)
@@ -65,49 +90,16 @@ def paired_difference_ci(
     seed: int = SEED,
 ) -> tuple[float, float, float, int]:
     """(mean difference, CI low, CI high, cases) of ``after - before``, per suite
-    ``{suite: {case id: score}}``; only cases scored in both count."""
-    diffs: dict[str, list[float]] = {}
+    ``{suite: {case id: score}}``; only cases scored in both count; scans are resampled."""
+    diffs: dict[str, dict[str, float]] = {}
     for suite, cases in before.items():
         shared = sorted(set(cases) & set(after.get(suite, {})))
         if shared:
-            diffs[suite] = [after[suite][c] - cases[c] for c in shared]
+            diffs[suite] = {c: after[suite][c] - cases[c] for c in shared}
     if not diffs:
         raise ValueError("no case was scored by both checkpoints")
     estimate, low, high = bootstrap_ci(diffs, level, resamples, seed)
     return estimate, low, high, sum(len(v) for v in diffs.values())
-
-
-def slope(steps: Sequence[float], values: Sequence[float]) -> float:
-    """Least-squares slope of ``values`` over ``steps``."""
-    x = np.asarray(steps, dtype=np.float64)
-    y = np.asarray(values, dtype=np.float64)
-    if len(x) < 2 or np.ptp(x) == 0:
-        raise ValueError("a slope needs at least two distinct steps")
-    x = x - x.mean()
-    return float((x * (y - y.mean())).sum() / (x * x).sum())
-
-
-def slope_ci(
-    steps: Sequence[float],
-    values: Sequence[float],
-    level: float = 0.95,
-    resamples: int = RESAMPLES,
-    seed: int = SEED,
-) -> tuple[float, float, float]:
-    """(slope, CI low, CI high): bootstrap over the (step, value) points."""
-    x = np.asarray(steps, dtype=np.float64)
-    y = np.asarray(values, dtype=np.float64)
-    estimate = slope(x, y)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(x), size=(resamples, len(x)))
-    xs, ys = x[picks], y[picks]
-    xc = xs - xs.mean(axis=1, keepdims=True)
-    denom = (xc * xc).sum(axis=1)
-    ok = denom > 0  # a resample of one repeated step has no slope
-    slopes = (xc * (ys - ys.mean(axis=1, keepdims=True))).sum(axis=1)[ok] / denom[ok]
-    tail = (1 - level) / 2
-    low, high = np.quantile(slopes, [tail, 1 - tail])
-    return estimate, float(low), float(high)
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:

@@ -4,29 +4,41 @@ import numpy as np
 import pytest
 
 from evaluation.stats import (
+    RESAMPLES,
+    SEED,
     bootstrap_ci,
     moving_average,
     paired_difference_ci,
-    slope,
-    slope_ci,
+    scan_of,
     suite_mean,
     wilson,
 )
 
 
+def cases(values, prefix: str = "s") -> dict[str, float]:
+    """One target per scan: ``{"s0/t": v0, "s1/t": v1, ...}``."""
+    return {f"{prefix}{i}/t": float(v) for i, v in enumerate(values)}
+
+
+def test_scan_of_is_the_part_before_the_first_slash():
+    assert scan_of("ctorg_0003/left_kidney") == "ctorg_0003"
+    assert scan_of("case_00012") == "case_00012"
+    assert scan_of("a/b/c") == "a"
+
+
 def test_suite_mean_weighs_every_suite_the_same():
     # suite a: mean 0.5 over 2 cases, suite b: 0.9 over 4 -> (0.5 + 0.9) / 2, not the case mean
-    scores = {"a": [0.2, 0.8], "b": [0.9, 0.9, 0.9, 0.9]}
+    scores = {"a": cases([0.2, 0.8]), "b": cases([0.9] * 4)}
     assert suite_mean(scores) == pytest.approx(0.7)
     with pytest.raises(ValueError, match="at least one case"):
-        suite_mean({"a": []})
+        suite_mean({"a": {}})
 
 
 def test_bootstrap_ci_brackets_the_mean_and_collapses_on_constant_scores():
-    est, low, high = bootstrap_ci({"a": [0.4] * 5, "b": [0.6] * 3})
+    est, low, high = bootstrap_ci({"a": cases([0.4] * 5), "b": cases([0.6] * 3)})
     assert (est, low, high) == pytest.approx((0.5, 0.5, 0.5))
     rng = np.random.default_rng(1)
-    scores = {"a": rng.random(40).tolist(), "b": rng.random(30).tolist()}
+    scores = {"a": cases(rng.random(40)), "b": cases(rng.random(30))}
     est, low, high = bootstrap_ci(scores)
     assert low < est < high
     # the half-width of a mean of ~35 uniform scores per suite, averaged over two suites:
@@ -35,9 +47,49 @@ def test_bootstrap_ci_brackets_the_mean_and_collapses_on_constant_scores():
     assert bootstrap_ci(scores) == (est, low, high)  # seeded: reproducible
 
 
+def test_duplicating_every_target_of_a_scan_leaves_the_ci_unchanged():
+    rng = np.random.default_rng(2)
+    scores = {
+        "a": {f"scan{i}/t{j}": float(rng.random()) for i in range(9) for j in range(1 + i % 3)},
+        "b": {f"scan{i}/t0": float(rng.random()) for i in range(20, 27)},
+    }
+    for k in (2, 5):
+        copied = {
+            suite: {f"{cid}#{c}": v for cid, v in targets.items() for c in range(k)}
+            for suite, targets in scores.items()
+        }
+        assert bootstrap_ci(copied) == pytest.approx(bootstrap_ci(scores), abs=1e-12)
+    # a bootstrap over rows would take the k copies for k independent targets and shrink
+    rows = {
+        suite: {f"{cid}#{c}".replace("/", "-"): v for cid, v in targets.items() for c in range(5)}
+        for suite, targets in scores.items()
+    }
+    _, low, high = bootstrap_ci(scores)
+    _, row_low, row_high = bootstrap_ci(rows)
+    assert row_high - row_low < 0.6 * (high - low)
+
+
+def test_identical_targets_of_a_scan_give_the_scan_level_bootstrap_by_hand():
+    # Three targets per scan, all with the scan's value: the cluster bootstrap must be the plain
+    # bootstrap of one value per scan, drawn with the same generator.
+    scan_values = {"a": [0.1, 0.9, 0.4, 0.7, 0.3], "b": [0.2, 0.6, 0.8]}
+    scores = {
+        suite: {f"{suite}{i}/t{j}": v for i, v in enumerate(values) for j in range(3)}
+        for suite, values in scan_values.items()
+    }
+    rng = np.random.default_rng(SEED)
+    per_suite = []
+    for values in scan_values.values():
+        v = np.asarray(values)
+        per_suite.append(v[rng.integers(0, len(v), size=(RESAMPLES, len(v)))].mean(axis=1))
+    low, high = np.quantile(np.mean(per_suite, axis=0), [0.025, 0.975])
+    expected = (float(np.mean([np.mean(v) for v in scan_values.values()])), low, high)
+    assert bootstrap_ci(scores) == pytest.approx(expected, abs=1e-12)
+
+
 def test_paired_difference_keeps_the_pairing():
-    before = {"a": {"c1": 0.1, "c2": 0.5, "c3": 0.9}, "b": {"c4": 0.3}}
-    after = {"a": {"c1": 0.2, "c2": 0.6, "c3": 1.0, "extra": 0.0}, "b": {"c4": 0.5}}
+    before = {"a": {"s1/c1": 0.1, "s1/c2": 0.5, "s2/c3": 0.9}, "b": {"s3/c4": 0.3}}
+    after = {"a": {"s1/c1": 0.2, "s1/c2": 0.6, "s2/c3": 1.0, "s9/extra": 0.0}, "b": {"s3/c4": 0.5}}
     est, low, high, n = paired_difference_ci(before, after)
     # suite a: every case +0.1; suite b: +0.2 -> mean of suite means 0.15, no spread at all
     assert n == 4
@@ -46,20 +98,15 @@ def test_paired_difference_keeps_the_pairing():
         paired_difference_ci({"a": {"x": 1.0}}, {"a": {"y": 1.0}})
 
 
-def test_slope_by_hand_and_its_ci():
-    assert slope([1, 2, 3, 4], [1.0, 3.0, 5.0, 7.0]) == pytest.approx(2.0)
-    # x centred: -1.5 -0.5 0.5 1.5; y centred: -1 1 -1 1 -> sum xy = 1.5 - 0.5 - 0.5 + 1.5 = 2; / 5
-    assert slope([1, 2, 3, 4], [0.0, 2.0, 0.0, 2.0]) == pytest.approx(0.4)
-    est, low, high = slope_ci(range(10), [2.0 * s + 1 for s in range(10)])
-    assert (est, low, high) == pytest.approx((2.0, 2.0, 2.0))
-    rng = np.random.default_rng(0)
-    noise = rng.normal(0, 1, 200)
-    est, low, high = slope_ci(range(200), noise)  # no trend: the CI holds 0
-    assert low < 0 < high
-    est, low, high = slope_ci(range(200), 0.02 * np.arange(200) + noise)
-    assert low > 0
-    with pytest.raises(ValueError, match="two distinct steps"):
-        slope([3, 3], [1.0, 2.0])
+def test_paired_difference_resamples_scans():
+    # Scan s1's two targets gain 0.4 each, scan s2's two lose 0.4: the mean is 0 and one draw of
+    # s1 twice gives +0.4. A row bootstrap would also draw mixes such as +0.4, +0.4, +0.4, -0.4;
+    # the scan bootstrap only ever sees the means of whole scans: -0.4, 0 or +0.4.
+    before = {"a": {"s1/x": 0.5, "s1/y": 0.5, "s2/x": 0.5, "s2/y": 0.5}}
+    after = {"a": {"s1/x": 0.9, "s1/y": 0.9, "s2/x": 0.1, "s2/y": 0.1}}
+    est, low, high, n = paired_difference_ci(before, after)
+    assert n == 4 and est == pytest.approx(0.0)
+    assert (low, high) == pytest.approx((-0.4, 0.4))
 
 
 def test_moving_average_is_trailing():
