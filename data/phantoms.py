@@ -1,6 +1,6 @@
 """Synthetic abdominal CT phantoms: the embedded default dataset (NIfTI CT + label map + manifest).
 
-    python -m data.phantoms --out DIR --n N --seed S [--shape Z Y X]
+    python -m data.phantoms --out DIR --n N --seed S [--shape Z Y X] [--val-every K]
 
 Each case is an abdominal CT in Hounsfield units — air, a body outline with subcutaneous fat and
 a muscle wall, liver, spleen, both kidneys, pancreas, contrast-filled aorta, vertebrae with
@@ -15,7 +15,10 @@ cyst. Cases are dealt round-robin to three suites that mirror the M3D-Seg subset
 
 Manifest rows (JSONL, paths relative to the manifest): ``{"id", "image", "mask", "label",
 "query", "split", "suite", "label_values"}``; ``label_values`` lists the voxel values of the label
-map that make up the target. Every fourth case is a test case; test rows use held-out phrasings.
+map that make up the target. Every fourth case is a test case (case i with i % 4 == 3); with
+``val_every`` K, case i with i % K == 0 is a validation case, carved from the training cases and
+never from test. Test and validation rows use held-out phrasings (the paper's setting: queries
+the policy never trained on); which cases are drawn does not depend on the split.
 Files are stored in RAS+ orientation (as most converters write them); readers reorient them.
 """
 
@@ -281,6 +284,16 @@ def ras_affine(shape: tuple[int, int, int]) -> np.ndarray:
     return affine
 
 
+def case_split(i: int, val_every: int = 0) -> str:
+    """The split of phantom case ``i``: test every fourth case, validation every ``val_every``-th
+    of the others (none when 0), train the rest."""
+    if i % 4 == 3:
+        return "test"
+    if val_every and i % val_every == 0:
+        return "val"
+    return "train"
+
+
 def write_phantoms(
     out: str | Path,
     n: int,
@@ -288,16 +301,21 @@ def write_phantoms(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     progress: bool = True,
     stream: int = 0,
+    val_every: int = 0,
 ) -> Path:
     """Write ``n`` phantom cases and ``manifest.jsonl`` under ``out``; returns the manifest path.
 
     Deterministic for a seed (and shape): case i is drawn from ``[seed, i]``, or with a
     ``stream`` other than 0 from ``[seed, i, stream]``, a random stream that shares no case with
-    stream 0 (the grounding corpus uses one). The manifest is written last, to a temporary name
-    then renamed, so a reader never sees a manifest naming files that are not there yet.
+    stream 0 (the grounding corpus uses one). ``val_every`` K > 0 puts case i with i % K == 0 in
+    the validation split (a test case stays a test case). The manifest is written last, to a
+    temporary name then renamed, so a reader never sees a manifest naming files that are not
+    there yet.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if val_every < 0:
+        raise ValueError(f"val_every must be >= 0, got {val_every}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -307,7 +325,7 @@ def write_phantoms(
         rng = np.random.default_rng([seed, i] if stream == 0 else [seed, i, stream])
         suite = SUITES[i % len(SUITES)]
         case_id = f"{suite}_{i:04d}"
-        split = "test" if i % 4 == 3 else "train"
+        split = case_split(i, val_every)
         case = make_case(rng, shape, lesion_odds=0.8 if suite == "kits23" else 0.2)
         if suite == "kits23" and "tumour" not in case.lesions:
             case = make_case(rng, shape, lesion_odds=1.0)
@@ -324,7 +342,7 @@ def write_phantoms(
                     "image": image_rel,
                     "mask": mask_rel,
                     "label": target,
-                    "query": sample_query(target, split, rng),
+                    "query": sample_query(target, "train" if split == "train" else "test", rng),
                     "split": split,
                     "suite": suite,
                     "label_values": values,
@@ -350,9 +368,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("Z", "Y", "X"),
         help="volume shape (slices, rows, columns)",
     )
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=0,
+        metavar="K",
+        help="case i with i %% K == 0 goes to the validation split (0: none; test: i %% 4 == 3)",
+    )
     args = parser.parse_args(argv)
     if args.n < 1:
         raise UsageError(f"--n {args.n}: need at least 1 case")
+    if args.val_every < 0:
+        raise UsageError(f"--val-every {args.val_every}: must be 0 (none) or more")
     if any(s < m for s, m in zip(args.shape, MIN_SHAPE)):
         raise UsageError(
             f"--shape {' '.join(map(str, args.shape))}: at least {' '.join(map(str, MIN_SHAPE))} "
@@ -361,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out}: exists and is not a folder")
     with removed_on_failure(args.out):  # a new folder half-filled by a failed run goes again
-        manifest = write_phantoms(args.out, args.n, args.seed, tuple(args.shape))
+        manifest = write_phantoms(
+            args.out, args.n, args.seed, tuple(args.shape), val_every=args.val_every
+        )
     lines = manifest.read_text().splitlines()
     print(f"wrote {args.n} cases, {len(lines)} samples: {manifest}")
     return 0

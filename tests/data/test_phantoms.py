@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from data.phantoms import HU, LABELS, main, make_case, write_phantoms
+from data.phantoms import HU, LABELS, case_split, main, make_case, write_phantoms
 from data.queries import QUERIES, TEST_PHRASINGS, phrasings
 from data.volume import load_volume
 
@@ -59,6 +59,39 @@ def test_manifest_rows_point_at_files_with_their_labels(tmp_path):
         assert np.isin(labels, r["label_values"]).any(), r["id"]
         assert r["query"] in phrasings(r["label"], r["split"])
     assert {r["split"] for r in rows if r["id"].startswith("ctorg_0003")} == {"test"}
+
+
+def test_validation_scans_come_from_training_and_leave_test_as_it_was(tmp_path):
+    assert [case_split(i, 8) for i in range(9)] == [
+        "val",
+        "train",
+        "train",
+        "test",
+        "train",
+        "train",
+        "train",
+        "test",
+        "val",
+    ]
+    assert case_split(3, 3) == "test"  # a test case is never taken, whatever K
+    plain = write_phantoms(tmp_path / "plain", n=9, seed=4, shape=SHAPE, progress=False)
+    carved = write_phantoms(tmp_path / "val", n=9, seed=4, shape=SHAPE, progress=False, val_every=8)
+    before = [json.loads(line) for line in plain.read_text().splitlines()]
+    after = [json.loads(line) for line in carved.read_text().splitlines()]
+    # the same scans and targets; only the split (and a validation target's phrasing) changes
+    assert [r["id"] for r in before] == [r["id"] for r in after]
+    for b, a in zip(before, after):
+        scan = int(a["id"].split("/")[0].rsplit("_", 1)[1])
+        assert a["split"] == ("val" if scan in (0, 8) else b["split"])
+        if a["split"] == "test":
+            assert a == b
+        if a["split"] == "val":
+            assert a["query"] in phrasings(a["label"], "test")  # unseen in training, as test
+    for scan in ("ctorg_0000", "kits23_0008"):
+        for folder, kind in (("images", "image"), ("labels", "mask")):
+            x = load_volume(tmp_path / "plain" / folder / f"{scan}.nii.gz", kind).array
+            y = load_volume(tmp_path / "val" / folder / f"{scan}.nii.gz", kind).array
+            assert np.array_equal(x, y)
 
 
 def test_test_phrasings_never_appear_in_training():
