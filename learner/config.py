@@ -38,6 +38,10 @@ class SFTConfig:
     top_k: int | None = None  # Top-K for key slices, given for 64 slices; None = data.top_k
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    # An SFT adapter to start from and keep training (its own rank and layers; sft.lora is then
+    # unused), e.g. the cold start continued for as many sample passes as GRPO made (the default
+    # run's "SFT (equal updates)" control); null: a fresh adapter (the paper's cold start)
+    init_adapter: str | None = None
     lora: LoraSettings = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

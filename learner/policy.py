@@ -271,9 +271,11 @@ def load_lora_policy(
     precision: str,
     gradient_checkpointing: bool,
     merge: Path | None = None,
+    init_adapter: Path | None = None,
 ):
     """The base Qwen3-VL (with the adapter ``merge`` folded into its weights, if given) and a
-    fresh trainable LoRA adapter on top; everything but the adapter frozen."""
+    trainable LoRA adapter on top: a fresh one, or ``init_adapter`` loaded to train on (its
+    rank and layers, not ``lora``'s); everything but the adapter frozen."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
@@ -285,6 +287,8 @@ def load_lora_policy(
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings: let checkpoints see a grad input
+    if init_adapter is not None:
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True), processor
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,

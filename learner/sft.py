@@ -130,7 +130,14 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
         total = min(total, s.max_steps)
     precision = resolve_precision(s.precision)
     base = model_path(cfg)
-    model, processor = load_lora_policy(base, s.lora, precision, s.gradient_checkpointing)
+    init = Path(s.init_adapter) if s.init_adapter else None
+    if init is not None and not (init / "adapter_config.json").is_file():
+        raise UsageError(
+            f"sft.init_adapter: {init}: not a LoRA adapter folder (no adapter_config.json)"
+        )
+    model, processor = load_lora_policy(
+        base, s.lora, precision, s.gradient_checkpointing, init_adapter=init
+    )
     engine = build_engine(
         model,
         deepspeed_config(s.lr, s.weight_decay, s.grad_clip, s.zero_stage, precision, s.batch_size),

@@ -143,13 +143,14 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     from mlflow.tracking import MlflowClient
 
     from cluster.config import load_run_config
+    from data.cli import UsageError
     from data.phantoms import write_phantoms
     from learner.sft import train_sft
 
     manifest = write_phantoms(tmp_path / "data", n=4, seed=1, shape=(40, 96, 96), progress=False)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def config(epochs: int):
+    def config(epochs: int, *extra: str):
         return load_run_config(
             "configs/tiny.yaml",
             [
@@ -164,6 +165,7 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
                 "sft.lr=0.003",
                 f"tracking.tracking_uri={uri}",
                 "sft.checkpoint_every=4",
+                *extra,
             ],
         )
 
@@ -183,6 +185,17 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     history = client.get_metric_history(run.info.run_id, "sft/loss")
     assert len(history) > len(losses)
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    # The equal-updates control: the cold start continued from its adapter starts where it ended
+    # (a fresh adapter would start from the first losses above), and writes its own adapter.
+    more = config(1, f"output_dir={tmp_path / 'more'}", f"sft.init_adapter={adapter}")
+    continued = train_sft(more, progress=False)
+    assert continued == tmp_path / "more" / "sft" / "adapter"
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([run.info.experiment_id])}
+    first = client.get_metric_history(runs["more-sft"], "sft/loss")[0].value
+    assert first < np.mean(losses[:3]) - 0.5, (first, losses[:3])
+    bad = config(1, f"output_dir={tmp_path / 'bad'}", f"sft.init_adapter={tmp_path}")
+    with pytest.raises(UsageError, match=f"sft.init_adapter: {tmp_path}: not a LoRA adapter"):
+        train_sft(bad, progress=False)
 
 
 def test_sft_in_two_processes_under_torchrun(tmp_path, tiny_model):
