@@ -1,23 +1,29 @@
-"""The embedded default, end to end on one machine: phantoms -> the tiny Qwen3-VL's stand-in for a
-pretrained checkpoint (learner.grounding, built once per machine) -> SFT cold start -> local Ray
-head and MLflow on 127.0.0.1 -> GRPO submitted with ``ray job submit`` -> evaluation (base, SFT
-and SFT+RL on held-out phantoms, with 95% CIs and the paired SFT+RL - SFT difference) -> the
-table, the learning checks, ``learning.png`` and where the MLflow UI is.
+"""The embedded default, end to end on one machine, under the paper's protocol: phantoms (train,
+validation and test scans) -> the tiny Qwen3-VL's stand-in for a pretrained checkpoint
+(learner.grounding, built once per machine) -> a short SFT cold start -> local Ray head and MLflow
+on 127.0.0.1 -> GRPO submitted with ``ray job submit`` -> the equal-compute control (the cold
+start continued by SFT for as many sample passes as GRPO made) -> evaluation of base, SFT,
+SFT (equal updates) and SFT+RL on the validation and the test scans -> the sampled training
+reward of SFT and SFT+RL on the same prompts -> the table, the bar's checks, ``learning.png`` and
+where the MLflow UI is.
 
-    python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--steps N]
-        [--seed S] [--out DIR] [-v] [--debug] [key=value ...]
+    python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--val-every 8]
+        [--steps N] [--sft-epochs N] [--seed S] [--out DIR] [-v] [--debug] [key=value ...]
 
 Quiet by default: the console shows the stages, their progress bars and results; each part logs
-to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``evaluate.log``,
-``ray.log``), and ``-v`` shows third-party logs on the console as well.
+to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``sft_equal.log``,
+``evaluate.log``, ``evaluate_val.log``, ``reward_gain.log``, ``ray.log``), and ``-v`` shows
+third-party logs on the console as well.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.config import load_run_config
@@ -39,98 +45,181 @@ def say(message: str) -> None:
 
 
 ORACLE = "oracle anchor (baseline)"
+EQUAL = "SFT (equal updates)"
+# The paper's setting is the held-out phrasings (its test queries are free-form descriptions).
+BUDGET_S = 900  # the whole default run, stand-in cached, on a 2-core machine
 
 
-def learning_report(out: Path, tracking_uri: str, experiment: str) -> str:
-    """The default run's claim, checked: SFT against the oracle-anchor ceiling, SFT+RL against
-    SFT (paired, per case), and the slope of the GRPO reward; draws ``learning.png``."""
-    import json
+@dataclass(frozen=True)
+class Split:
+    """One evaluated split of the default run: its rows' DSC with CIs and its paired comparisons."""
 
-    from cluster.tracking import latest_run_id, metric_history
-    from evaluation.evaluate import PHRASING_SUFFIX, comparison_line, suite_scores
-    from evaluation.stats import bootstrap_ci, slope_ci
+    name: str
+    dsc: dict  # row -> (mean, CI low, CI high), x100
+    malformed: dict  # row -> (malformed answers, cases)
+    comparisons: list  # evaluation.evaluate.compare records
 
-    results = [json.loads(line) for line in (out / "eval" / "cases.jsonl").read_text().splitlines()]
-    rows = [r for r in dict.fromkeys(r["row"] for r in results)]
-    dsc = {}
-    for row in rows:
-        scores = {k: list(v.values()) for k, v in suite_scores(results, row).items()}
-        dsc[row] = tuple(100 * x for x in bootstrap_ci(scores))
-    comparisons = json.loads((out / "eval" / "comparisons.json").read_text())
-    run_id = latest_run_id(tracking_uri, experiment)
-    steps, rewards = metric_history(tracking_uri, run_id, "reward/total") if run_id else ([], [])
-    lines = ["", "Does it learn? (held-out cases; mean over suites of DSC, 95% CI)"]
-    oracle = dsc.get(ORACLE, (float("nan"),))[0]
+
+def read_split(name: str, folder: Path) -> Split:
+    from evaluation.cases import read_cases
+    from evaluation.evaluate import suite_scores
+    from evaluation.stats import bootstrap_ci
+
+    results, rows = read_cases(folder / "cases.jsonl", None)
+    dsc = {row: tuple(100 * x for x in bootstrap_ci(suite_scores(results, row))) for row in rows}
+    malformed = {
+        row: (
+            sum(1 for r in results if r["row"] == row and r.get("failure")),
+            sum(1 for r in results if r["row"] == row),
+        )
+        for row in rows
+    }
+    comparisons = json.loads((folder / "comparisons.json").read_text())
+    return Split(name, dsc, malformed, comparisons)
+
+
+def bar_checks(split: Split, kl_step1: float | None, gain: dict | None, took: float) -> list[str]:
+    """The issue's bar, checked on one split's rows (rows read by name)."""
+    from evaluation.evaluate import PHRASING_SUFFIX as H
+    from evaluation.evaluate import comparison_line
 
     def check(ok: bool) -> str:
         return "yes" if ok else "NO"
 
-    for name, share in (("SFT", 0.5), ("SFT+RL", 0.75)):
-        if name in dsc:
-            got = dsc[name][0] / oracle
+    dsc, oracle = split.dsc, split.dsc.get(ORACLE, (float("nan"),))[0]
+    pairs = {(c["before"], c["after"]): c for c in split.comparisons}
+    lines = [
+        f"Does it learn? {split.name} scans; DSC x100, mean over suites, 95% CIs resample scans;"
+        f" the paper's setting is the held-out phrasings. Oracle anchor: {oracle:.2f}"
+    ]
+    paper = pairs.get(("SFT" + H, "SFT+RL" + H))
+    if paper:
+        ok = paper["dsc_difference"] >= 2 and paper["ci_low"] > 0
+        lines.append(f"  {comparison_line(paper)} (>= +2 with CI above 0: {check(ok)})")
+    trained = pairs.get(("SFT", "SFT+RL"))
+    if trained:
+        ok = trained["dsc_difference"] >= 0
+        lines.append(f"  {comparison_line(trained)} (>= 0: {check(ok)})")
+    for row, share in (("SFT+RL", 0.6), ("SFT+RL" + H, 0.4), ("SFT", 1 / 3)):
+        if row in dsc:
+            got = dsc[row][0] / oracle
             lines.append(
-                f"  {name}: {dsc[name][0]:.2f} DSC = {got:.2f} of the oracle anchor's "
-                f"{oracle:.2f} (at least {share}: {check(got >= share)})"
+                f"  {row}: {dsc[row][0]:.2f} = {got:.2f} of the oracle (at least {share:.2f}: "
+                f"{check(got >= share)})"
             )
-    for c in comparisons:
-        if PHRASING_SUFFIX not in c["before"]:
-            ok = c["dsc_difference"] >= 2 and c["ci_low"] > 0
-            lines.append(f"  {comparison_line(c)} (>= +2 with CI above 0: {check(ok)})")
-    for c in comparisons:
-        if PHRASING_SUFFIX in c["before"]:
-            lines.append(f"  {comparison_line(c)}")
-    if len(steps) >= 2:
-        slope, low, high = slope_ci(steps, rewards)
+    if "SFT" in split.malformed:
+        bad, n = split.malformed["SFT"]
         lines.append(
-            f"  GRPO reward/total slope: {slope:+.4f} per step, 95% CI [{low:+.4f}, {high:+.4f}] "
-            f"over {len(steps)} steps (CI above 0: {check(low > 0)})"
+            f"  SFT malformed answers: {bad} of {n} (at most 15%: {check(bad <= 0.15 * n)})"
         )
-    learning_figure(out / "learning.png", steps, rewards, dsc)
-    return "\n".join(lines)
+    for suffix in ("", H):
+        c = pairs.get((EQUAL + suffix, "SFT+RL" + suffix))
+        if c:
+            lines.append(f"  control: {comparison_line(c)}")
+    if kl_step1 is not None:
+        lines.append(
+            f"  KL to the reference at GRPO step 1: {kl_step1:.2e} (below 0.01: "
+            f"{check(kl_step1 < 0.01)})"
+        )
+    if gain is not None:
+        from evaluation.reward_gain import gain_line
+
+        lines.append(f"  {gain_line(gain)} (CI above 0: {check(gain['ci_low'] > 0)})")
+    if took:
+        lines.append(f"  time: {took:.0f} s (at most {BUDGET_S} s: {check(took <= BUDGET_S)})")
+    return lines
 
 
-def learning_figure(path: Path, steps, rewards, dsc: dict) -> Path:
-    """Left: GRPO reward per step with its trailing mean; right: held-out DSC per checkpoint
-    with 95% CIs (hatched: asked with held-out phrasings)."""
+def learning_figure(path: Path, steps, rewards, splits: list[Split]) -> Path:
+    """Left: GRPO reward per step with its trailing mean; right: DSC per checkpoint on each
+    split with 95% CIs (hatched: asked with held-out phrasings, the paper's setting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from evaluation.evaluate import PHRASING_SUFFIX
     from evaluation.stats import moving_average
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=[1, 1.3])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2), width_ratios=[1, 1.7])
     if steps:
         left.plot(steps, rewards, "o", ms=2, alpha=0.35, label="reward/total per step")
         left.plot(steps, moving_average(rewards, 10), lw=2, label="mean of 10 steps")
         left.legend(fontsize=7)
     left.set_xlabel("GRPO step")
     left.set_title("GRPO training reward (R = Rf + Ra + Rs + Rc)", fontsize=9)
-    names = list(dsc)
-    means = [dsc[n][0] for n in names]
-    errors = [[dsc[n][0] - dsc[n][1] for n in names], [dsc[n][2] - dsc[n][0] for n in names]]
-    bars = right.bar(range(len(names)), means, yerr=errors, capsize=3, color="tab:blue")
-    for bar, name in zip(bars, names):
-        if PHRASING_SUFFIX in name:
-            bar.set_hatch("//")
-            bar.set_alpha(0.6)
-        if name.startswith("oracle"):
-            bar.set_color("tab:gray")
+    names = list(dict.fromkeys(n for s in reversed(splits) for n in s.dsc))  # test's order
+    width = 0.8 / max(1, len(splits))
+    colours = ("tab:orange", "tab:blue")
+    for k, split in enumerate(splits):
+        xs = [
+            i + (k - (len(splits) - 1) / 2) * width for i, n in enumerate(names) if n in split.dsc
+        ]
+        vals = [split.dsc[n] for n in names if n in split.dsc]
+        bars = right.bar(
+            xs,
+            [v[0] for v in vals],
+            width,
+            yerr=np.array([[v[0] - v[1] for v in vals], [v[2] - v[0] for v in vals]]),
+            capsize=2,
+            color=colours[k % 2],
+            label=f"{split.name} scans",
+        )
+        for bar, name in zip(bars, [n for n in names if n in split.dsc]):
+            if PHRASING_SUFFIX in name:
+                bar.set_hatch("//")
+            if name.startswith("oracle"):
+                bar.set_alpha(0.5)
     right.set_xticks(range(len(names)))
     right.set_xticklabels(
         [
-            n.replace(PHRASING_SUFFIX, "\n(held-out\nphrasings)").replace(" anchor ", "\nanchor\n")
+            n.replace(PHRASING_SUFFIX, "\n(held-out\nphrasings)")
+            .replace(" anchor ", "\nanchor\n")
+            .replace(" (equal updates)", "\n(equal\nupdates)")
             for n in names
         ],
         fontsize=7,
     )
+    right.legend(fontsize=7)
     right.set_ylabel("DSC (mean over suites)")
-    right.set_title("held-out cases, 95% CI", fontsize=9)
+    right.set_title(
+        "DSC per checkpoint, 95% CI over scans (hatched: held-out phrasings)", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def learning_report(out: Path, tracking_uri: str, experiment: str, took: float = 0.0) -> str:
+    """The default run's claim, checked on validation and on test: the bar's checks per split,
+    the KL at GRPO's first step, the sampled-reward gain on training prompts; draws
+    ``learning.png``."""
+    from cluster.tracking import latest_run_id, metric_history
+
+    splits = [
+        read_split(name, out / folder)
+        for name, folder in (("validation", "eval-val"), ("test", "eval"))
+        if (out / folder / "cases.jsonl").exists()
+    ]
+    run_id = latest_run_id(tracking_uri, experiment)
+    steps, rewards = metric_history(tracking_uri, run_id, "reward/total") if run_id else ([], [])
+    kl_steps, kls = metric_history(tracking_uri, run_id, "learner/kl") if run_id else ([], [])
+    gain_file = out / "reward_gain" / "reward_gain.json"
+    gain = json.loads(gain_file.read_text()) if gain_file.exists() else None
+    lines = [""]
+    for split in splits:
+        final = split.name == "test"
+        lines += bar_checks(
+            split,
+            kls[0] if kls and final else None,
+            gain if final else None,
+            took if final else 0.0,
+        )
+        lines.append("")
+    learning_figure(out / "learning.png", steps, rewards, splits)
+    return "\n".join(lines)
 
 
 class StageFailed(RuntimeError):
@@ -153,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m cluster.default_run", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--config", type=existing_file, default=Path("configs/tiny.yaml"))
-    parser.add_argument("--cases", type=int, default=60, help="phantom cases to generate")
+    parser.add_argument("--cases", type=int, default=60, help="phantom cases (scans) to generate")
+    parser.add_argument(
+        "--val-every",
+        type=int,
+        default=8,
+        metavar="K",
+        help="scan i with i %% K == 0 is a validation scan (test: i %% 4 == 3; 0: no validation)",
+    )
     parser.add_argument(
         "--steps", type=int, default=None, help="GRPO steps (default: grpo.epochs over the data)"
     )
@@ -170,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--steps", args.steps), ("--sft-epochs", args.sft_epochs)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} {value}: must be at least 1")
+    if args.val_every < 0:
+        raise UsageError(f"--val-every {args.val_every}: must be 0 (no validation) or more")
     start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
     base = load_run_config(args.config, [*seed_override, *args.overrides])
@@ -192,12 +290,18 @@ def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get(VERBOSE_ENV) != "1"
     if quiet:  # the GRPO job's actors keep their logs in Ray's session folder, off the console
         common.append("cluster.log_to_driver=false")
+    sqlite = f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"
+    config = ["--config", str(args.config)]
 
-    say(f"phantoms: {args.cases} cases -> {manifest.parent}")
+    say(f"phantoms: {args.cases} scans -> {manifest.parent}")
     if not manifest.exists():
         from data.phantoms import SMALL_SHAPE, write_phantoms
 
-        write_phantoms(manifest.parent, args.cases, seed=base.seed, shape=SMALL_SHAPE)
+        write_phantoms(
+            manifest.parent, args.cases, seed=base.seed, shape=SMALL_SHAPE, val_every=args.val_every
+        )
+    splits = split_counts(manifest)
+    print("  " + ", ".join(f"{split}: {n} scans, {t} targets" for split, (n, t) in splits.items()))
 
     one_time = 0.0  # seconds spent building the stand-in for a pretrained checkpoint
     if base.model.path is None and base.model.grounding_epochs > 0:
@@ -216,26 +320,144 @@ def main(argv: list[str] | None = None) -> int:
             one_time = time.time() - began
 
     say("SFT cold start (python -m learner.sft)")
+    run_stage("sft", [py, "-m", "learner.sft", *config, *common, sqlite], logs)
+    sft, grpo = out / "sft" / "adapter", out / "grpo" / "adapter"
+    run_grpo(
+        out,
+        logs,
+        quiet,
+        [
+            *config,
+            *common,
+            f"sft_adapter={sft}",
+            *([f"steps={args.steps}"] if args.steps is not None else []),
+        ],
+    )
+
+    passes = grpo_sample_uses(out / "mlflow.db", base.tracking.experiment, base.grpo.batch_size)
+    say(f"{EQUAL}: the cold start continued by SFT for GRPO's {passes} sample uses")
+    equal = out / "equal" / "sft" / "adapter"
     run_stage(
-        "sft",
+        "sft_equal",
         [
             py,
             "-m",
             "learner.sft",
-            "--config",
-            str(args.config),
+            *config,
             *common,
-            f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            sqlite,
+            f"output_dir={out / 'equal'}",
+            f"sft.init_adapter={sft}",
+            f"sft.max_steps={max(1, passes // base.sft.batch_size)}",
+            # epochs enough to hold max_steps; the schedule follows max_steps
+            f"sft.epochs={base.grpo.epochs + 1}",
+        ],
+        logs,
+    )
+    rows = [
+        "--checkpoint",
+        f"SFT={sft}",
+        "--checkpoint",
+        f"{EQUAL}={equal}",
+        "--checkpoint",
+        f"SFT+RL={grpo}",
+        "--phrasings",
+        "both",
+        "--compare",
+        "SFT:SFT+RL",
+        "--compare",
+        f"{EQUAL}:SFT+RL",
+    ]
+    if splits.get("val", (0, 0))[0]:
+        say("evaluation on the validation scans (python -m evaluation.evaluate --split val)")
+        run_stage(
+            "evaluate_val",
+            [
+                py,
+                "-m",
+                "evaluation.evaluate",
+                *config,
+                *common,
+                "--split",
+                "val",
+                "--out",
+                str(out / "eval-val"),
+                *rows,
+            ],
+            logs,
+        )
+    say("evaluation on the test scans (python -m evaluation.evaluate)")
+    run_stage(
+        "evaluate",
+        [py, "-m", "evaluation.evaluate", *config, *common, "--checkpoint", "base=base", *rows],
+        logs,
+    )
+    say(
+        "the sampled training reward of SFT and SFT+RL on the same prompts "
+        "(python -m evaluation.reward_gain)"
+    )
+    run_stage(
+        "reward_gain",
+        [
+            py,
+            "-m",
+            "evaluation.reward_gain",
+            *config,
+            *common,
+            "--before",
+            f"SFT={sft}",
+            "--after",
+            f"SFT+RL={grpo}",
         ],
         logs,
     )
 
+    from cluster.tracking import plot_reward_curves
+
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    curves = plot_reward_curves(tracking, base.tracking.experiment, out / "reward_curves.png")
+    took = time.time() - start - one_time
+    say(
+        f"done in {took:.0f} s"
+        + (f" (and {one_time:.0f} s, once per machine, for the stand-in)" if one_time else "")
+    )
+    for folder in ("eval-val", "eval"):
+        if (out / folder / "table.md").exists():
+            print(f"\n{folder}/table.md:\n" + (out / folder / "table.md").read_text())
+    print(learning_report(out, tracking, base.tracking.experiment, took))
+    print(
+        f"tables: {out / 'eval-val' / 'table.md'}, {out / 'eval' / 'table.md'}; reward "
+        f"curves: {curves}; {out / 'learning.png'}"
+    )
+    print(f"logs of every part: {logs}")
+    print(
+        "MLflow UI (reward curves of the SFT and GRPO runs):\n"
+        f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "
+        "--port 5000\n  then open http://127.0.0.1:5000"
+    )
+    return 0
+
+
+def split_counts(manifest: Path) -> dict[str, tuple[int, int]]:
+    """{split: (scans, targets)} of a manifest."""
+    from evaluation.stats import scan_of
+
+    scans: dict[str, set] = {}
+    targets: dict[str, int] = {}
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        scans.setdefault(row["split"], set()).add(scan_of(row["id"]))
+        targets[row["split"]] = targets.get(row["split"], 0) + 1
+    return {split: (len(scans[split]), targets[split]) for split in scans}
+
+
+def run_grpo(out: Path, logs: Path, quiet: bool, grpo_args: list[str]) -> None:
+    """A local Ray head and an MLflow server on 127.0.0.1, GRPO submitted to the head with
+    ``ray job submit``, both stopped afterwards."""
     from cluster.services import MlflowServer, RayHead
 
     say(f"local Ray head and MLflow server on 127.0.0.1 (logs: {logs})")
     mlflow = MlflowServer.start(out / "mlflow.db", out / "mlartifacts", out / "mlflow.log")
-    # The head and everything it runs (the GRPO job, its actors) inherit this environment:
-    # quiet settings, and where the GRPO driver logs.
     head = None
     try:
         # The head and everything it runs (the GRPO job, its actors) inherit this environment:
@@ -249,68 +471,29 @@ def main(argv: list[str] | None = None) -> int:
         say(f"GRPO: ray job submit to {head.dashboard}")
         try:
             head.submit_grpo(
-                Path("."),
-                [
-                    "--config",
-                    str(args.config),
-                    *common,
-                    f"tracking.tracking_uri={mlflow.uri}",
-                    f"sft_adapter={out / 'sft' / 'adapter'}",
-                    *([f"steps={args.steps}"] if args.steps is not None else []),
-                ],
-                check=True,
+                Path("."), [*grpo_args, f"tracking.tracking_uri={mlflow.uri}"], check=True
             )
         except subprocess.CalledProcessError as err:
             raise StageFailed(
                 f"grpo: the Ray job failed (status {err.returncode}; log: {logs / 'grpo.log'})"
             ) from None
-        say("evaluation on held-out phantoms (python -m evaluation.evaluate)")
-        run_stage(
-            "evaluate",
-            [
-                py,
-                "-m",
-                "evaluation.evaluate",
-                "--config",
-                str(args.config),
-                *common,
-                "--checkpoint",
-                "base=base",
-                "--checkpoint",
-                f"SFT={out / 'sft' / 'adapter'}",
-                "--checkpoint",
-                f"SFT+RL={out / 'grpo' / 'adapter'}",
-                "--phrasings",
-                "both",
-                "--compare",
-                "SFT:SFT+RL",
-            ],
-            logs,
-        )
     finally:
         if head is not None:
             with output_to(logs / "ray.log" if quiet else None):
                 head.stop()
         mlflow.stop()
-    from cluster.tracking import plot_reward_curves
 
-    tracking = f"sqlite:///{out / 'mlflow.db'}"
-    curves = plot_reward_curves(tracking, base.tracking.experiment, out / "reward_curves.png")
-    took = time.time() - start
-    say(
-        f"done in {took - one_time:.0f} s"
-        + (f" (and {one_time:.0f} s, once per machine, for the stand-in)" if one_time else "")
-    )
-    print((out / "eval" / "table.md").read_text())
-    print(learning_report(out, tracking, base.tracking.experiment))
-    print(f"table: {out / 'eval' / 'table.md'}; reward curves: {curves}; {out / 'learning.png'}")
-    print(f"logs of every part: {logs}")
-    print(
-        "MLflow UI (reward curves of the SFT and GRPO runs):\n"
-        f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "
-        "--port 5000\n  then open http://127.0.0.1:5000"
-    )
-    return 0
+
+def grpo_sample_uses(db: Path, experiment: str, batch_size: int) -> int:
+    """How many samples the finished GRPO run trained on: its steps x prompts per step."""
+    from cluster.tracking import latest_run_id, metric_history
+
+    uri = f"sqlite:///{db}"
+    run_id = latest_run_id(uri, experiment)
+    steps = metric_history(uri, run_id, "reward/total")[0] if run_id else []
+    if not steps:
+        raise StageFailed(f"grpo: no reward/total logged in {db}; the GRPO run made no step")
+    return len(steps) * batch_size
 
 
 if __name__ == "__main__":

@@ -245,6 +245,9 @@ def test_default_run_bad_input(tmp_path):
     out = tmp_path / "run"
     one_error_line(command("cluster.default_run", "--out", out, "--cases", "2"), "--cases 2")
     one_error_line(
+        command("cluster.default_run", "--out", out, "--val-every", "-1"), "--val-every -1"
+    )
+    one_error_line(
         command("cluster.default_run", "--out", out, "grpo.lr=fast"), "configs/tiny.yaml", "grpo.lr"
     )
     one_error_line(command("cluster.default_run", "--config", tmp_path / "x.yaml"), "x.yaml")
