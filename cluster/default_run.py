@@ -236,8 +236,25 @@ def run_stage(name: str, command: list[str], logs: Path) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    set_default_environment()
+@dataclass(frozen=True)
+class Stages:
+    """How every stage of one default run is started: the interpreter, the config, the
+    overrides every stage shares, the run folder and where the logs go."""
+
+    out: Path
+    config: list[str]  # --config FILE
+    common: list[str]  # key=value overrides of every stage
+    logs: Path
+    quiet: bool
+
+    def run(self, name: str, module: str, *args: str) -> None:
+        """``python -m module --config ... <common> <args>`` as its own process."""
+        run_stage(
+            name, [sys.executable, "-m", module, *self.config, *self.common, *args], self.logs
+        )
+
+
+def parse_args(argv: list[str] | None):
     parser = ArgumentParser(
         prog="python -m cluster.default_run", description=__doc__.split("\n")[0]
     )
@@ -268,6 +285,90 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"{flag} {value}: must be at least 1")
     if args.val_every < 0:
         raise UsageError(f"--val-every {args.val_every}: must be 0 (no validation) or more")
+    return args
+
+
+def make_phantoms(manifest: Path, cases: int, seed: int, val_every: int) -> dict:
+    """The run's phantom scans (once per run folder); returns :func:`split_counts`."""
+    say(f"phantoms: {cases} scans -> {manifest.parent}")
+    if not manifest.exists():
+        from data.phantoms import SMALL_SHAPE, write_phantoms
+
+        write_phantoms(manifest.parent, cases, seed=seed, shape=SMALL_SHAPE, val_every=val_every)
+    splits = split_counts(manifest)
+    print("  " + ", ".join(f"{split}: {n} scans, {t} targets" for split, (n, t) in splits.items()))
+    return splits
+
+
+def stand_in(base) -> float:
+    """The tiny model's stand-in for a pretrained checkpoint, built once per machine; returns
+    the seconds spent building it (0 when reused or not needed)."""
+    if base.model.path is not None or base.model.grounding_epochs <= 0:
+        return 0.0
+    from learner.grounding import MARKER, pretrained_dir, pretrained_tiny_model
+
+    folder = pretrained_dir(base)
+    if (folder / MARKER).exists():
+        say(f"the tiny model's stand-in for a pretrained checkpoint: reused from {folder}")
+        return 0.0
+    say(
+        "the tiny model's stand-in for a pretrained checkpoint (grounding on a phantom "
+        f"corpus of its own; once per machine, like the environment) -> {folder}"
+    )
+    began = time.time()
+    pretrained_tiny_model(base)
+    return time.time() - began
+
+
+def equal_updates_control(stages: Stages, base, sft: Path) -> Path:
+    """The cold start continued by SFT for as many sample uses as GRPO made; its adapter."""
+    out = stages.out
+    uses = grpo_sample_uses(out / "mlflow.db", base.tracking.experiment, base.grpo.batch_size)
+    say(f"{EQUAL}: the cold start continued by SFT for GRPO's {uses} sample uses")
+    stages.run(
+        "sft_equal",
+        "learner.sft",
+        f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+        f"output_dir={out / 'equal'}",
+        f"sft.init_adapter={sft}",
+        f"sft.max_steps={max(1, uses // base.sft.batch_size)}",
+        # epochs enough to hold max_steps; the schedule follows max_steps
+        f"sft.epochs={base.grpo.epochs + 1}",
+    )
+    return out / "equal" / "sft" / "adapter"
+
+
+def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, grpo: Path) -> None:
+    """SFT, the control and SFT+RL (and the base on test) on the validation and the test
+    scans, with both phrasings; then the sampled reward of SFT and SFT+RL on training prompts."""
+    rows = [
+        *("--checkpoint", f"SFT={sft}", "--checkpoint", f"{EQUAL}={equal}"),
+        *("--checkpoint", f"SFT+RL={grpo}", "--phrasings", "both"),
+        *("--compare", "SFT:SFT+RL", "--compare", f"{EQUAL}:SFT+RL"),
+    ]
+    if splits.get("val", (0, 0))[0]:
+        say("evaluation on the validation scans (python -m evaluation.evaluate --split val)")
+        split = ("--split", "val", "--out", str(stages.out / "eval-val"))
+        stages.run("evaluate_val", "evaluation.evaluate", *split, *rows)
+    say("evaluation on the test scans (python -m evaluation.evaluate)")
+    stages.run("evaluate", "evaluation.evaluate", "--checkpoint", "base=base", *rows)
+    say(
+        "the sampled training reward of SFT and SFT+RL on the same prompts "
+        "(python -m evaluation.reward_gain)"
+    )
+    stages.run(
+        "reward_gain",
+        "evaluation.reward_gain",
+        "--before",
+        f"SFT={sft}",
+        "--after",
+        f"SFT+RL={grpo}",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_default_environment()
+    args = parse_args(argv)
     start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
     base = load_run_config(args.config, [*seed_override, *args.overrides])
@@ -286,131 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if args.sft_epochs is not None:
         common.append(f"sft.epochs={args.sft_epochs}")
-    py = sys.executable
     quiet = os.environ.get(VERBOSE_ENV) != "1"
     if quiet:  # the GRPO job's actors keep their logs in Ray's session folder, off the console
         common.append("cluster.log_to_driver=false")
-    sqlite = f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"
-    config = ["--config", str(args.config)]
+    stages = Stages(out, ["--config", str(args.config)], common, logs, quiet)
 
-    say(f"phantoms: {args.cases} scans -> {manifest.parent}")
-    if not manifest.exists():
-        from data.phantoms import SMALL_SHAPE, write_phantoms
-
-        write_phantoms(
-            manifest.parent, args.cases, seed=base.seed, shape=SMALL_SHAPE, val_every=args.val_every
-        )
-    splits = split_counts(manifest)
-    print("  " + ", ".join(f"{split}: {n} scans, {t} targets" for split, (n, t) in splits.items()))
-
-    one_time = 0.0  # seconds spent building the stand-in for a pretrained checkpoint
-    if base.model.path is None and base.model.grounding_epochs > 0:
-        from learner.grounding import MARKER, pretrained_dir, pretrained_tiny_model
-
-        folder = pretrained_dir(base)
-        if (folder / MARKER).exists():
-            say(f"the tiny model's stand-in for a pretrained checkpoint: reused from {folder}")
-        else:
-            say(
-                "the tiny model's stand-in for a pretrained checkpoint (grounding on a phantom "
-                f"corpus of its own; once per machine, like the environment) -> {folder}"
-            )
-            began = time.time()
-            pretrained_tiny_model(base)
-            one_time = time.time() - began
-
+    splits = make_phantoms(manifest, args.cases, base.seed, args.val_every)
+    one_time = stand_in(base)
     say("SFT cold start (python -m learner.sft)")
-    run_stage("sft", [py, "-m", "learner.sft", *config, *common, sqlite], logs)
+    stages.run("sft", "learner.sft", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}")
     sft, grpo = out / "sft" / "adapter", out / "grpo" / "adapter"
-    run_grpo(
-        out,
-        logs,
-        quiet,
-        [
-            *config,
-            *common,
-            f"sft_adapter={sft}",
-            *([f"steps={args.steps}"] if args.steps is not None else []),
-        ],
-    )
-
-    passes = grpo_sample_uses(out / "mlflow.db", base.tracking.experiment, base.grpo.batch_size)
-    say(f"{EQUAL}: the cold start continued by SFT for GRPO's {passes} sample uses")
-    equal = out / "equal" / "sft" / "adapter"
-    run_stage(
-        "sft_equal",
-        [
-            py,
-            "-m",
-            "learner.sft",
-            *config,
-            *common,
-            sqlite,
-            f"output_dir={out / 'equal'}",
-            f"sft.init_adapter={sft}",
-            f"sft.max_steps={max(1, passes // base.sft.batch_size)}",
-            # epochs enough to hold max_steps; the schedule follows max_steps
-            f"sft.epochs={base.grpo.epochs + 1}",
-        ],
-        logs,
-    )
-    rows = [
-        "--checkpoint",
-        f"SFT={sft}",
-        "--checkpoint",
-        f"{EQUAL}={equal}",
-        "--checkpoint",
-        f"SFT+RL={grpo}",
-        "--phrasings",
-        "both",
-        "--compare",
-        "SFT:SFT+RL",
-        "--compare",
-        f"{EQUAL}:SFT+RL",
-    ]
-    if splits.get("val", (0, 0))[0]:
-        say("evaluation on the validation scans (python -m evaluation.evaluate --split val)")
-        run_stage(
-            "evaluate_val",
-            [
-                py,
-                "-m",
-                "evaluation.evaluate",
-                *config,
-                *common,
-                "--split",
-                "val",
-                "--out",
-                str(out / "eval-val"),
-                *rows,
-            ],
-            logs,
-        )
-    say("evaluation on the test scans (python -m evaluation.evaluate)")
-    run_stage(
-        "evaluate",
-        [py, "-m", "evaluation.evaluate", *config, *common, "--checkpoint", "base=base", *rows],
-        logs,
-    )
-    say(
-        "the sampled training reward of SFT and SFT+RL on the same prompts "
-        "(python -m evaluation.reward_gain)"
-    )
-    run_stage(
-        "reward_gain",
-        [
-            py,
-            "-m",
-            "evaluation.reward_gain",
-            *config,
-            *common,
-            "--before",
-            f"SFT={sft}",
-            "--after",
-            f"SFT+RL={grpo}",
-        ],
-        logs,
-    )
+    steps = [f"steps={args.steps}"] if args.steps is not None else []
+    run_grpo(stages, [f"sft_adapter={sft}", *steps])
+    equal = equal_updates_control(stages, base, sft)
+    evaluate_checkpoints(stages, splits, sft, equal, grpo)
 
     from cluster.tracking import plot_reward_curves
 
@@ -451,11 +441,12 @@ def split_counts(manifest: Path) -> dict[str, tuple[int, int]]:
     return {split: (len(scans[split]), targets[split]) for split in scans}
 
 
-def run_grpo(out: Path, logs: Path, quiet: bool, grpo_args: list[str]) -> None:
+def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
     """A local Ray head and an MLflow server on 127.0.0.1, GRPO submitted to the head with
     ``ray job submit``, both stopped afterwards."""
     from cluster.services import MlflowServer, RayHead
 
+    out, logs, quiet = stages.out, stages.logs, stages.quiet
     say(f"local Ray head and MLflow server on 127.0.0.1 (logs: {logs})")
     mlflow = MlflowServer.start(out / "mlflow.db", out / "mlartifacts", out / "mlflow.log")
     head = None
@@ -469,10 +460,9 @@ def run_grpo(out: Path, logs: Path, quiet: bool, grpo_args: list[str]) -> None:
         finally:
             os.environ.pop(LOG_FILE_ENV)
         say(f"GRPO: ray job submit to {head.dashboard}")
+        args = [*stages.config, *stages.common, *grpo_args, f"tracking.tracking_uri={mlflow.uri}"]
         try:
-            head.submit_grpo(
-                Path("."), [*grpo_args, f"tracking.tracking_uri={mlflow.uri}"], check=True
-            )
+            head.submit_grpo(Path("."), args, check=True)
         except subprocess.CalledProcessError as err:
             raise StageFailed(
                 f"grpo: the Ray job failed (status {err.returncode}; log: {logs / 'grpo.log'})"
