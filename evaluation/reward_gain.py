@@ -9,8 +9,9 @@ prompts came when (an easy stretch of the order looks like learning). Here both 
 answer the same prompts of the split (each sample asked once, with one training phrasing drawn
 from its id, as ``evaluate --phrasings training`` asks it), G answers each at the rollout
 temperature with the same sampling seed; the reward scorer that GRPO used scores them. Per sample
-the mean reward of its G answers; ``after - before`` per sample, with a 95% CI that resamples
-scans within each suite (``evaluation.stats``). Writes ``rewards.jsonl`` (one row per checkpoint
+the mean reward of its G answers, averaged over suites as the table averages DSC;
+``after - before`` per sample, with a 95% CI that resamples scans within each suite
+(``evaluation.stats``). Writes ``rewards.jsonl`` (one row per checkpoint
 and sample, with the four terms) and ``reward_gain.json`` under ``--out`` (default
 ``<output_dir>/reward_gain``).
 """
@@ -82,8 +83,8 @@ def reward_gain(
 ) -> dict:
     """Sample, score and compare; returns the comparison (also in ``reward_gain.json``)."""
     from data.dataset import VolumeDataset, anchorable
-    from evaluation.evaluate import with_training_phrasing
-    from evaluation.stats import paired_difference_ci
+    from evaluation.evaluate import suite_scores, with_training_phrasing
+    from evaluation.stats import paired_difference_ci, suite_mean
 
     for flag, (name, adapter) in (("--before", before), ("--after", after)):
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -98,20 +99,15 @@ def reward_gain(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "rewards.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    def by_suite(name: str, key: str = "reward") -> dict[str, dict[str, float]]:
-        out: dict[str, dict[str, float]] = {}
-        for r in rows:
-            if r["row"] == name:
-                out.setdefault(r["suite"], {})[r["id"]] = r[key]
-        return out
-
-    mean, low, high, n = paired_difference_ci(by_suite(before[0]), by_suite(after[0]))
+    scores = [suite_scores(rows, name, "reward") for name in (before[0], after[0])]
+    mean, low, high, n = paired_difference_ci(*scores)
     result = {
         "before": before[0],
         "after": after[0],
         "split": split,
-        "reward_before": float(np.mean([r["reward"] for r in rows if r["row"] == before[0]])),
-        "reward_after": float(np.mean([r["reward"] for r in rows if r["row"] == after[0]])),
+        # means over suites of each suite's mean, as the difference is
+        "reward_before": suite_mean(scores[0]),
+        "reward_after": suite_mean(scores[1]),
         "reward_difference": mean,
         "ci_low": low,
         "ci_high": high,
@@ -120,7 +116,7 @@ def reward_gain(
     }
     for term in TERMS:
         result[f"{term}_difference"] = paired_difference_ci(
-            by_suite(before[0], term), by_suite(after[0], term)
+            suite_scores(rows, before[0], term), suite_scores(rows, after[0], term)
         )[0]
     (out_dir / "reward_gain.json").write_text(json.dumps(result, indent=1))
     return result
