@@ -32,11 +32,16 @@ def scan_of(case_id: str) -> str:
     return case_id.split("/", 1)[0]
 
 
-def suite_mean(scores: Mapping[str, Mapping[str, float]]) -> float:
-    """Mean over suites of the mean score of each suite's targets, ``{suite: {case id: score}}``."""
+def suite_mean(scores: Mapping[str, Mapping[str, float] | Sequence[float]]) -> float:
+    """Mean over suites of the mean score of each suite's targets, ``{suite: {case id: score}}``
+    (or ``{suite: [score, ...]}``: no interval is drawn, so no scan is needed)."""
     if not scores or any(len(v) == 0 for v in scores.values()):
         raise ValueError("every suite needs at least one case")
-    return float(np.mean([np.mean(list(v.values())) for v in scores.values()]))
+    return float(
+        np.mean(
+            [np.mean(list(v.values() if isinstance(v, Mapping) else v)) for v in scores.values()]
+        )
+    )
 
 
 def _scan_totals(cases: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:

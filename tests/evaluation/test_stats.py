@@ -30,6 +30,7 @@ def test_suite_mean_weighs_every_suite_the_same():
     # suite a: mean 0.5 over 2 cases, suite b: 0.9 over 4 -> (0.5 + 0.9) / 2, not the case mean
     scores = {"a": cases([0.2, 0.8]), "b": cases([0.9] * 4)}
     assert suite_mean(scores) == pytest.approx(0.7)
+    assert suite_mean({"a": [0.2, 0.8], "b": [0.9] * 4}) == pytest.approx(0.7)  # lists too
     with pytest.raises(ValueError, match="at least one case"):
         suite_mean({"a": {}})
 
