@@ -45,8 +45,7 @@ def say(message: str) -> None:
 
 
 ORACLE = "oracle anchor (baseline)"
-EQUAL = "SFT (equal updates)"
-# The paper's setting is the held-out phrasings (its test queries are free-form descriptions).
+EQUAL = "SFT (equal updates)"  # the control: the cold start continued for GRPO's sample uses
 BUDGET_S = 900  # the whole default run, stand-in cached, on a 2-core machine
 
 
@@ -79,7 +78,8 @@ def read_split(name: str, folder: Path) -> Split:
 
 
 def bar_checks(split: Split, kl_step1: float | None, gain: dict | None, took: float) -> list[str]:
-    """The issue's bar, checked on one split's rows (rows read by name)."""
+    """The default run's bar, checked on one split's rows (read by name). The paper's setting is
+    the held-out phrasings (its test queries are free-form descriptions)."""
     from evaluation.evaluate import PHRASING_SUFFIX as H
     from evaluation.evaluate import comparison_line
 
@@ -205,7 +205,7 @@ def learning_report(out: Path, tracking_uri: str, experiment: str, took: float =
     ]
     run_id = latest_run_id(tracking_uri, experiment)
     steps, rewards = metric_history(tracking_uri, run_id, "reward/total") if run_id else ([], [])
-    kl_steps, kls = metric_history(tracking_uri, run_id, "learner/kl") if run_id else ([], [])
+    _, kls = metric_history(tracking_uri, run_id, "learner/kl") if run_id else ([], [])
     gain_file = out / "reward_gain" / "reward_gain.json"
     gain = json.loads(gain_file.read_text()) if gain_file.exists() else None
     lines = [""]
