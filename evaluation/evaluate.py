@@ -228,24 +228,30 @@ def policy_answers(
     """Greedy answers of each checkpoint (name -> its adapter, None for the bare base) to each
     list of (Sample, PreparedVolume) pairs in ``asked[name]``, from one engine for all of them:
     the adapters are swapped in on it one after the other."""
-    from rollout.records import WeightUpdate
-
     engine = policy_engine(model_path, cfg, checkpoints.values(), device)
-    # The bare base rows first, on the fresh engine: the vLLM engine has no call that drops
-    # an adapter once one is in (it keeps sending its last adapter request), while any adapter
-    # can replace another.
-    order = sorted(checkpoints, key=lambda name: checkpoints[name] is not None)
     answers = {}
-    for version, name in enumerate(order, start=1):
-        if checkpoints[name] is not None:
-            # A new version per adapter: vLLM keys a loaded adapter by it.
-            engine.update_weights(WeightUpdate(version, adapter_dir=checkpoints[name]))
+    for name in each_checkpoint(engine, checkpoints):
         answers[name] = [
             [g.completions[0].text for g in generate_in_chunks(engine, samples, greedy=True)]
             for samples in asked[name]
         ]
     del engine
     return {name: answers[name] for name in checkpoints}
+
+
+def each_checkpoint(engine, checkpoints: dict[str, Path | None]):
+    """The names of ``checkpoints`` (name -> adapter, None for the bare base), each yielded once
+    ``engine`` serves it. The bare base comes first, on the fresh engine: the vLLM engine has no
+    call that drops an adapter once one is in (it keeps sending its last adapter request), while
+    any adapter can replace another."""
+    from rollout.records import WeightUpdate
+
+    order = sorted(checkpoints, key=lambda name: checkpoints[name] is not None)
+    for version, name in enumerate(order, start=1):
+        if checkpoints[name] is not None:
+            # A new version per adapter: vLLM keys a loaded adapter by it.
+            engine.update_weights(WeightUpdate(version, adapter_dir=checkpoints[name]))
+        yield name
 
 
 def anchor_jobs(row: str, samples, texts: list[str]) -> list[CaseJob]:

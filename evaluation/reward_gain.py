@@ -43,23 +43,19 @@ def sampled_rewards(
     that takes each adapter in turn."""
     from tqdm import tqdm
 
-    from evaluation.evaluate import generate_in_chunks, policy_engine
+    from evaluation.evaluate import each_checkpoint, generate_in_chunks, policy_engine
     from learner.sft import model_path
     from reward_server.scorer import RewardScorer
-    from rollout.records import WeightUpdate
 
     engine = policy_engine(model_path(cfg), cfg, checkpoints.values())
-    # the bare base first: an engine cannot drop an adapter once one is in (see policy_answers)
-    order = sorted(checkpoints, key=lambda name: checkpoints[name] is not None)
-    groups = {}
-    for version, name in enumerate(order, start=1):
-        if checkpoints[name] is not None:
-            engine.update_weights(WeightUpdate(version, adapter_dir=checkpoints[name]))
-        groups[name] = generate_in_chunks(engine, samples, seed=seed)
+    groups = {
+        name: generate_in_chunks(engine, samples, seed=seed)
+        for name in each_checkpoint(engine, checkpoints)
+    }
     del engine
     scorer = RewardScorer(cfg.reward)
     rows = []
-    bar = tqdm(total=len(order) * len(samples), desc="reward gain", disable=not progress)
+    bar = tqdm(total=len(groups) * len(samples), desc="reward gain", disable=not progress)
     for name in checkpoints:
         for (sample, prepared), group in zip(samples, groups[name]):
             rewards = scorer.score_group(prepared, [c.text for c in group.completions])
