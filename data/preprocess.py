@@ -25,8 +25,9 @@ from data.config import DataConfig
 from data.records import PreparedVolume, Sample
 from data.volume import Volume, VolumeError, check_pair, load_volume
 
-CACHE_VERSION = 3  # bump when the preprocessing or the key changes (2: one window per suite,
-# 3: keyed by the digests of the files' content, found by path, size and modification time)
+CACHE_VERSION = 4  # bump when the preprocessing or the key changes (2: one window per suite,
+# 3: keyed by the digests of the files' content, found by path, size and modification time,
+# 4: grey levels truncated as MedSAM2 does, no longer rounded)
 DIGEST_FOLDER = "digests"  # under the cache folder: content digest per (path, size, mtime)
 _digests: dict[tuple[str, int, int], str] = {}  # the same, in this process
 
@@ -36,9 +37,10 @@ class WindowMismatchWarning(UserWarning):
 
 
 def window_to_uint8(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip HU to [low, high] and scale linearly to 0..255 (MedSAM2's CT intensity step)."""
+    """Clip HU to [low, high], scale linearly to 0..255 and truncate to uint8: MedSAM2's CT
+    intensity step (its script casts with ``np.uint8``, which drops the fraction)."""
     scaled = (np.clip(hu.astype(np.float32), low, high) - low) * (255.0 / (high - low))
-    return np.rint(scaled).astype(np.uint8)
+    return scaled.astype(np.uint8)
 
 
 def _check_window_fits(values: np.ndarray, window: tuple[float, float], path: Path) -> None:

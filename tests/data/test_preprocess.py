@@ -23,9 +23,13 @@ from data.preprocess import (
 from data.volume import Volume, load_volume
 
 
-def test_window_maps_low_to_0_and_high_to_255():
-    hu = np.array([-1000, -160, 40, 240, 3000])
-    assert window_to_uint8(hu, -160, 240).tolist() == [0, 0, 128, 255, 255]
+def test_window_maps_low_to_0_and_high_to_255_and_truncates_as_medsam2():
+    hu = np.array([-1000, -160, 40, 41, 239, 240, 3000])
+    # MedSAM2: clip, (x - low) / (high - low) * 255, np.uint8 (truncation): 127.5 -> 127,
+    # 128.1375 -> 128, 254.3625 -> 254.
+    expected = np.uint8((np.clip(hu, -160, 240) + 160) / 400 * 255.0)
+    assert expected.tolist() == [0, 0, 127, 128, 254, 255, 255]
+    assert window_to_uint8(hu, -160, 240).tolist() == expected.tolist()
 
 
 def test_slice_index_map_is_uniform_with_both_ends():
@@ -209,7 +213,7 @@ def test_normalised_arrays_take_the_unit_window_like_any_other():
     image = np.full((8, 16, 16), 0.25, np.float32)
     image[:, :, 8:] = 0.75
     prepared = prepare_arrays(volume(image, "image.npy"), None, [], (0.0, 1.0), 8, 16, "x")
-    assert set(np.unique(prepared.slices).tolist()) == {64, 191}
+    assert set(np.unique(prepared.slices).tolist()) == {63, 191}  # 63.75, 191.25 truncated
 
 
 def test_a_window_that_does_not_fit_the_data_is_warned_about():
