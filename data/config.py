@@ -69,6 +69,11 @@ class DataConfig:
     # Per-suite window (suite name -> preset name or [low, high]), e.g. {"ctorg": "unit"} for
     # arrays stored normalised to 0..1. Never per label: the picture must not depend on the target.
     suite_windows: dict[str, str | list[float]] = field(default_factory=dict)
+    # M3D-Seg images (foreground z-scores, not HU): "unit" reads them min-max scaled to 0..1, M3D's
+    # own input, for the `unit` window; "hu" maps them to approximate HU from their fat and
+    # soft-tissue histogram peaks (data.volume.m3d_hu_map), for an HU window such as `abdomen`.
+    # Other formats are in HU already and ignore it.
+    m3d_intensity: str = "unit"
     cache_dir: Path | None = None  # preprocessed samples (memory-mappable); None = no cache
     # Training samples are asked with a phrasing drawn anew each time they are used (each SFT
     # epoch, each GRPO draw) from their target's training phrasings (data.queries), as
@@ -87,6 +92,10 @@ class DataConfig:
         resolve_window(self.window, "data.window")
         for suite, value in self.suite_windows.items():
             resolve_window(value, f"data.suite_windows.{suite}")
+        if self.m3d_intensity not in ("unit", "hu"):
+            raise ValueError(
+                f"data.m3d_intensity must be 'unit' or 'hu', got {self.m3d_intensity!r}"
+            )
         if self.min_box_area < 1:
             raise ValueError(f"data.min_box_area must be >= 1, got {self.min_box_area}")
 

@@ -9,6 +9,15 @@ Manifest: JSONL, one sample per line, paths relative to the manifest's folder (t
 ``label_values`` (the voxel values of the label map that form the target) and ``suite`` are
 optional: without ``label_values`` the mask is read as binary (any non-zero voxel), without
 ``suite`` the sample belongs to suite "default".
+
+Two more optional fields are for M3D-Seg arrays (.npy / .npz), which store no geometry;
+``python -m data.m3dseg`` writes them, and a NIfTI or DICOM row may not carry them:
+
+- ``"spacing": [z, y, x]``: the voxel size in mm along the canonical axes of
+  :mod:`data.volume` (z: slice spacing, y: row, x: column; :attr:`data.volume.Volume.spacing`
+  uses the same order). Without it, surface metrics on the case are in voxels.
+- ``"m3d_axes"``: ``"depth-last"`` or ``"axial-first"``, how the stored axes are read
+  (:mod:`data.volume`); without it the shape tells, and a cube is read depth-last.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import numpy as np
 from data.config import DataConfig
 from data.preprocess import cache_key, prepare_volume
 from data.records import PreparedVolume, Sample
-from data.volume import VolumeError
+from data.volume import M3D_AXES, VolumeError
 
 REQUIRED = ("id", "image", "mask", "label", "query", "split")
 SPLITS = ("train", "test", "val")
@@ -152,6 +161,8 @@ class VolumeDataset:
                 query=record["query"],
                 split=record["split"],
                 suite=str(record.get("suite", "default")),
+                spacing=self._spacing(row, record, image),
+                m3d_axes=self._m3d_axes(row, record, image),
             )
             self._check_pair(row, sample)
             if check_labels:
@@ -161,6 +172,40 @@ class VolumeDataset:
         if not samples:
             raise ManifestError(f"{self.manifest}: no samples")
         return samples, values
+
+    def _no_geometry(self, row: int, field: str, image: Path) -> None:
+        if not image.name.lower().endswith(".npy"):
+            raise self._fail(
+                row,
+                f"field {field!r} is for M3D-Seg arrays (.npy), which store no geometry; "
+                f"{image} carries its own",
+            )
+
+    def _spacing(self, row: int, record: dict, image: Path) -> tuple[float, float, float] | None:
+        value = record.get("spacing")
+        if value is None:
+            return None
+        self._no_geometry(row, "spacing", image)
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            or not all(v > 0 for v in value)
+        ):
+            raise self._fail(
+                row, f"field 'spacing' must be [z, y, x], three positive mm, got {value!r}"
+            )
+        z, y, x = (float(v) for v in value)
+        return z, y, x
+
+    def _m3d_axes(self, row: int, record: dict, image: Path) -> str | None:
+        value = record.get("m3d_axes")
+        if value is None:
+            return None
+        self._no_geometry(row, "m3d_axes", image)
+        if value not in M3D_AXES:
+            raise self._fail(row, f"field 'm3d_axes' is {value!r}, not one of {M3D_AXES}")
+        return value
 
     def _check_pair(self, row: int, sample: Sample) -> None:
         try:

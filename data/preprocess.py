@@ -25,9 +25,10 @@ from data.config import DataConfig
 from data.records import PreparedVolume, Sample
 from data.volume import Volume, VolumeError, check_pair, load_volume
 
-CACHE_VERSION = 4  # bump when the preprocessing or the key changes (2: one window per suite,
+CACHE_VERSION = 5  # bump when the preprocessing or the key changes (2: one window per suite,
 # 3: keyed by the digests of the files' content, found by path, size and modification time,
-# 4: grey levels truncated as MedSAM2 does, no longer rounded)
+# 4: grey levels truncated as MedSAM2 does, no longer rounded, 5: M3D-Seg arrays keyed by how
+# they are read, intensity and axes)
 DIGEST_FOLDER = "digests"  # under the cache folder: content digest per (path, size, mtime)
 _digests: dict[tuple[str, int, int], str] = {}  # the same, in this process
 
@@ -170,6 +171,8 @@ def cache_key(sample: Sample, label_values: list[int], cfg: DataConfig) -> str:
         "num_slices": cfg.num_slices,
         "size": cfg.slice_size,
     }
+    if sample.image.name.lower().endswith(".npy"):  # an M3D-Seg array: how it is read
+        settings["m3d"] = [cfg.m3d_intensity, sample.m3d_axes]
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:32]
 
@@ -218,8 +221,8 @@ def prepare_volume(sample: Sample, label_values: list[int], cfg: DataConfig) -> 
         folder = Path(cfg.cache_dir) / cache_key(sample, label_values, cfg)
         if (folder / "meta.json").exists():
             return _read_entry(folder, sample.id)
-    image = load_volume(sample.image, "image")
-    labels = load_volume(sample.mask, "mask")
+    image = load_volume(sample.image, "image", sample.m3d_axes, cfg.m3d_intensity)
+    labels = load_volume(sample.mask, "mask", sample.m3d_axes)
     if not np.isin(labels.array, label_values).any():
         raise VolumeError(
             f"{sample.mask}: label {sample.label!r} (values {label_values}) is absent from the mask"

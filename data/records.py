@@ -22,6 +22,12 @@ class Sample:
     query: str  # the free-form clinical query the policy reads
     split: str  # "train" or "test"
     suite: str  # dataset the case belongs to: "ctorg", "abdomenct1k", "kits23", or a user's name
+    # Voxel size in mm along the canonical (z, y, x) axes, for an image that stores none (an
+    # M3D-Seg array); None: the file's own (NIfTI, DICOM), or surface metrics in voxels.
+    spacing: tuple[float, float, float] | None = None
+    # How an M3D-Seg array's stored axes are read ("depth-last" or "axial-first", see
+    # data.volume); None: told by its shape. Ignored for NIfTI and DICOM.
+    m3d_axes: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
