@@ -16,8 +16,17 @@ from scipy import sparse
 
 from data.cli import run_cli
 from data.config import DataConfig
-from data.dataset import VolumeDataset
-from data.m3dseg import SUBSETS, WINDOW, M3DSegError, main, read_subset, write_manifest
+from data.dataset import ManifestError, VolumeDataset
+from data.m3dseg import (
+    SUBSETS,
+    WINDOW,
+    M3DSegError,
+    fingerprint,
+    main,
+    read_spacing,
+    read_subset,
+    write_manifest,
+)
 from data.queries import phrasings, target_of
 from data.volume import VolumeError, load_volume, m3d_mask_shape
 
@@ -271,3 +280,219 @@ def test_cli_writes_the_three_subsets_and_reports_bad_input_on_one_line(tmp_path
     assert run_cli(main, ["--root", str(root), "--subsets", "12", "--out", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: --subsets: '12' is not a 4-digit M3D-Seg subset code"]
+
+
+def kits_mask_of(shape):
+    mask = np.zeros((3, *shape), np.uint8)
+    mask[0, 2:6, 3:9, 4:10] = 1
+    return mask
+
+
+def test_a_cube_is_read_as_the_majority_of_its_subset(tmp_path):
+    # A 24^3 stand-in for a 512^3 case: its shape tells no axis order. KiTS23 here stores its
+    # cases axial-first (z, n, n), CT-ORG depth-last (H, W, D); each cube follows its subset.
+    n = 24
+    marker = (3, 7, 19)  # stored index of the one marked voxel
+    cube = np.zeros((1, n, n, n), np.float32)
+    cube[(0, *marker)] = 4.0
+    cube_mask = np.zeros((3, n, n, n), np.uint8)
+    cube_mask[(0, *marker)] = 1
+    rng = np.random.default_rng(10)
+    kits = [
+        save_case(tmp_path, "0004", f"case_{i}", zscore_image(rng, shape), kits_mask_of(shape))
+        for i, shape in enumerate([(12, n, n), (13, n, n)])
+    ]
+    kits.append(save_case(tmp_path, "0004", "case_cube", cube, cube_mask))
+    write_index(tmp_path, "0004", train=kits, test=[])
+    ctorg_mask = np.zeros((6, n, n, n), np.uint8)
+    ctorg_mask[(0, *marker)] = 1
+    organs = np.zeros((6, H, W, D), np.uint8)
+    organs[0, 2:6, 2:6, 2:6] = 1
+    ctorg = [save_case(tmp_path, "0012", f"v{i}", zscore_image(rng), organs) for i in range(2)]
+    ctorg.append(save_case(tmp_path, "0012", "v_cube", cube, ctorg_mask))
+    write_index(tmp_path, "0012", train=ctorg, test=[])
+
+    rows = read_subset(tmp_path, "0004") + read_subset(tmp_path, "0012")
+    axes = {r["id"].rsplit("/", 1)[0]: r["m3d_axes"] for r in rows}
+    assert axes == {
+        "0004/case_0": "axial-first",
+        "0004/case_1": "axial-first",
+        "0004/case_cube": "axial-first",  # KiTS23's majority
+        "0012/v0": "depth-last",
+        "0012/v1": "depth-last",
+        "0012/v_cube": "depth-last",  # CT-ORG's majority
+    }
+    manifest = write_manifest(rows, tmp_path / "manifest.jsonl")
+    ds = VolumeDataset(manifest, DataConfig(num_slices=n, slice_size=n, window=WINDOW))
+    for sample_id, where in (
+        ("0004/case_cube/kidney", marker),  # axial-first: already (z, y, x)
+        ("0012/v_cube/liver", marker[::-1]),  # depth-last: (D, W, H)
+    ):
+        sample, prepared = ds.by_id(sample_id)
+        assert np.argwhere(prepared.mask).tolist() == [list(where)], sample_id
+        image = load_volume(sample.image, "image", sample.m3d_axes).array
+        assert np.unravel_index(image.argmax(), image.shape) == where
+
+
+def test_a_spacing_table_gives_rows_their_z_y_x_spacing(tmp_path):
+    rng = np.random.default_rng(11)
+    organs = np.zeros((4, H, W, D), np.uint8)
+    organs[0, 2:9, 3:12, 2:8] = 1
+    cases = [save_case(tmp_path, "0003", f"case_{i}", zscore_image(rng), organs) for i in (0, 1)]
+    axial_mask = np.zeros((4, 10, 24, 24), np.uint8)
+    axial_mask[0, 2:8, 3:12, 2:8] = 1
+    axial = save_case(tmp_path, "0003", "case_k", zscore_image(rng, (10, 24, 24)), axial_mask)
+    write_index(tmp_path, "0003", train=cases + [axial], test=[])
+    table = tmp_path / "spacing.csv"
+    # h, w, d: the source NIfTI's pixdim[1:4], in the stored order
+    table.write_text("case,h,w,d\n0003/case_0,0.8,0.7,5.0\n0003/case_k,3.0,0.9,0.9\n")
+    spacing = read_spacing(table)
+    assert spacing == {"0003/case_0": (0.8, 0.7, 5.0), "0003/case_k": (3.0, 0.9, 0.9)}
+    rows = {r["id"]: r for r in read_subset(tmp_path, "0003", spacing=spacing)}
+    assert rows["0003/case_0/liver"]["spacing"] == [5.0, 0.7, 0.8]  # depth-last: (D, W, H)
+    assert rows["0003/case_k/liver"]["spacing"] == [3.0, 0.9, 0.9]  # axial-first: as stored
+    assert "spacing" not in rows["0003/case_1/liver"]  # not listed: surface metrics in voxels
+
+    manifest = write_manifest(list(rows.values()), tmp_path / "manifest.jsonl")
+    ds = VolumeDataset(manifest, DataConfig(num_slices=8, slice_size=32, window=WINDOW))
+    assert ds.by_id("0003/case_0/liver")[0].spacing == (5.0, 0.7, 0.8)
+    assert ds.by_id("0003/case_1/liver")[0].spacing is None
+
+    for text, message in (
+        ("case,x,y,z\n", r"spacing\.csv: the header line must be case,h,w,d"),
+        ("case,h,w,d\n0003/case_0,0.8,-1,5\n", r"spacing\.csv, line 2: needs a case and three"),
+        ("case,h,w,d\n0003/case_0,0.8,a,5\n", r"spacing\.csv, line 2: h, w, d must be numbers"),
+        ("case,h,w,d\na,1,1,1\na,1,1,1\n", r"spacing\.csv, line 3: case 'a' is listed twice"),
+    ):
+        table.write_text(text)
+        with pytest.raises(M3DSegError, match=message):
+            read_spacing(table)
+
+
+def test_the_manifest_refuses_a_bad_spacing_and_one_on_a_nifti(tmp_path, phantom_manifest):
+    rng = np.random.default_rng(12)
+    case = save_case(tmp_path, "0004", "case_0", zscore_image(rng), kits_mask())
+    write_index(tmp_path, "0004", train=[case], test=[])
+    row = read_subset(tmp_path, "0004")[0]
+    for bad, message in (
+        ({"spacing": [1.0, 0.0, 1.0]}, r"row 1: field 'spacing' must be \[z, y, x\], three"),
+        ({"spacing": [1.0, 1.0]}, r"row 1: field 'spacing' must be \[z, y, x\]"),
+        ({"m3d_axes": "sideways"}, r"row 1: field 'm3d_axes' is 'sideways', not one of"),
+    ):
+        manifest = write_manifest([{**row, **bad}], tmp_path / "manifest.jsonl")
+        with pytest.raises(ManifestError, match=message):
+            VolumeDataset(manifest, DataConfig(window=WINDOW))
+    nifti = json.loads(phantom_manifest.read_text().splitlines()[0])
+    (phantom_manifest.parent / "spaced.jsonl").write_text(
+        json.dumps({**nifti, "spacing": [2.0, 1.0, 1.0]}) + "\n"
+    )
+    with pytest.raises(ManifestError, match=r"row 1: field 'spacing' is for M3D-Seg arrays"):
+        VolumeDataset(phantom_manifest.parent / "spaced.jsonl", DataConfig())
+    (phantom_manifest.parent / "spaced.jsonl").unlink()
+
+
+def test_cross_split_scans_are_found_in_any_axis_order_and_dropped_on_request(tmp_path, capsys):
+    """The fixture of the README's cross-split note: three subsets, seven scans; one scan is in
+    AbdomenCT-1K's train split and, stored transposed and flipped, in CT-ORG's test split; one is
+    in the test splits of two subsets (no leak)."""
+    rng = np.random.default_rng(13)
+    root = tmp_path / "M3D_Seg"
+    shared, twice = zscore_image(rng), zscore_image(rng)
+    organs = np.zeros((4, H, W, D), np.uint8)
+    organs[0, 2:9, 3:12, 2:8] = 1
+    ctorg = np.zeros((6, H, W, D), np.uint8)
+    ctorg[0, 2:9, 3:12, 2:8] = 1
+    moved = np.ascontiguousarray(shared[:, ::-1, :, ::-1].transpose(0, 3, 2, 1))  # (1, D, W, H)
+    write_index(root, "0003",
+        train=[save_case(root, "0003", "Case_00001", shared, organs),
+               save_case(root, "0003", "Case_00002", zscore_image(rng), organs)],
+        test=[save_case(root, "0003", "Case_00003", twice, organs)])  # fmt: skip
+    write_index(root, "0012",
+        train=[save_case(root, "0012", "volume-1", zscore_image(rng), ctorg)],
+        test=[save_case(root, "0012", "volume-7", moved, ctorg.transpose(0, 3, 2, 1))])  # fmt: skip
+    write_index(root, "0004",
+        train=[save_case(root, "0004", "case_00001", zscore_image(rng), kits_mask())],
+        test=[save_case(root, "0004", "case_00002", twice, kits_mask())])  # fmt: skip
+    out = root / "manifest.jsonl"
+    args = ["--root", str(root), "--out", str(out)]
+
+    assert run_cli(main, args) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:3] == [
+        "cross-split: 1 test scans of 7 are also training scans",
+        "  0012/volume-7 (test) = 0003/Case_00001 (train)",
+        "  kept in test; --drop-cross-split drops them",
+    ]
+    assert printed[3].startswith("spacing: 0 of 7 scans from no --spacing table")
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert "0012/volume-7/liver" in ids
+
+    assert run_cli(main, [*args, "--drop-cross-split"]) == 0
+    assert "  dropped from test: 1 scans, 1 rows" in capsys.readouterr().out.splitlines()
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert not [i for i in ids if i.startswith("0012/volume-7/")]
+    assert "0003/Case_00001/liver" in ids and "0004/case_00002/kidney" in ids
+
+
+def test_fingerprints_match_the_same_voxels_only(tmp_path):
+    rng = np.random.default_rng(14)
+    image = zscore_image(rng, (33, 40, 17))
+    paths = {}
+    for name, array in (
+        ("same", image),
+        ("flipped", image[:, ::-1, ::-1, :]),
+        ("permuted", image.transpose(0, 2, 3, 1)),
+        ("nudged", image + np.float32(0.3) * (np.arange(image.size) % 2).reshape(image.shape)),
+        ("other", zscore_image(rng, (33, 40, 17))),
+    ):
+        paths[name] = tmp_path / f"{name}.npy"
+        np.save(paths[name], np.ascontiguousarray(array))
+    prints = {name: fingerprint(path) for name, path in paths.items()}
+    assert prints["same"] == prints["flipped"] == prints["permuted"]
+    assert prints["nudged"] != prints["same"] and prints["other"] != prints["same"]
+
+
+def m3d_normalise(hu):
+    """M3D's preparation script's ``normalize``, from its published description: the foreground
+    is the voxels above the volume's mean; clip to the foreground's 0.05 and 99.95 percentiles,
+    subtract the foreground's mean, divide by its standard deviation (both before clipping)."""
+    foreground = hu[hu > hu.mean()]
+    low, high = np.percentile(foreground, 0.05), np.percentile(foreground, 99.95)
+    scaled = (np.clip(hu, low, high) - foreground.mean()) / max(foreground.std(), 1e-8)
+    return scaled.astype(np.float32)
+
+
+def test_approximate_hu_of_m3d_images_fits_the_abdominal_window(tmp_path):
+    from data.phantoms import SMALL_SHAPE, make_case
+
+    rng = np.random.default_rng(15)
+    errors, unit_levels, hu_levels = [], [], []
+    for i in range(4):
+        hu = make_case(rng, SMALL_SHAPE, lesion_odds=0.5).image.astype(np.float32)  # (z, y, x)
+        stored = m3d_normalise(hu).transpose(2, 1, 0)[None]  # (1, H, W, D), depth last
+        np.save(tmp_path / f"case_{i}.npy", stored)
+        recovered = load_volume(tmp_path / f"case_{i}.npy", m3d_intensity="hu").array
+        unclipped = (stored[0] > stored.min()) & (stored[0] < stored.max())
+        window = unclipped.transpose(2, 1, 0) & (hu > -160) & (hu < 240)
+        errors.append(float(np.abs(recovered - hu)[window].mean()))
+        # grey levels per 100 true HU: the unit window spans the clip bounds, the abdominal
+        # window 400 recovered HU
+        clip = hu[unclipped.transpose(2, 1, 0)]
+        unit_levels.append(255 * 100 / (clip.max() - clip.min()))
+        slope = np.polyfit(hu[window], recovered[window], 1)[0]
+        hu_levels.append(255 * 100 / 400 * slope)
+    # Measured here: mean |error| 5.6-15.6 HU in the window (40 phantoms of both sizes: 19 on
+    # average, at most 29), mostly a bias: the phantoms' soft-tissue mode sits near 25 HU, not
+    # the 40 the map assumes. Grey levels per 100 HU: 25.5-27.6 under the unit window (the clip
+    # bounds span about -140 to 840 HU here), 64-70 under the recovered abdominal one (63.75
+    # with true HU).
+    assert max(errors) < 30.0, errors
+    assert max(unit_levels) < 30.0 and min(hu_levels) > 60.0, (unit_levels, hu_levels)
+
+
+def test_hu_is_not_guessed_for_an_image_without_fat_and_soft_tissue(tmp_path):
+    np.save(tmp_path / "flat.npy", zscore_image(np.random.default_rng(16), (40, 40, 40)))
+    with pytest.raises(VolumeError, match=r"flat\.npy: cannot recover HU \(.*m3d_intensity=unit"):
+        load_volume(tmp_path / "flat.npy", m3d_intensity="hu")
+    unit = load_volume(tmp_path / "flat.npy").array
+    assert unit.min() == 0.0 and unit.max() == pytest.approx(1.0)
