@@ -258,7 +258,8 @@ class TrackingConfig:
 @dataclass
 class EvaluationConfig:
     # Surface-Dice (NSD) tolerance in mm of every suite without its own entry (2 mm: the usual
-    # choice for abdominal organs on CT)
+    # choice for abdominal organs on CT); on a scan of unknown voxel size (an M3D-Seg array with
+    # no manifest spacing) the same number counts voxels
     nsd_tolerance_mm: float = NSD_TOLERANCE_MM
     # Per-suite tolerance (suite name -> mm), e.g. {"kits23": 1.0} for small lesions
     suite_nsd_tolerance_mm: dict[str, float] = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """Evaluation in the shape of the paper's Table 1: voxel DSC / IoU per dataset, one row per policy
 checkpoint, plus an oracle-anchor row per propagator, with 95% confidence intervals; and the
-surface metrics imaging people expect, NSD and HD95 in mm.
+surface metrics imaging people expect, NSD and HD95, in mm where the scan's voxel size is known.
 
     python -m evaluation.evaluate --config configs/<run>.yaml [--checkpoint NAME=ADAPTER ...]
         [--split test] [--propagator baseline --propagator medsam2] [--workers 2]
@@ -13,6 +13,13 @@ source grid and compared with the ground truth there. The oracle row prompts the
 the true anchor (the largest slice and its component boxes): the ceiling propagation can give.
 Cases are scored in parallel on Ray; each result is appended to ``cases.jsonl`` as it arrives,
 and a re-run skips what is already there (resume). Writes ``table.md`` and ``table.csv``.
+
+Surface units: NIfTI and DICOM scans carry their voxel size, so NSD's tolerance and HD95 are in
+mm. M3D-Seg arrays carry none: a manifest row's ``spacing`` gives it (mm), else both are in
+voxels (the tolerance of ``evaluation.nsd_tolerance_mm`` then counts voxels). Each cases.jsonl row
+says which in ``surface_unit`` (``"mm"`` or ``"voxel"``), next to its ``spacing`` and
+``nsd_tolerance`` in that unit; the table's HD95 columns are headed with the unit, and a mean
+over suites measured in different units is left out ("-").
 
 Queries: test cases are asked with the held-out phrasings of the manifest (``held-out``, the
 paper's setting), or with one training phrasing per case (``training``: a phrasing the policy
@@ -93,11 +100,12 @@ class CaseScorer:
 
     def score(self, job: CaseJob) -> dict:
         from data.preprocess import to_source_grid
-        from data.volume import load_volume
+        from data.volume import load_volume, surface_spacing
         from evaluation.metrics import dsc, hd95, iou, nsd
 
         sample, prepared = self.dataset.by_id(job.sample_id)
-        labels = load_volume(sample.mask, "mask")
+        labels = load_volume(sample.mask, "mask", sample.m3d_axes)
+        spacing, unit = surface_spacing(labels, sample.spacing)
         truth = np.isin(labels.array, self.dataset.label_values(sample.id))
         if job.key_slice is None:
             pred = np.zeros_like(truth)
@@ -113,10 +121,11 @@ class CaseScorer:
             "suite": sample.suite,
             "dsc": dsc(pred, truth),
             "iou": iou(pred, truth),
-            "nsd": nsd(pred, truth, labels.spacing, tolerance),
-            "nsd_tolerance_mm": tolerance,
-            "hd95": hd95(pred, truth, labels.spacing),
-            "spacing_mm": [round(s, 4) for s in labels.spacing],
+            "nsd": nsd(pred, truth, spacing, tolerance),
+            "nsd_tolerance": tolerance,
+            "hd95": hd95(pred, truth, spacing),
+            "spacing": [round(s, 4) for s in spacing],
+            "surface_unit": unit,
             "key_slice": job.key_slice,
             "boxes": [list(b) for b in job.boxes],
             "failure": job.failure,
@@ -290,13 +299,26 @@ def suite_scores(results: list[dict], row: str, metric: str = "dsc") -> dict[str
     return out
 
 
-# Per-case metrics in the table: (key in cases.jsonl, column name, scale, format)
+# Per-case metrics in the table: (key in cases.jsonl, column name, scale); HD95's column name
+# gets the suite's surface unit
 TABLE_METRICS = (
     ("dsc", "DSC", 100.0),
     ("iou", "IoU", 100.0),
     ("nsd", "NSD", 100.0),
-    ("hd95", "HD95 mm", 1.0),
+    ("hd95", "HD95", 1.0),
 )
+SURFACE_METRICS = ("nsd", "hd95")
+MIXED_UNITS = "mm/voxel"
+
+
+def surface_units(results: list[dict]) -> dict[str, str]:
+    """{suite: the unit of its surface metrics}: ``mm``, ``voxel``, or ``MIXED_UNITS`` where its
+    cases mix the two (a spacing table that misses some scans). A row without ``surface_unit``
+    (an earlier version's) counts as mm, as it was labelled."""
+    units: dict[str, set[str]] = {}
+    for r in results:
+        units.setdefault(r["suite"], set()).add(r.get("surface_unit", "mm"))
+    return {suite: u.pop() if len(u) == 1 else MIXED_UNITS for suite, u in units.items()}
 
 
 def _mean_cell(values: list, scale: float) -> str:
@@ -307,19 +329,27 @@ def _mean_cell(values: list, scale: float) -> str:
 
 
 def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
-    """Markdown and CSV rows: mean DSC / IoU / NSD (x100) and HD95 (mm) per dataset, the mean
-    DSC over datasets with its 95% CI (bootstrap over scans, stratified by suite), the mean NSD
-    and HD95 over datasets, one row per table row."""
+    """Markdown and CSV rows: mean DSC / IoU / NSD (x100) and HD95 (in the suite's surface unit)
+    per dataset, the mean DSC over datasets with its 95% CI (bootstrap over scans, stratified by
+    suite), the mean NSD and HD95 over datasets, one row per table row. Surface metrics of a
+    suite that mixes units, and their means over suites in different units, are "-"."""
     from evaluation.stats import bootstrap_ci
 
     suites = sorted(
         {r["suite"] for r in results},
         key=lambda s: list(SUITE_NAMES).index(s) if s in SUITE_NAMES else 99,
     )
+    units = surface_units(results)
+    one_unit = units[suites[0]] if suites and len(set(units.values())) == 1 else MIXED_UNITS
     header = (
         ["checkpoint"]
-        + [f"{SUITE_NAMES.get(s, s)} {name}" for s in suites for _, name, _ in TABLE_METRICS]
-        + ["mean DSC", "95% CI", "mean NSD", "mean HD95 mm", "cases", "malformed"]
+        + [
+            f"{SUITE_NAMES.get(s, s)} {name}" + (f" {units[s]}" if key == "hd95" else "")
+            for s in suites
+            for key, name, _ in TABLE_METRICS
+        ]
+        + ["mean DSC", "95% CI", "mean NSD"]
+        + ["mean HD95" + ("" if one_unit == MIXED_UNITS else f" {one_unit}"), "cases", "malformed"]
     )
     body = []
     for row in rows:
@@ -330,12 +360,15 @@ def table(results: list[dict], rows: list[str]) -> tuple[str, list[list[str]]]:
         for suite in suites:
             vals = [r for r in mine if r["suite"] == suite]
             for key, _, scale in TABLE_METRICS:
-                cells.append(_mean_cell([v.get(key) for v in vals], scale))
+                if key in SURFACE_METRICS and units[suite] == MIXED_UNITS:
+                    cells.append("-")  # a mean of mm and voxels is no number
+                else:
+                    cells.append(_mean_cell([v.get(key) for v in vals], scale))
         mean, low, high = bootstrap_ci(suite_scores(mine, row))
         cells += [f"{100 * mean:.2f}", f"[{100 * low:.2f}, {100 * high:.2f}]"]
         for key, scale in (("nsd", 100.0), ("hd95", 1.0)):
             per_suite = [[v.get(key) for v in mine if v["suite"] == s] for s in suites]
-            if any(v is None for values in per_suite for v in values):
+            if one_unit == MIXED_UNITS or any(v is None for values in per_suite for v in values):
                 cells.append("-")
             else:
                 cells.append(f"{scale * np.mean([np.mean(v) for v in per_suite if v]):.2f}")
@@ -369,6 +402,17 @@ def comparison_line(c: dict) -> str:
         f"[{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] over {c['cases']} cases "
         "(paired, scans resampled)"
     )
+
+
+def reusable(earlier: list[dict], row_keys: dict[str, str]) -> list[dict]:
+    """The case results of an earlier run that a re-run keeps: those whose key is their row's
+    now (the same settings and weights) and that say their ``surface_unit`` (an earlier
+    version's rows called HD95 on a voxel grid mm)."""
+    return [
+        r
+        for r in earlier
+        if r.get("key") is not None and r["key"] == row_keys.get(r["row"]) and "surface_unit" in r
+    ]
 
 
 def evaluate(
@@ -433,7 +477,7 @@ def evaluate(
         if cases_file.exists()
         else []
     )
-    done = [r for r in earlier if r.get("key") is not None and r["key"] == row_keys.get(r["row"])]
+    done = reusable(earlier, row_keys)
     if len(done) < len(earlier):
         log.info(
             "%s: %d earlier case results of other checkpoints or settings are recomputed",

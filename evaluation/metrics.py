@@ -1,22 +1,24 @@
 """Metrics of a predicted against a true 3D mask: voxel overlap (DSC, IoU) and surface distance
-in mm (NSD, HD95).
+(NSD, HD95) in the unit of the spacing given.
 
 Surface metrics are MONAI's (``monai.metrics.compute_surface_dice`` and
 ``compute_hausdorff_distance``, the implementations MONAI-based and MSD-style evaluations
-report), given the voxel spacing so distances are in mm on anisotropic CT:
+report), given the voxel spacing so distances are in mm on anisotropic CT. A grid with no known
+voxel size (an M3D-Seg array without a spacing) is given 1 per axis: distances and the NSD
+tolerance are then in voxels (``data.volume.surface_spacing`` says which):
 
 - A mask's surface is its boundary voxels: the voxels of the mask with a background neighbour
   (6-connectivity; the mask minus its erosion). Distances run between boundary voxel centres.
-- NSD at tolerance tau (mm): (|S_P within tau of S_G| + |S_G within tau of S_P|) / (|S_P| + |S_G|),
+- NSD at tolerance tau: (|S_P within tau of S_G| + |S_G within tau of S_P|) / (|S_P| + |S_G|),
   counting boundary voxels (MONAI without sub-voxel surface elements).
 - HD95: max of the two directed 95th percentiles (linear interpolation) of the boundary-voxel
-  distances P -> G and G -> P, in mm.
+  distances P -> G and G -> P.
 
 Empty masks (MONAI leaves them undefined, NaN; a table needs a number), decided like DSC:
-- both empty (a correct "nothing there"): DSC = IoU = NSD = 1, HD95 = 0 mm;
-- exactly one empty: DSC = IoU = NSD = 0, HD95 = the grid's diagonal in mm (the largest distance
-  two voxels of the volume can have: the worst finite value, so a mean stays a number and a
-  missed target weighs like the worst possible miss).
+- both empty (a correct "nothing there"): DSC = IoU = NSD = 1, HD95 = 0;
+- exactly one empty: DSC = IoU = NSD = 0, HD95 = the grid's diagonal (the largest distance two
+  voxels of the volume can have: the worst finite value, so a mean stays a number and a missed
+  target weighs like the worst possible miss).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-NSD_TOLERANCE_MM = 2.0  # default surface-Dice tolerance (evaluation.nsd_tolerance_mm)
+NSD_TOLERANCE_MM = 2.0  # default surface-Dice tolerance (evaluation.nsd_tolerance_mm), mm
 
 
 def _pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +56,7 @@ def iou(pred: np.ndarray, true: np.ndarray) -> float:
 def _spacing(spacing: Sequence[float], ndim: int) -> tuple[float, ...]:
     out = tuple(float(s) for s in spacing)
     if len(out) != ndim or not all(s > 0 for s in out):
-        raise ValueError(f"spacing {tuple(spacing)} must be {ndim} positive numbers (mm)")
+        raise ValueError(f"spacing {tuple(spacing)} must be {ndim} positive numbers")
     return out
 
 
@@ -68,8 +70,8 @@ def _monai_pair(p: np.ndarray, g: np.ndarray):
     return batch(p), batch(g)
 
 
-def diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """The largest distance between two voxel centres of a grid, in mm."""
+def diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The largest distance between two voxel centres of a grid, in the unit of ``spacing``."""
     return float(np.linalg.norm([(n - 1) * s for n, s in zip(shape, spacing)]))
 
 
@@ -77,16 +79,17 @@ def nsd(
     pred: np.ndarray,
     true: np.ndarray,
     spacing: Sequence[float],
-    tolerance_mm: float = NSD_TOLERANCE_MM,
+    tolerance: float = NSD_TOLERANCE_MM,
 ) -> float:
-    """Normalised surface Dice at ``tolerance_mm`` (see the module docstring), ``spacing`` in mm
-    per array axis; 1.0 when both masks are empty, 0.0 when exactly one is."""
+    """Normalised surface Dice at ``tolerance`` (see the module docstring), in the unit of
+    ``spacing`` (per array axis: mm, or 1 for voxels); 1.0 when both masks are empty, 0.0 when
+    exactly one is."""
     from monai.metrics import compute_surface_dice
 
     p, g = _pair(pred, true)
     spacing = _spacing(spacing, p.ndim)
-    if tolerance_mm < 0:
-        raise ValueError(f"NSD tolerance must be >= 0 mm, got {tolerance_mm}")
+    if tolerance < 0:
+        raise ValueError(f"NSD tolerance must be >= 0, got {tolerance}")
     if not p.any() and not g.any():
         return 1.0
     if not p.any() or not g.any():
@@ -94,14 +97,14 @@ def nsd(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated internal argument
         value = compute_surface_dice(
-            *_monai_pair(p, g), [float(tolerance_mm)], include_background=True, spacing=spacing
+            *_monai_pair(p, g), [float(tolerance)], include_background=True, spacing=spacing
         )
     return float(value.item())
 
 
 def hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float]) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm (see the module docstring); 0.0 when
-    both masks are empty, the grid's diagonal when exactly one is."""
+    """95th-percentile symmetric Hausdorff distance in the unit of ``spacing`` (see the module
+    docstring); 0.0 when both masks are empty, the grid's diagonal when exactly one is."""
     from monai.metrics import compute_hausdorff_distance
 
     p, g = _pair(pred, true)
@@ -109,7 +112,7 @@ def hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float]) -> float:
     if not p.any() and not g.any():
         return 0.0
     if not p.any() or not g.any():
-        return diagonal_mm(p.shape, spacing)
+        return diagonal(p.shape, spacing)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         value = compute_hausdorff_distance(
