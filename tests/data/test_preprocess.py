@@ -199,7 +199,8 @@ def test_a_yaml_window_loads_and_a_typo_fails_naming_it():
 
     cfg = load_config(RunConfig, "configs/paper.yaml", ["data.suite_windows={kits23: [-100, 200]}"])
     assert cfg.data.window_for("kits23") == (-100.0, 200.0)
-    assert cfg.data.window_for("ctorg") == (0.0, 1.0)  # M3D-Seg arrays come as 0..1
+    # M3D-Seg arrays read as approximate HU, for the abdominal window
+    assert cfg.data.window_for("ctorg") == (-160.0, 240.0) and cfg.data.m3d_intensity == "hu"
     with pytest.raises(WindowError, match="data.window: unknown window preset 'lungs'"):
         load_config(RunConfig, "configs/tiny.yaml", ["data.window=lungs"])
 
