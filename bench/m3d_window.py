@@ -138,9 +138,7 @@ def oracle_dsc(manifest: Path, cfg: DataConfig) -> dict[str, dict[str, float]]:
                 sample.id, np.asarray(prepared.slices), job.key_slice, job.boxes, None
             )
             pred = to_source_grid(mask, prepared)
-        # evaluation.stats takes a case id's part before the first "/" as its scan, and an M3D-Seg
-        # id starts with its subset code ("0012/case_000/liver"): one scan per case, not per subset
-        scores.setdefault(sample.suite, {})[sample.id.replace("/", "_", 1)] = dsc(pred, truth)
+        scores.setdefault(sample.suite, {})[sample.id] = dsc(pred, truth)
     return scores
 
 

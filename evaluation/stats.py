@@ -3,7 +3,9 @@
 - The unit that is resampled is the scan, not the row. An evaluation row is one target of one
   scan (a CT-ORG scan has up to six); targets of one scan share its anatomy, contrast and noise,
   so their scores move together. Treating them as independent draws makes intervals too narrow.
-  A case id's part before the first ``/`` names its scan (``ctorg_0003/liver`` -> ``ctorg_0003``).
+  A case id is ``<scan>/<target>``: its part before the last ``/`` names its scan
+  (``ctorg_0003/liver`` -> ``ctorg_0003``; M3D-Seg's ``0004/case_00000/kidney`` ->
+  ``0004/case_00000``); an id without ``/`` is a scan of its own.
 - Suite mean: the table's headline number is the mean over suites of each suite's mean per-target
   score (every suite weighs the same, as the paper reports per dataset). Its 95% CI is a
   percentile cluster bootstrap: within each suite (stratified), draw as many scans as the suite
@@ -28,8 +30,8 @@ SEED = 0
 
 
 def scan_of(case_id: str) -> str:
-    """The scan a case id belongs to: its part before the first ``/`` (the whole id without)."""
-    return case_id.split("/", 1)[0]
+    """The scan a case id belongs to: its part before the last ``/`` (the whole id without)."""
+    return case_id.rsplit("/", 1)[0]
 
 
 def suite_mean(scores: Mapping[str, Mapping[str, float] | Sequence[float]]) -> float:

@@ -20,10 +20,12 @@ def cases(values, prefix: str = "s") -> dict[str, float]:
     return {f"{prefix}{i}/t": float(v) for i, v in enumerate(values)}
 
 
-def test_scan_of_is_the_part_before_the_first_slash():
+def test_scan_of_is_the_part_before_the_last_slash():
     assert scan_of("ctorg_0003/left_kidney") == "ctorg_0003"
     assert scan_of("case_00012") == "case_00012"
-    assert scan_of("a/b/c") == "a"
+    # M3D-Seg ids lead with the subset: the scan is subset and case, not the whole subset.
+    assert scan_of("0004/case_00000/kidney") == "0004/case_00000"
+    assert scan_of("0004/case_00000/kidney") != scan_of("0004/case_00001/kidney")
 
 
 def test_suite_mean_weighs_every_suite_the_same():
