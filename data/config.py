@@ -79,6 +79,7 @@ class DataConfig:
     # epoch, each GRPO draw) from their target's training phrasings (data.queries), as
     # M3D-Seg's loaders draw a question per access; False: the manifest's one fixed query.
     resample_queries: bool = False
+    queries_file: Path | None = None  # YAML adding to data/phrasings.yaml's targets; None: it alone
     seed: int = 0  # seeds Top-K key-slice sampling
 
     def key_slice_top_k(self, top_k: int | None = None) -> int:
@@ -96,6 +97,10 @@ class DataConfig:
             raise ValueError(
                 f"data.m3d_intensity must be 'unit' or 'hu', got {self.m3d_intensity!r}"
             )
+        if self.queries_file is not None:  # a malformed phrasings file fails here, not mid-run
+            from data.queries import load_phrasings
+
+            load_phrasings(Path(self.queries_file).resolve())
         if self.min_box_area < 1:
             raise ValueError(f"data.min_box_area must be >= 1, got {self.min_box_area}")
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.preprocess import cache_key, prepare_volume
+from data.queries import use_queries_file
 from data.records import PreparedVolume, Sample
 from data.volume import M3D_AXES, VolumeError
 
@@ -65,6 +66,7 @@ class VolumeDataset:
         self.manifest = Path(manifest).resolve()
         self.root = self.manifest.parent
         self.cfg = cfg
+        use_queries_file(cfg.queries_file)  # training draws ask from the config's phrasings
         if split is not None and split not in SPLITS:
             raise ManifestError(f"{self.manifest}: unknown split {split!r}; use one of {SPLITS}")
         samples, values = self._read(check_labels)

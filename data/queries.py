@@ -1,262 +1,154 @@
 """Clinical queries per target: explicit names, knowledge-based implicit and volume-grounded ones.
 
-Each target has at least ten phrasings. The last ``TEST_PHRASINGS`` of each list are held out for
-the test split, so a test query is never seen in training (as the paper paraphrased the KiTS23
-test queries into implicit ones).
+The phrasings live in YAML: the shipped ``data/phrasings.yaml`` (16 targets, at least ten
+phrasings each) and, optionally, a user's file named by ``data.queries_file`` that adds targets
+or replaces a target's list (same layout: ``targets: {name: [phrasing, ...]}``,
+``aliases: {label: target}``). The last ``TEST_PHRASINGS`` of each list are held out for the
+validation and test splits, so a test query is never seen in training (as the paper paraphrased
+the KiTS23 test queries into implicit ones).
+
+The phrasings in use in a process are the shipped ones plus the file put in use by
+:func:`use_queries_file`; :class:`data.dataset.VolumeDataset` puts its config's
+``data.queries_file`` in use, so SFT, GRPO and evaluation draw from it. A label with no
+phrasings is asked ``"Segment the <label>."`` on every split, with one warning naming it.
 
 Label names as datasets publish them ("kidney tumor", "kidneys" in M3D-Seg's ``dataset_info``)
-reach their target through ``ALIASES``; :func:`target_of` is the one place that mapping is made.
+reach their target through the aliases; :func:`target_of` is the one place that mapping is made.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
+import yaml
 
+log = logging.getLogger(__name__)
+
+SHIPPED_FILE = Path(__file__).with_name("phrasings.yaml")
 TEST_PHRASINGS = 3
-
-QUERIES: dict[str, list[str]] = {
-    "liver": [
-        "Segment the liver.",
-        "Where is the liver?",
-        "Outline the hepatic parenchyma.",
-        "Find the organ that secretes bile.",
-        "Show the largest solid organ of the abdomen.",
-        "Locate the organ that stores glycogen and detoxifies the blood.",
-        "Mark the organ drained by the hepatic veins into the inferior vena cava.",
-        "Identify the organ in the right upper quadrant that produces bile.",
-        "Which organ filters portal venous blood from the gut?",
-        "Delineate the organ where albumin is synthesised.",
-        "Highlight the organ that sits under the right hemidiaphragm.",
-        "Segment the organ affected in hepatitis and cirrhosis.",
-    ],
-    "spleen": [
-        "Segment the spleen.",
-        "Where is the spleen?",
-        "Outline the splenic parenchyma.",
-        "Find the organ that removes old red blood cells.",
-        "Locate the lymphoid organ in the left upper quadrant.",
-        "Show the organ that enlarges in splenomegaly.",
-        "Mark the organ lying against the left hemidiaphragm behind the stomach.",
-        "Identify the organ supplied by the splenic artery.",
-        "Which organ filters blood and stores platelets?",
-        "Delineate the organ at risk of rupture in left-sided blunt trauma.",
-        "Highlight the organ that recycles iron from aged erythrocytes.",
-    ],
-    "kidney": [
-        "Segment the kidneys.",
-        "Where are the kidneys?",
-        "Outline both renal parenchymas.",
-        "Find the organs that filter blood and produce urine.",
-        "Locate the bean-shaped retroperitoneal organs.",
-        "Show the organs drained by the ureters.",
-        "Mark the organs that secrete erythropoietin.",
-        "Identify the paired organs beside the lumbar spine.",
-        "Which organs regulate fluid and electrolyte balance?",
-        "Delineate the organs whose function is measured by the glomerular filtration rate.",
-        "Highlight the organs that contain nephrons.",
-    ],
-    "left kidney": [
-        "Segment the left kidney.",
-        "Where is the left kidney?",
-        "Outline the left renal parenchyma.",
-        "Find the kidney on the patient's left side.",
-        "Locate the kidney that lies next to the spleen.",
-        "Show the kidney drained by the left ureter.",
-        "Mark the kidney whose vein crosses in front of the aorta.",
-        "Identify the kidney below the spleen.",
-        "Which kidney usually sits slightly higher than the other?",
-        "Delineate the kidney on the same side as the descending colon.",
-        "Highlight the kidney supplied by the left renal artery.",
-    ],
-    "right kidney": [
-        "Segment the right kidney.",
-        "Where is the right kidney?",
-        "Outline the right renal parenchyma.",
-        "Find the kidney on the patient's right side.",
-        "Locate the kidney that lies below the liver.",
-        "Show the kidney drained by the right ureter.",
-        "Mark the kidney pushed down by the liver.",
-        "Identify the kidney on the same side as the gallbladder.",
-        "Which kidney usually sits slightly lower than the other?",
-        "Delineate the kidney whose artery passes behind the inferior vena cava.",
-        "Highlight the kidney supplied by the right renal artery.",
-    ],
-    "pancreas": [
-        "Segment the pancreas.",
-        "Where is the pancreas?",
-        "Outline the pancreatic gland.",
-        "Find the organ that secretes insulin.",
-        "Locate the gland that makes digestive enzymes and empties into the duodenum.",
-        "Show the organ whose islets produce glucagon.",
-        "Mark the retroperitoneal gland lying across the spine behind the stomach.",
-        "Identify the organ inflamed in pancreatitis.",
-        "Which organ has a head, neck, body and tail near the splenic vein?",
-        "Delineate the organ both endocrine and exocrine in function.",
-        "Highlight the gland whose failure causes type 1 diabetes.",
-    ],
-    "aorta": [
-        "Segment the aorta.",
-        "Where is the abdominal aorta?",
-        "Outline the aorta.",
-        "Find the largest artery of the body.",
-        "Locate the vessel that carries blood from the heart to the abdomen.",
-        "Show the artery in front of the vertebral bodies.",
-        "Mark the vessel that gives rise to the renal arteries.",
-        "Identify the artery that can develop an abdominal aneurysm.",
-        "Which vessel branches into the common iliac arteries?",
-        "Delineate the brightest tubular structure beside the spine on contrast CT.",
-        "Highlight the artery that gives off the coeliac trunk.",
-    ],
-    "vertebrae": [
-        "Segment the vertebrae.",
-        "Where is the spine?",
-        "Outline the vertebral bodies.",
-        "Find the bones that protect the spinal cord.",
-        "Locate the lumbar spine.",
-        "Show the bony column at the back of the abdomen.",
-        "Mark the bones separated by intervertebral discs.",
-        "Identify the densest structures in the midline posteriorly.",
-        "Which bones carry the weight of the trunk?",
-        "Delineate the bones with spinous and transverse processes.",
-        "Highlight the skeleton of the back.",
-    ],
-    "lungs": [
-        "Segment the lungs.",
-        "Where are the lung bases?",
-        "Outline the lungs.",
-        "Find the air-filled organs above the diaphragm.",
-        "Locate the organs of gas exchange.",
-        "Show the darkest paired regions at the top of the scan.",
-        "Mark the organs made of alveoli.",
-        "Identify the organs that collapse in a pneumothorax.",
-        "Which organs lie in the pleural cavities?",
-        "Delineate the organs that oxygenate the blood.",
-        "Highlight the organs affected by emphysema.",
-    ],
-    "kidney tumour": [
-        "Segment the kidney tumour.",
-        "Where is the renal tumour?",
-        "Outline the renal mass.",
-        "Find the enhancing solid lesion in the kidney.",
-        "Locate the renal cell carcinoma.",
-        "Show the lesion that would be removed in a partial nephrectomy.",
-        "Mark the solid kidney lesion that takes up contrast.",
-        "Identify the suspicious heterogeneous renal mass.",
-        "Which renal lesion is a candidate for malignancy?",
-        "Delineate the enhancing mass distorting the renal contour.",
-        "Highlight the neoplasm arising from the renal parenchyma.",
-    ],
-    "kidney cyst": [
-        "Segment the kidney cyst.",
-        "Where is the renal cyst?",
-        "Outline the cystic renal lesion.",
-        "Find the fluid-filled sac in the kidney.",
-        "Locate the simple renal cyst.",
-        "Show the non-enhancing water-density lesion of the kidney.",
-        "Mark the round renal lesion with fluid attenuation.",
-        "Identify the benign fluid collection in the kidney.",
-        "Which renal lesion has near-water attenuation?",
-        "Delineate the thin-walled cystic structure in the kidney.",
-        "Highlight the Bosniak I lesion of the kidney.",
-    ],
-    "tumour kidney": [
-        "Segment the kidney that contains the tumour.",
-        "Which kidney harbours the renal mass?",
-        "Outline the kidney with the enhancing lesion.",
-        "Find the kidney affected by the tumour.",
-        "Locate the kidney with a solid mass.",
-        "Show the kidney that would undergo nephrectomy for the tumour.",
-        "Mark the kidney whose contour is distorted by a neoplasm.",
-        "Identify the tumour-bearing kidney.",
-        "Which kidney shows a suspicious enhancing lesion?",
-        "Delineate the kidney containing a possible renal cell carcinoma.",
-        "Highlight the diseased kidney with the solid lesion.",
-    ],
-    "cyst kidney": [
-        "Segment the kidney that contains the cyst.",
-        "Which kidney has the fluid-filled sac?",
-        "Outline the kidney with an obvious fluid-filled sac.",
-        "Find the kidney that contains a cyst.",
-        "Locate the kidney with a water-density lesion.",
-        "Show the kidney with the simple cyst.",
-        "Mark the kidney harbouring a non-enhancing cystic lesion.",
-        "Identify the cyst-bearing kidney.",
-        "Which kidney shows a round lesion of fluid attenuation?",
-        "Delineate the kidney containing a benign fluid collection.",
-        "Highlight the kidney with a thin-walled cystic structure.",
-    ],
-    "bladder": [
-        "Segment the urinary bladder.",
-        "Where is the bladder?",
-        "Outline the bladder.",
-        "Find the organ that stores urine.",
-        "Locate the hollow organ in the pelvis filled by the ureters.",
-        "Show the fluid-filled organ behind the pubic symphysis.",
-        "Mark the organ emptied through the urethra.",
-        "Identify the pelvic organ that distends as it fills.",
-        "Which organ is drained by a urinary catheter?",
-        "Delineate the muscular reservoir of the lower urinary tract.",
-        "Highlight the organ whose wall is the detrusor muscle.",
-    ],
-    "bone": [
-        "Segment the bones.",
-        "Where is the skeleton?",
-        "Outline all bony structures.",
-        "Find the densest tissue in the scan.",
-        "Locate the spine, ribs and pelvis.",
-        "Show the structures that contain the bone marrow.",
-        "Mark the calcified framework of the body.",
-        "Identify the tissue that appears brightest on CT.",
-        "Which tissue is made of cortical and trabecular parts?",
-        "Delineate the structures where osteolytic metastases would appear.",
-        "Highlight the rigid framework that protects the organs.",
-    ],
-    "brain": [
-        "Segment the brain.",
-        "Where is the brain?",
-        "Outline the brain parenchyma.",
-        "Find the organ inside the skull.",
-        "Locate the cerebral hemispheres.",
-        "Show the organ bathed in cerebrospinal fluid within the cranium.",
-        "Mark the organ of grey and white matter in the head.",
-        "Identify the organ protected by the calvarium.",
-        "Which organ contains the ventricles and the basal ganglia?",
-        "Delineate the central nervous tissue above the foramen magnum.",
-        "Highlight the organ damaged in a stroke.",
-    ],
-}
-
-# Published label names -> the target whose phrasings they take. A label that is already a key of
-# QUERIES needs no entry; one that is neither gets an explicit query from the caller.
-ALIASES: dict[str, str] = {
-    "kidney tumor": "kidney tumour",  # KiTS23 in M3D-Seg
-    "kidneys": "kidney",  # CT-ORG in M3D-Seg
-    "lung": "lungs",
-    "urinary bladder": "bladder",
-}
+HELD_OUT_SPLITS = ("test", "val")  # asked with the held-out phrasings
 
 
-class UnknownTargetError(KeyError):
-    """A target name with no query phrasings."""
+class QueriesFileError(ValueError):
+    """A phrasings file that cannot be used; the message names the file, section and entry."""
+
+
+@dataclass(frozen=True)
+class Phrasings:
+    """Targets and their phrasings, and published label names -> target."""
+
+    targets: dict[str, tuple[str, ...]]
+    aliases: dict[str, str]
+
+
+def normalise(label: str) -> str:
+    """A label or target name compared as lower case words (underscores are spaces)."""
+    return " ".join(label.replace("_", " ").split()).lower()
+
+
+def _read_file(path: Path) -> Phrasings:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise QueriesFileError(f"{path}: phrasings file unreadable ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise QueriesFileError(f"{path}: not YAML ({err})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict) or set(raw) - {"targets", "aliases"}:
+        raise QueriesFileError(f"{path}: expected the sections 'targets' and 'aliases' only")
+    targets: dict[str, tuple[str, ...]] = {}
+    for name, items in (raw.get("targets") or {}).items():
+        if (
+            not isinstance(items, list)
+            or not all(isinstance(x, str) and x.strip() for x in items)
+            or len(items) <= TEST_PHRASINGS
+        ):
+            raise QueriesFileError(
+                f"{path}: targets.{name} must be a list of at least {TEST_PHRASINGS + 1} "
+                f"non-empty phrasings (the last {TEST_PHRASINGS} are held out), got {items!r}"
+            )
+        targets[normalise(str(name))] = tuple(items)
+    aliases = {}
+    for name, target in (raw.get("aliases") or {}).items():
+        if not isinstance(target, str) or not target.strip():
+            raise QueriesFileError(f"{path}: aliases.{name} must name a target, got {target!r}")
+        aliases[normalise(str(name))] = normalise(target)
+    return Phrasings(targets, aliases)
+
+
+@functools.lru_cache(maxsize=8)
+def load_phrasings(queries_file: Path | None = None) -> Phrasings:
+    """The shipped phrasings, with ``queries_file``'s targets added or replacing a shipped
+    target's list and its aliases added. Raises :class:`QueriesFileError` naming the file for a
+    malformed entry or an alias whose target has no phrasings."""
+    shipped = _read_file(SHIPPED_FILE)
+    if queries_file is None:
+        return shipped
+    path = Path(queries_file)
+    own = _read_file(path)
+    targets = {**shipped.targets, **own.targets}
+    # a target the user names outright is no longer an alias of another
+    aliases = {k: v for k, v in shipped.aliases.items() if k not in own.targets}
+    aliases.update(own.aliases)
+    for name, target in own.aliases.items():
+        if target not in targets:
+            raise QueriesFileError(
+                f"{path}: aliases.{name} points at {target!r}, which has no phrasings"
+            )
+    return Phrasings(targets, aliases)
+
+
+_active: Phrasings = load_phrasings()
+_warned: set[str] = set()
+
+# The shipped tables, as read from the shipped file.
+QUERIES: dict[str, list[str]] = {k: list(v) for k, v in _active.targets.items()}
+ALIASES: dict[str, str] = dict(_active.aliases)
+
+
+def use_queries_file(queries_file: str | Path | None) -> Phrasings:
+    """Put the shipped phrasings plus ``queries_file``'s (``data.queries_file``; None: the
+    shipped ones only) in use for this process; returns them."""
+    global _active
+    path = None if queries_file is None else Path(queries_file).resolve()
+    _active = load_phrasings(path)
+    return _active
 
 
 def target_of(label: str) -> str | None:
-    """The target of ``QUERIES`` a label name stands for (case and spacing ignored, aliases
-    followed), or None when it has no phrasings."""
-    name = " ".join(label.replace("_", " ").split()).lower()
-    name = ALIASES.get(name, name)
-    return name if name in QUERIES else None
+    """The target a label name stands for (case and spacing ignored, aliases followed), or
+    None when it has no phrasings."""
+    name = normalise(label)
+    name = _active.aliases.get(name, name)
+    return name if name in _active.targets else None
+
+
+def explicit_query(label: str) -> str:
+    """The query of a label with no phrasings: its name, asked outright."""
+    return f"Segment the {' '.join(label.replace('_', ' ').split())}."
 
 
 def phrasings(target: str, split: str) -> list[str]:
     """The phrasings of ``target`` (a target or an alias of one) for a split: all but the last
-    few for train, those for test."""
+    few for train, those for val and test. A label with no phrasings gets its
+    :func:`explicit_query` on every split, and one warning naming it per process."""
+    if split != "train" and split not in HELD_OUT_SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     key = target_of(target)
     if key is None:
-        raise UnknownTargetError(f"no queries for target {target!r}; known: {sorted(QUERIES)}")
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    items = QUERIES[key]
+        if target not in _warned:
+            _warned.add(target)
+            log.warning(
+                "label %r has no query phrasings; asked as %r (add it to a data.queries_file)",
+                target,
+                explicit_query(target),
+            )
+        return [explicit_query(target)]
+    items = list(_active.targets[key])
     return items[:-TEST_PHRASINGS] if split == "train" else items[-TEST_PHRASINGS:]
 
 
