@@ -183,6 +183,22 @@ def read_series(folder: str | Path) -> DicomSeries:
     )
 
 
+# Type 2 attributes of the Patient and General Study modules that a SEG copies from its source
+# images: they must be present but may be empty. Anonymised exports often drop them, and
+# highdicom reads them as attributes, so a missing one is written empty (as the standard allows).
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+)
+
+
 def write_seg(
     series: DicomSeries,
     masks: list[np.ndarray],
@@ -195,7 +211,9 @@ def write_seg(
 
     Segments are BINARY and may overlap (each has its own frames). A free-form query has no
     coded meaning, so each segment is typed "Anatomical Structure" and its label carries the
-    query (cut to the 64 characters DICOM allows). Written to a temporary name and renamed.
+    query (cut to the 64 characters DICOM allows). Patient and study attributes of Type 2 that
+    the series lacks are written empty (``TYPE2_COPIED``). Written to a temporary name and
+    renamed.
     """
     import highdicom as hd
     from pydicom.sr.codedict import codes
@@ -204,6 +222,10 @@ def write_seg(
     if len(masks) != len(labels) or not masks:
         raise ValueError(f"{out}: {len(masks)} masks for {len(labels)} labels")
     sources = [read_header(f) for f in series.files]
+    for source in sources:
+        for keyword in TYPE2_COPIED:
+            if keyword not in source:
+                setattr(source, keyword, "")
     frames = []
     for mask in masks:
         if mask.shape != series.volume.array.shape:

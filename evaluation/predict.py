@@ -410,6 +410,22 @@ def _write_query(scan: Scan, prepared, result: QueryResult, folder: Path) -> Non
     (folder / "evidence.json").write_text(json.dumps(result.evidence, indent=1))
 
 
+def write_seg_or_warn(scan: Scan, results: list[QueryResult], out: Path) -> None:
+    """The DICOM SEG of a DICOM input, written after its NIfTI masks: a SEG that cannot be made
+    (a series its writer refuses) is a one-line warning, never a lost result."""
+    from data.dicom import write_seg
+
+    try:
+        write_seg(scan.series, [r.mask for r in results], [r.query for r in results], out)
+    except Exception as err:  # noqa: BLE001 - any writer failure leaves the NIfTI results
+        log.warning(
+            "%s: no DICOM SEG written (%s: %s); the NIfTI masks are written",
+            scan.path,
+            type(err).__name__,
+            str(err).splitlines()[0] if str(err) else "",
+        )
+
+
 def write_outputs(scan: Scan, prepared, results: list[QueryResult], folder: Path) -> Path:
     """Write one scan's results into ``folder`` (layout in the module docstring). Everything is
     written into a hidden staging folder beside it and moved in at the end, so a failure leaves
@@ -430,14 +446,7 @@ def write_outputs(scan: Scan, prepared, results: list[QueryResult], folder: Path
             )
             (stage / "labels.json").write_text(json.dumps(legend, indent=1))
         if scan.series is not None:
-            from data.dicom import write_seg
-
-            write_seg(
-                scan.series,
-                [r.mask for r in results],
-                [r.query for r in results],
-                stage / "segmentation.dcm",
-            )
+            write_seg_or_warn(scan, results, stage / "segmentation.dcm")
         folder.mkdir(parents=True, exist_ok=True)
         for entry in sorted(stage.iterdir()):
             target = folder / entry.name

@@ -196,3 +196,44 @@ def test_the_command_line_on_a_dicom_series_with_a_queries_file(
         assert evidence["query"] == QUERIES[n - 1] and "series_instance_uid" in evidence
     assert (tmp_path / "out" / "segmentation.dcm").exists()
     assert (tmp_path / "out" / "predict.log").exists()
+
+
+def strip(folder, tmp_path, keywords):
+    """A copy of a DICOM series without ``keywords``, as an anonymiser may export it."""
+    out = tmp_path / f"stripped-{len(keywords)}"
+    out.mkdir()
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(out / path.name)
+    return out
+
+
+def test_an_anonymised_series_gets_a_seg_with_its_type2_attributes_empty(phantom, tmp_path):
+    import highdicom as hd
+
+    nifti, folder, labels, _, _ = phantom
+    dropped = ("PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "StudyID")
+    series = strip(folder, tmp_path, dropped)
+    run(series, tmp_path / "out", oracle_answers(nifti, labels), progress=False)
+    seg = hd.seg.segread(tmp_path / "out" / "segmentation.dcm")
+    for keyword in dropped:
+        assert keyword in seg and not seg.data_element(keyword).value, keyword
+    assert seg.PatientID == "PH0001"  # what the series has is kept
+
+
+def test_a_seg_that_cannot_be_made_is_a_warning_and_the_nifti_results_stay(
+    phantom, tmp_path, caplog
+):
+    nifti, folder, labels, _, _ = phantom
+    series = strip(folder, tmp_path, ("StudyInstanceUID",))  # Type 1: a SEG cannot do without
+    with caplog.at_level("WARNING", logger="evaluation.predict"):
+        run(series, tmp_path / "out", oracle_answers(nifti, labels), progress=False)
+    (warning,) = [r for r in caplog.records if "no DICOM SEG written" in r.getMessage()]
+    assert str(series) in warning.getMessage() and "\n" not in warning.getMessage()
+    assert not (tmp_path / "out" / "segmentation.dcm").exists()
+    for n in (1, 2):
+        mask = nib.load(str(tmp_path / "out" / f"query-{n}" / "mask.nii.gz"))
+        assert np.asanyarray(mask.dataobj).any()
