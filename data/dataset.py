@@ -106,7 +106,7 @@ class VolumeDataset:
         path = (self.root / raw).resolve()
         if not path.is_relative_to(self.root):
             raise self._fail(row, f"field {field!r} path {raw!r} leaves the data root {self.root}")
-        if not path.is_file():
+        if not (path.is_file() or (field == "image" and path.is_dir())):  # a DICOM series
             raise self._fail(row, f"field {field!r}: file not found: {path}")
         return path
 

@@ -137,6 +137,11 @@ def content_digest(path: Path, cache_dir: Path | None = None) -> str:
     machine), and only computed when neither has it. A file rewritten in place gets a new
     modification time, so a new digest."""
     path = Path(path)
+    if path.is_dir():  # a DICOM series: its files' digests in name order
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.iterdir() if p.is_file()):
+            digest.update(f"{file.name}:{content_digest(file, cache_dir)}\n".encode())
+        return digest.hexdigest()
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _digests:
