@@ -137,7 +137,9 @@ def main() -> None:
         if len(usable) < need:
             raise SystemExit(f"{len(usable)} usable phantom samples, {need} needed")
         groups = [(ds[i][1], make_group(ds[i][1], rng)) for i in usable[:need]]
-        cfg = RewardConfig(propagator="medsam2", image_size=args.image_size, delta=5)
+        cfg = RewardConfig(
+            propagator="medsam2", random_weights=True, image_size=args.image_size, delta=5
+        )
         frame = ds[usable[0]][1].slices.shape
         print(
             f"shape: volumes {frame[0]} slices x {frame[1]}x{frame[2]} px (paper frame), "

@@ -14,7 +14,9 @@ class RewardConfig:
     w_consistency: float = 1.0  # weight of Rc (paper: 1.0)
     delta: int = 5  # Rc window: slices within +-delta of the predicted key slice (paper: 5)
     propagator: str = "baseline"  # "medsam2" (SAM2.1 Hiera-tiny) or "baseline" (scikit-image)
-    checkpoint: Path | None = None  # MedSAM2 checkpoint {'model': state_dict}; None = random init
+    checkpoint: Path | None = None  # MedSAM2 checkpoint {'model': state_dict}; medsam2 needs one
+    # true: medsam2 with no checkpoint runs on random weights (tests and timing benches only)
+    random_weights: bool = False
     image_size: int = 512  # MedSAM2 input size (MedSAM2: 512; CPU tests use 256)
     feature_batch: int = 8  # slices per batched image-encoder pass
     volume_cache: int = 4  # volumes whose image features a worker keeps (LRU)
@@ -28,6 +30,12 @@ class RewardConfig:
         if self.propagator not in ("medsam2", "baseline"):
             raise ValueError(
                 f"reward.propagator must be 'medsam2' or 'baseline', got {self.propagator!r}"
+            )
+        if self.propagator == "medsam2" and self.checkpoint is None and not self.random_weights:
+            raise ValueError(
+                "reward.checkpoint: not set, and reward.propagator is 'medsam2': give the MedSAM2 "
+                "checkpoint (MedSAM2_latest.pt), or reward.random_weights=true for a random-weight "
+                "SAM2 (tests, timing)"
             )
         if self.delta < 0:
             raise ValueError(f"reward.delta must be >= 0, got {self.delta}")

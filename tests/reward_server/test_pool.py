@@ -113,7 +113,13 @@ def test_a_request_not_answered_in_time_scores_zero_is_counted_and_the_run_goes_
 ):
     # A real slow worker: SAM2 at 256 px with a +-10 window encodes and tracks for many
     # seconds on this machine, against a 2 s timeout.
-    cfg = RewardConfig(propagator="medsam2", image_size=256, delta=10, request_timeout_s=2.0)
+    cfg = RewardConfig(
+        propagator="medsam2",
+        random_weights=True,
+        image_size=256,
+        delta=10,
+        request_timeout_s=2.0,
+    )
     slow_pool = RewardPool(str(phantom_manifest), data_cfg, cfg, name="reward_timeout")
     try:
         sample, liver = dataset.by_id("ctorg_0000/liver")
