@@ -296,23 +296,45 @@ def _folder(value: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m data.manifest", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--images", type=_folder, required=True, help="NIfTI files or DICOM series folders"
+        "--images",
+        metavar="DIR",
+        type=_folder,
+        required=True,
+        help="NIfTI files or DICOM series folders",
     )
-    parser.add_argument("--labels", type=_folder, required=True, help="NIfTI label maps")
+    parser.add_argument(
+        "--labels", metavar="DIR", type=_folder, required=True, help="NIfTI label maps"
+    )
     parser.add_argument(
         "--labels-json",
+        metavar="FILE",
         type=existing_file,
         required=True,
         help="nnU-Net's dataset.json or a bare {name: value} map",
     )
-    parser.add_argument("--out", type=Path, required=True, help="manifest to write (JSONL)")
-    parser.add_argument("--suite", default="default", help="suite of every row (default: default)")
-    parser.add_argument("--test-fraction", type=_fraction, help="share of scans for test (0.2)")
-    parser.add_argument("--val-fraction", type=_fraction, help="share of scans for val (0)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the split and the queries")
-    parser.add_argument("--split-file", type=existing_file, help="JSON {split: [case, ...]}")
     parser.add_argument(
-        "--queries-file", type=existing_file, help="YAML of phrasings (as data.queries_file)"
+        "--out", metavar="MANIFEST", type=Path, required=True, help="manifest to write (JSONL)"
+    )
+    parser.add_argument(
+        "--suite", metavar="NAME", default="default", help="suite of every row (default: default)"
+    )
+    parser.add_argument(
+        "--test-fraction", metavar="F", type=_fraction, help="share of scans for test (0.2)"
+    )
+    parser.add_argument(
+        "--val-fraction", metavar="F", type=_fraction, help="share of scans for val (0)"
+    )
+    parser.add_argument(
+        "--seed", metavar="S", type=int, default=0, help="seeds the split and the queries"
+    )
+    parser.add_argument(
+        "--split-file", metavar="FILE", type=existing_file, help="JSON {split: [case, ...]}"
+    )
+    parser.add_argument(
+        "--queries-file",
+        metavar="FILE",
+        type=existing_file,
+        help="YAML of phrasings (as data.queries_file)",
     )
     args = parser.parse_args(argv)
     if args.split_file is not None and (args.test_fraction, args.val_fraction) != (None, None):

@@ -201,3 +201,11 @@ def test_two_images_of_one_case_are_refused(nnunet, capsys):
     save(nnunet / "imagesTr" / "case_001.nii.gz", np.zeros(SHAPE, np.int16))
     assert build(nnunet) == 2
     assert "images of the same case: " in capsys.readouterr().err
+
+
+def test_a_queries_file_gives_labels_their_phrasings(nnunet):
+    own = nnunet / "queries.yaml"
+    own.write_text("targets:\n  portal vein: [a, b, c, d]\n")
+    assert build(nnunet, "--queries-file", str(own), "--test-fraction", "0") == 0
+    vein = next(r for r in rows_of(nnunet / "manifest.jsonl") if r["label"] == "portal vein")
+    assert vein["query"] == "a"  # the one training phrasing

@@ -74,11 +74,11 @@ def test_a_users_file_adds_and_replaces_targets(tmp_path):
 def test_a_label_with_no_phrasings_is_asked_outright_and_warned_once(caplog):
     with caplog.at_level(logging.WARNING, logger="data.queries"):
         for split in ("train", "val", "test"):
-            assert phrasings("portal_vein", split) == ["Segment the portal vein."]
-        assert sample_query("portal_vein", "train", np.random.default_rng(0)) == (
-            "Segment the portal vein."
+            assert phrasings("splenic_vein", split) == ["Segment the splenic vein."]
+        assert sample_query("splenic_vein", "train", np.random.default_rng(0)) == (
+            "Segment the splenic vein."
         )
-    warned = [r for r in caplog.records if "portal_vein" in r.getMessage()]
+    warned = [r for r in caplog.records if "splenic_vein" in r.getMessage()]
     assert len(warned) == 1
 
 
