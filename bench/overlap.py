@@ -77,7 +77,7 @@ def main() -> None:
         f"grpo.batch_size={batch}", "grpo.epochs=4", f"steps={steps}", "grpo.tis_cap=2.0",
         f"cluster.rollout_cpus={args.cpus:g}", f"cluster.learner_cpus={args.cpus:g}",
         "cluster.log_to_driver=false", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-        "checkpoint_every=1000",
+        "checkpoint_every=1000", "grpo.from_base=true",
     ]
     os.chdir(repo)
     sequential, overlapped = [], []

@@ -193,6 +193,8 @@ class GRPORunConfig(GRPOConfig):
     # parallel over the batch's groups: each takes grpo.batch_size / num_learners prompts, so
     # batch_size must divide by it (the paper's "batch 1 per GPU": batch_size = num_learners)
     num_learners: int = 1
+    # true: GRPO starts from the base model with no SFT adapter (the paper starts from SFT)
+    from_base: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -288,7 +290,8 @@ class RunConfig:
         2  # the newest N adapters pushed to rollout are kept (each step writes one)
     )
     # SFT adapter merged into the base for GRPO: the run starts from the SFT policy and its KL
-    # term pulls toward it (None: GRPO from the base model)
+    # term pulls toward it. None: <output_dir>/sft/adapter, where learner.sft writes it (so one
+    # output_dir holds the whole recipe); stays None under grpo.from_base
     sft_adapter: Path | None = None
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -311,6 +314,13 @@ class RunConfig:
                 f"data.min_box_area ({self.data.min_box_area}) and reward.min_box_area "
                 f"({self.reward.min_box_area}) must be equal"
             )
+        if self.grpo.from_base and self.sft_adapter is not None:
+            raise ConfigError(
+                f"sft_adapter ({self.sft_adapter}) and grpo.from_base: true: GRPO starts from "
+                "the SFT policy or from the base model, give one"
+            )
+        if self.sft_adapter is None and not self.grpo.from_base:
+            self.sft_adapter = Path(self.output_dir) / "sft" / "adapter"
 
 
 def load_run_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> RunConfig:

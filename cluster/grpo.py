@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import RunConfig, load_run_config, to_dict
+from cluster.config import ConfigError, RunConfig, load_run_config, to_dict
 from cluster.placement import Placement, assign, describe, describe_assignment, parse_cluster, plan
 from cluster.runtime import prune, require_cuda, set_default_environment
 from rollout.records import FolderBytes, WeightSyncError, WeightUpdate
@@ -438,6 +438,21 @@ def rng_state(rng: np.random.Generator) -> dict:
     return rng.bit_generator.state
 
 
+def sft_start(cfg: RunConfig) -> Path | None:
+    """The SFT adapter GRPO starts from (None under ``grpo.from_base``), checked before anything
+    starts: a run must not quietly train from the base model because SFT wrote elsewhere."""
+    if cfg.sft_adapter is None:
+        return None
+    path = Path(cfg.sft_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"sft_adapter: no SFT adapter at {path} (no adapter_config.json there); run "
+            "python -m learner.sft with the same output_dir first, give sft_adapter=PATH, or "
+            "set grpo.from_base=true to start GRPO from the base model"
+        )
+    return path
+
+
 class GRPOTrainer:
     """A GRPO run on Ray: set-up in ``__init__``, one step in :meth:`step`, checkpoints in
     :meth:`checkpoint`, and :meth:`fit`, the loop over them."""
@@ -453,6 +468,7 @@ class GRPOTrainer:
         from rollout.actor import RolloutFleet
 
         self.cfg = cfg
+        sft_path = sft_start(cfg)
         self.out = out = Path(cfg.output_dir) / "grpo"
         out.mkdir(parents=True, exist_ok=True)
         placement = plan(cfg)
@@ -502,7 +518,7 @@ class GRPOTrainer:
             self.state = json.loads((latest / "state.json").read_text())
             log.info("resuming from %s (step %d)", latest, self.state["step"])
         # The SFT adapter is read here, on the driver's node, and travels as bytes.
-        sft = FolderBytes.read(cfg.sft_adapter) if cfg.sft_adapter else None
+        sft = FolderBytes.read(sft_path) if sft_path is not None else None
         base = model_path(cfg)
         self.learners = LearnerGroup(cfg, placement, group, base, max(steps, 1), sft)
         if latest is not None:
@@ -880,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(cfg.data.manifest).is_file():
         raise UsageError(f"data.manifest: {cfg.data.manifest}: no such file")
+    sft_start(cfg)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     log_to_file(Path(cfg.output_dir) / "grpo" / "grpo.log")
     metrics = run(cfg, resume=args.resume)

@@ -253,6 +253,7 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
         "grpo.batch_size=2",
         "checkpoint_every=2",
         f"cluster.scale_file={scale}",
+        "grpo.from_base=true",
     ]
     first = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "grpo" / "checkpoints" / "latest"
@@ -309,6 +310,7 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
             "grpo.dynamic_sampling=true",
             "grpo.dynamic_sampling_rounds=1",
             "grpo.sft_coef=0.5",
+            "grpo.from_base=true",
         ],
         cwd=REPO,
         capture_output=True,
@@ -352,7 +354,12 @@ def test_a_closed_run_frees_its_placement_group_for_the_next_run(run_args, tmp_p
         for i in range(2):
             cfg = load_run_config(
                 "configs/tiny.yaml",
-                [*run_args, f"output_dir={tmp_path / str(i)}", f"tracking.tracking_uri={uri}"],
+                [
+                    *run_args,
+                    f"output_dir={tmp_path / str(i)}",
+                    f"tracking.tracking_uri={uri}",
+                    "grpo.from_base=true",
+                ],
             )
             trainer = GRPOTrainer(cfg)
             assert trainer.step()["reward/workers"] == 1
