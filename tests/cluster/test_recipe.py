@@ -1,6 +1,10 @@
 """One recipe: SFT, GRPO and evaluation share output_dir; GRPO refuses to start without the SFT
-adapter it looks for; MedSAM2 refuses to score without weights."""
+adapter it looks for; MedSAM2 refuses to score without weights; the example scripts run."""
 
+import importlib.util
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,39 @@ def test_medsam2_without_a_checkpoint_stops_naming_the_field():
     )
     assert random.reward.checkpoint is None
     assert load_run_config(REPO / "configs/tiny.yaml").reward.propagator == "baseline"
+
+
+EXAMPLES = sorted((REPO / "examples").glob("*.sh"))
+
+
+def test_the_examples_are_bash_and_every_module_they_run_answers_help():
+    assert {p.name for p in EXAMPLES} >= {"paper.sh", "own_data.sh"}
+    modules = set()
+    for script in EXAMPLES:
+        checked = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert checked.returncode == 0, f"{script.name}: {checked.stderr}"
+        text = script.read_text()
+        named = re.findall(r'"\$PYTHON" -m ([\w.]+)', text)
+        assert named, f"{script.name} runs no module"
+        modules.update(named)
+        # every key=value override the script gives is a field of its config
+        config = re.search(r"--config (\S+)", text)[1]
+        keys = re.findall(r'^\s+"([\w.]+)=\$', text, re.MULTILINE)
+        assert "output_dir" in keys, script.name
+        load_run_config(REPO / config, [f"{key}=/x" for key in keys])
+    assert {"learner.sft", "cluster.grpo", "evaluation.evaluate"} <= modules
+    missing = sorted(m for m in modules if importlib.util.find_spec(m) is None)
+    assert not missing, f"modules the examples run that do not exist: {missing}"
+    helps = {
+        m: subprocess.Popen(
+            [sys.executable, "-m", m, "--help"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for m in sorted(modules)
+    }
+    for module, process in helps.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0 and "usage:" in out, f"{module} --help: {err[-2000:]}"
