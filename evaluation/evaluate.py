@@ -22,11 +22,12 @@ says which in ``surface_unit`` (``"mm"`` or ``"voxel"``), next to its ``spacing`
 over suites measured in different units is left out ("-").
 
 Queries: test cases are asked with the held-out phrasings of the manifest (``held-out``, the
-paper's setting), or with one training phrasing per case (``training``: a phrasing the policy
-has seen, on a case it has not; drawn by a seed made from the case id, never chosen by
-results), or both (rows named ``NAME (held-out phrasings)``). The table's mean is the mean over
-suites of each suite's mean DSC, with a CI from a bootstrap that resamples scans within each
-suite (``evaluation.stats``);
+paper's setting; rows named ``NAME (held-out phrasings)``), or with one training phrasing per
+case (``training``: a phrasing the policy has seen, on a case it has not; drawn by a seed made
+from the case id, never chosen by results; rows named ``NAME``), or both. A row's name says its
+phrasing set whatever the flag, and the table's first line says so. The table's mean is the
+mean over suites of each suite's mean DSC, with a CI from a bootstrap that resamples scans
+within each suite (``evaluation.stats``);
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
@@ -44,6 +45,7 @@ import io
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -134,6 +136,26 @@ class CaseScorer:
 
 
 PHRASING_SUFFIX = " (held-out phrasings)"
+# The table's first line: which rows are the paper's setting.
+ROWS_NOTE = (
+    "Rows `NAME (held-out phrasings)` ask with the split's held-out phrasings, which training "
+    "never used: the paper's setting. Rows `NAME` ask with one training phrasing per case."
+)
+
+
+def resolve_phrasings(phrasings: str | None, split: str) -> str:
+    """``held-out``, ``training`` or ``both``; None: held-out, or training for the train split
+    (whose manifest queries are training phrasings, so it has no held-out ones)."""
+    if phrasings is None:
+        return "training" if split == "train" else "held-out"
+    if phrasings not in ("held-out", "training", "both"):
+        raise ValueError(f"phrasings must be held-out, training or both, got {phrasings!r}")
+    if split == "train" and phrasings != "training":
+        raise UsageError(
+            f"--phrasings {phrasings}: the train split's queries are training phrasings; "
+            "use --phrasings training"
+        )
+    return phrasings
 
 
 def settings_key(cfg: RunConfig, split: str) -> str:
@@ -424,7 +446,7 @@ def evaluate(
     oracle: bool = True,
     workers: int = 2,
     progress: bool = True,
-    phrasings: str = "held-out",
+    phrasings: str | None = None,
     comparisons: tuple[tuple[str, str], ...] = (),
     device: str | None = None,
     log_file: Path | None = None,
@@ -441,13 +463,20 @@ def evaluate(
     from learner.sft import model_path
 
     device = resolve_device(device)
-    if phrasings not in ("held-out", "training", "both"):
-        raise ValueError(f"phrasings must be held-out, training or both, got {phrasings!r}")
+    phrasings = resolve_phrasings(phrasings, split)
     for name, adapter in checkpoints.items():
         if adapter is not None and not Path(adapter).is_dir():
             raise UsageError(f"--checkpoint {name}={adapter}: no such adapter folder")
     # the dataset is checked before anything is written
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split=split)
+    if len(dataset) == 0:
+        every = VolumeDataset(cfg.data.manifest, cfg.data, check_labels=False).samples
+        counts = Counter(s.split for s in every)
+        raise UsageError(
+            f"{cfg.data.manifest}: no cases in split {split!r} (cases per split: "
+            + ", ".join(f"{name} {counts[name]}" for name in sorted(counts))
+            + ")"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     if log_file is not None:
         log_to_file(log_file)
@@ -455,8 +484,9 @@ def evaluate(
     samples = [dataset[i] for i in range(len(dataset))]
     base = model_path(cfg)
     settings = settings_key(cfg, split)
+    # A row's name says its phrasing set under every flag: no suffix = training phrasings.
     askings = {
-        "held-out": [("", samples)],
+        "held-out": [(PHRASING_SUFFIX, samples)],
         "training": [("", [(with_training_phrasing(s), p) for s, p in samples])],
         "both": [
             ("", [(with_training_phrasing(s), p) for s, p in samples]),
@@ -552,6 +582,8 @@ def evaluate(
         if not started:
             ray.shutdown()
     markdown, csv_rows = table(done, rows)
+    if checkpoints:
+        markdown = f"{ROWS_NOTE}\n\n{markdown}"
     _write_atomically(out_dir / "table.md", markdown + "\n")
     text = io.StringIO()
     csv.writer(text).writerows(csv_rows)
@@ -601,8 +633,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--phrasings",
         choices=["held-out", "training", "both"],
-        default="held-out",
-        help="ask test cases with held-out phrasings (paper), training phrasings, or both",
+        help="ask the cases with held-out phrasings (the paper's setting; rows 'NAME (held-out "
+        "phrasings)'), training phrasings (rows 'NAME') or both; default: held-out, or "
+        "training for --split train",
     )
     parser.add_argument(
         "--compare",

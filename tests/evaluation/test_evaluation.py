@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from evaluation.evaluate import ROWS_NOTE
 from evaluation.metrics import dsc, iou
 
 
@@ -59,7 +60,8 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
         progress=False,
         phrasings="both",
     )
-    rows = {line.split("|")[1].strip(): line for line in markdown.splitlines()[2:]}
+    assert markdown.startswith(ROWS_NOTE)
+    rows = table_rows(markdown)
     assert set(rows) == {"oracle anchor (baseline)", "base", "base (held-out phrasings)"}
     assert "| CT-ORG DSC | CT-ORG IoU |" in markdown  # the test split holds a CT-ORG case
     assert "| mean DSC | 95% CI |" in markdown
@@ -89,6 +91,40 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     oracle_row = "oracle anchor (baseline)"
     assert {c["key"] for c in again if c["row"] == oracle_row} == {keys[oracle_row]}
     assert all(c["key"] != keys["base"] for c in again if c["row"] == "base")
+    # The default asks with held-out phrasings, and its rows say so (reused: no model runs).
+    markdown = evaluate(cfg, {"base": adapter}, tmp_path / "eval", split="test", progress=False)
+    assert set(table_rows(markdown)) == {"oracle anchor (baseline)", "base (held-out phrasings)"}
+
+
+def table_rows(markdown: str) -> dict[str, str]:
+    """Row name -> line of the markdown table (after its header and separator)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    return {line.split("|")[1].strip(): line for line in lines[2:]}
+
+
+def test_phrasings_default_by_split_and_train_has_no_held_out_rows():
+    from data.cli import UsageError
+    from evaluation.evaluate import resolve_phrasings
+
+    assert resolve_phrasings(None, "test") == "held-out"
+    assert resolve_phrasings(None, "val") == "held-out"
+    assert resolve_phrasings(None, "train") == "training"
+    assert resolve_phrasings("both", "test") == "both"
+    with pytest.raises(UsageError, match="--phrasings both: the train split's queries"):
+        resolve_phrasings("both", "train")
+    with pytest.raises(ValueError, match="got 'all'"):
+        resolve_phrasings("all", "test")
+
+
+def test_an_empty_split_stops_with_the_counts_per_split(phantom_manifest, tmp_path):
+    from cluster.config import load_run_config
+    from data.cli import UsageError
+    from evaluation.evaluate import evaluate
+
+    cfg = load_run_config("configs/tiny.yaml", [f"data.manifest={phantom_manifest}"])
+    with pytest.raises(UsageError, match=r"no cases in split 'val' \(cases per split: test \d+, "):
+        evaluate(cfg, {"base": None}, tmp_path / "eval", split="val", progress=False)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_held_out_cases_asked_with_training_phrasings_are_fixed_by_the_case_id(phantom_manifest):
