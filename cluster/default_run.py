@@ -13,21 +13,31 @@ where the MLflow UI is.
 Quiet by default: the console shows the stages, their progress bars and results; each part logs
 to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``sft_equal.log``,
 ``evaluate.log``, ``evaluate_val.log``, ``reward_gain.log``, ``ray.log``), and ``-v`` shows
-third-party logs on the console as well.
+third-party logs on the console as well. A stage that fails adds its console output (its
+traceback; the GRPO job's whole output) to its log, and the error names that file. Every stage,
+the Ray head and the GRPO job run under the interpreter that started this command, checked
+first, so ``<env>/bin/python -m cluster.default_run`` works without activating the environment.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.config import load_run_config
-from cluster.runtime import set_default_environment
+from cluster.runtime import (
+    InterpreterError,
+    append_output,
+    interpreter_environment,
+    require_interpreter,
+    set_default_environment,
+)
 from data.cli import (
     LOG_FILE_ENV,
     VERBOSE_ENV,
@@ -227,13 +237,32 @@ class StageFailed(RuntimeError):
 
 
 def run_stage(name: str, command: list[str], logs: Path) -> None:
-    """Run one stage as its own process; its log goes to ``logs/<name>.log``."""
-    env = {**os.environ, LOG_FILE_ENV: str(logs / f"{name}.log")}
-    done = subprocess.run(command, env=env)
-    if done.returncode:
-        raise StageFailed(
-            f"{name}: exited with status {done.returncode} (log: {logs / f'{name}.log'})"
-        )
+    """Run one stage as its own process; its log records go to ``logs/<name>.log``. Its stderr
+    reaches the console as it comes and, if the stage fails, that log too: a traceback or a
+    one-line error is printed, never logged, and the error below points to that file."""
+    log = logs / f"{name}.log"
+    env = {**interpreter_environment(), LOG_FILE_ENV: str(log)}
+    with tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while chunk := os.read(process.stderr.fileno(), 1 << 16):
+                sys.stderr.write(decoder.decode(chunk))
+                sys.stderr.flush()
+                stderr.write(chunk)
+        except BaseException:  # Ctrl-C: the stage got it too; do not leave it running
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            process.stderr.close()
+        sys.stderr.write(decoder.decode(b"", final=True))
+        code = process.wait()
+        if code:
+            stderr.seek(0)
+            text = stderr.read().decode("utf-8", "replace")
+            append_output(log, f"stderr of stage {name} (exit status {code})", text)
+            raise StageFailed(f"{name}: exited with status {code} (log: {log})")
 
 
 @dataclass(frozen=True)
@@ -369,6 +398,11 @@ def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, g
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = parse_args(argv)
+    # Every stage runs under sys.executable: stop now if it cannot, before this module's own
+    # imports of third-party packages (hence only the standard library above this line).
+    require_interpreter()
+    from cluster.config import load_run_config
+
     start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
     base = load_run_config(args.config, [*seed_override, *args.overrides])
@@ -462,7 +496,7 @@ def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
         say(f"GRPO: ray job submit to {head.dashboard}")
         args = [*stages.config, *stages.common, *grpo_args, f"tracking.tracking_uri={mlflow.uri}"]
         try:
-            head.submit_grpo(Path("."), args, check=True)
+            head.submit_grpo(Path("."), args, log=logs / "grpo.log", check=True)
         except subprocess.CalledProcessError as err:
             raise StageFailed(
                 f"grpo: the Ray job failed (status {err.returncode}; log: {logs / 'grpo.log'})"
@@ -487,4 +521,4 @@ def grpo_sample_uses(db: Path, experiment: str, batch_size: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, errors=(StageFailed,)))
+    sys.exit(run_cli(main, errors=(StageFailed, InterpreterError)))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
+import re
 import shutil
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +41,58 @@ def set_default_environment() -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+
+
+class InterpreterError(RuntimeError):
+    """The interpreter a run was started with cannot run its stages (a package or tool is
+    missing next to it)."""
+
+
+def interpreter_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) with this interpreter's folder first on PATH, so the
+    processes a run starts (stages, the Ray head, the GRPO job's shell, DeepSpeed's ninja) find
+    the environment's tools even when it was started as ``<env>/bin/python`` without
+    activating the environment."""
+    env = dict(os.environ if env is None else env)
+    folder = str(Path(sys.executable).parent)
+    rest = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != folder]
+    env["PATH"] = os.pathsep.join([folder, *rest])
+    return env
+
+
+RUN_MODULES = ("yaml", "numpy", "torch", "ray", "vllm", "mlflow")  # what a run's stages import
+RUN_TOOLS = ("ray", "mlflow")  # commands the default run starts from the interpreter's folder
+
+
+def require_interpreter(modules: tuple[str, ...] = RUN_MODULES, tools=RUN_TOOLS) -> None:
+    """Raise :class:`InterpreterError` naming ``sys.executable`` when it cannot import one of
+    ``modules`` or has none of ``tools`` beside it: a run started with another Python must stop
+    before its first stage, not minutes later inside the Ray job."""
+    folder = Path(sys.executable).parent
+    problems = []
+    if missing := [m for m in modules if importlib.util.find_spec(m) is None]:
+        problems.append(f"cannot import {', '.join(missing)}")
+    if missing := [str(folder / t) for t in tools if not (folder / t).exists()]:
+        problems.append(f"no {', '.join(missing)}")
+    if problems:
+        raise InterpreterError(
+            f"{sys.executable}: {'; '.join(problems)}; start the run with the environment's "
+            f"interpreter ({CACHE_ROOT / 'env' / 'bin' / 'python'} -m ...) or activate that "
+            "environment first"
+        )
+
+
+def append_output(log: Path, heading: str, text: str) -> None:
+    """Append a command's console output to ``log`` under a heading line, each line as a
+    terminal would leave it (a progress bar's redraws, separated by carriage returns, as its
+    last state): the traceback of a failed stage lands beside its log records."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # the colours of Ray's CLI
+    # split on newlines only: str.splitlines would also split at a bar's carriage returns
+    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write(f"---- {heading} ----\n")
+        handle.write("\n".join(lines) + "\n")
 
 
 class NoCudaError(RuntimeError):

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.runtime import append_output, interpreter_environment
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that is free on ``host`` now (the OS's pick)."""
@@ -40,6 +42,13 @@ def agent_port_args() -> list[str]:
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def job_entrypoint(module: str, args: list[str]) -> list[str]:
+    """The command a Ray job runs: ``module`` under this very interpreter, never whatever
+    ``python`` the head's PATH finds first (a run started as ``<env>/bin/python`` without
+    activating the environment would otherwise run its job under the system's Python)."""
+    return [sys.executable, "-m", module, *args]
 
 
 @dataclass
@@ -92,11 +101,17 @@ class RayHead:
         return head
 
     def submit_grpo(
-        self, working_dir: Path, grpo_args: list[str], agent_wait_s: float = 120.0, **run_kwargs
+        self,
+        working_dir: Path,
+        grpo_args: list[str],
+        agent_wait_s: float = 120.0,
+        log: Path | None = None,
+        **run_kwargs,
     ):
-        """``ray job submit`` of ``python -m cluster.grpo <grpo_args>`` to this head, uploading
-        ``working_dir`` without run outputs, then its logs followed to the end; returns a
-        CompletedProcess whose return code is 0 only if the job succeeded.
+        """``ray job submit`` of ``<this python> -m cluster.grpo <grpo_args>`` to this head,
+        uploading ``working_dir`` without run outputs, then its logs followed to the end;
+        returns a CompletedProcess whose return code is 0 only if the job succeeded. When it
+        fails, the job's whole output (its traceback) is appended to ``log``, if given.
 
         A head that has just started can refuse jobs until its job agent registers ("No
         available agent to submit job"); the submission is retried for ``agent_wait_s``.
@@ -118,10 +133,7 @@ class RayHead:
             "--runtime-env-json",
             '{"excludes": ["runs/", ".git/", "mlruns/", "*.db"]}',
             "--",
-            "python",
-            "-m",
-            "cluster.grpo",
-            *grpo_args,
+            *job_entrypoint("cluster.grpo", grpo_args),
         ]
         deadline = time.time() + agent_wait_s
         while True:
@@ -134,6 +146,8 @@ class RayHead:
                 break
             time.sleep(2.0)
         if sent.returncode != 0:
+            if log is not None:
+                append_output(log, f"ray job submit of {job_id} failed", sent.stdout + sent.stderr)
             if not capture:
                 sys.stderr.write(sent.stdout + sent.stderr)
             if check:
@@ -149,6 +163,8 @@ class RayHead:
         status = self.job_status(job_id)
         line = f"Job '{job_id}' {status.lower()}\n"
         code = 0 if status == "SUCCEEDED" else 1
+        if code and log is not None:
+            self.save_job_output(job_id, status, log)
         if capture:
             logs.stdout = (logs.stdout or "") + line
         else:
@@ -156,6 +172,19 @@ class RayHead:
         if check and code:
             raise subprocess.CalledProcessError(code, submit, logs.stdout, logs.stderr)
         return subprocess.CompletedProcess(submit, code, logs.stdout, logs.stderr)
+
+    def save_job_output(self, job_id: str, status: str, log: Path) -> None:
+        """Append what job ``job_id`` printed (its driver's traceback included) to ``log``:
+        the console showed it while it ran, but only Ray's session folder keeps it."""
+        out = subprocess.run(
+            [_bin("ray"), "job", "logs", "--address", self.dashboard, job_id],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+        )
+        append_output(
+            log, f"output of Ray job {job_id} ({status.lower()})", out.stdout + out.stderr
+        )
 
     def job_status(self, job_id: str, timeout_s: float = 60.0) -> str:
         """SUCCEEDED, FAILED, STOPPED, ... of a job on this head, waiting for it to end."""
@@ -178,8 +207,9 @@ class RayHead:
     @staticmethod
     def env() -> dict[str, str]:
         """Environment for this head and its clients (``ray job submit``): token auth is off,
-        as the head listens on 127.0.0.1 only."""
-        return {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        as the head listens on 127.0.0.1 only; this interpreter's folder leads PATH, so the
+        head, its workers and its jobs' shells find this environment's tools."""
+        return {**interpreter_environment(), "RAY_AUTH_MODE": "disabled"}
 
     def stop(self) -> None:
         """Stop this head's processes only: those whose command line names its temp dir (GCS,
@@ -220,7 +250,7 @@ class MlflowServer:
         cls, store: Path, artifacts: Path, log: Path, port: int | None = None
     ) -> MlflowServer:
         port = port or free_port()
-        env = os.environ.copy()
+        env = interpreter_environment()
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         artifacts.mkdir(parents=True, exist_ok=True)
         process = subprocess.Popen(
