@@ -398,8 +398,8 @@ def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, g
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = parse_args(argv)
-    # Every stage runs under sys.executable: stop now if it cannot, before this module's own
-    # imports of third-party packages (hence only the standard library above this line).
+    # Every stage runs under sys.executable: stop now if it cannot, before the first import of
+    # a third-party package (this module's top imports the standard library only).
     require_interpreter()
     from cluster.config import load_run_config
 
