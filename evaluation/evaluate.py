@@ -464,6 +464,11 @@ def evaluate(
 
     device = resolve_device(device)
     phrasings = resolve_phrasings(phrasings, split)
+    if "medsam2" in propagators and cfg.reward.checkpoint is None and not cfg.reward.random_weights:
+        raise UsageError(
+            "--propagator medsam2: reward.checkpoint is not set; give the MedSAM2 checkpoint "
+            "(reward.checkpoint=PATH), or reward.random_weights=true for random SAM2 weights"
+        )
     for name, adapter in checkpoints.items():
         if adapter is not None and not Path(adapter).is_dir():
             raise UsageError(f"--checkpoint {name}={adapter}: no such adapter folder")

@@ -125,6 +125,9 @@ def test_an_empty_split_stops_with_the_counts_per_split(phantom_manifest, tmp_pa
     with pytest.raises(UsageError, match=r"no cases in split 'val' \(cases per split: test \d+, "):
         evaluate(cfg, {"base": None}, tmp_path / "eval", split="val", progress=False)
     assert not (tmp_path / "eval").exists()
+    with pytest.raises(UsageError, match="--propagator medsam2: reward.checkpoint is not set"):
+        evaluate(cfg, {}, tmp_path / "eval", propagators=("medsam2",), progress=False)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_held_out_cases_asked_with_training_phrasings_are_fixed_by_the_case_id(phantom_manifest):
