@@ -168,8 +168,10 @@ class LearnerWorker:
         self._weight_group.send(merged.items(), update.broadcast)
         return update.version
 
-    def export_final(self) -> FolderBytes | None:
-        return self._on_rank0(lambda: self._take(self.learner.export_final(self.scratch / "final")))
+    def export_final(self, frame) -> FolderBytes | None:
+        return self._on_rank0(
+            lambda: self._take(self.learner.export_final(self.scratch / "final", frame))
+        )
 
     def save_checkpoint(self, tag: str, state: dict) -> FolderBytes:
         """This rank's files of a checkpoint (DeepSpeed writes each rank's ZeRO shard), as
@@ -284,8 +286,9 @@ class LearnerGroup:
 
         return self._all("load_checkpoint", ray.put(FolderBytes.read(folder)), tag)[0]
 
-    def export_final(self, out_dir: Path) -> Path:
-        return self._all("export_final")[0].write(out_dir)
+    def export_final(self, out_dir: Path, frame) -> Path:
+        """The final adapter, with ``frame`` (learner.training_frame) as its medvol.json."""
+        return self._all("export_final", frame)[0].write(out_dir)
 
     def close(self) -> None:
         from rollout.actor import close_actors
@@ -417,13 +420,16 @@ class Checkpoints:
         folder = self.root / marker.read_text().strip()
         return folder if (folder / "state.json").exists() else None
 
-    def save(self, step: int, learners: LearnerGroup, state: dict) -> Path:
+    def save(self, step: int, learners: LearnerGroup, state: dict, frame=None) -> Path:
+        """``frame`` (learner.training_frame), if given, goes in as the step's medvol.json."""
         name = f"step-{step}"
         tmp = self.root / f".{name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         learners.save_checkpoint(tmp / "learner", "ckpt", state)
         (tmp / "state.json").write_text(json.dumps(state))
+        if frame is not None:
+            frame.write(tmp)
         final = self.root / name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -464,6 +470,7 @@ class GRPOTrainer:
         from cluster.tracking import Tracker, flatten
         from data.dataset import VolumeDataset, anchorable
         from learner.sft import model_path
+        from learner.training_frame import TrainingFrame
         from reward_server.pool import RewardPool
         from rollout.actor import RolloutFleet
 
@@ -520,6 +527,8 @@ class GRPOTrainer:
         # The SFT adapter is read here, on the driver's node, and travels as bytes.
         sft = FolderBytes.read(sft_path) if sft_path is not None else None
         base = model_path(cfg)
+        # The frame this run trains in: medvol.json of its checkpoints and final adapter.
+        self.frame = TrainingFrame.of_run(cfg.data, base)
         self.learners = LearnerGroup(cfg, placement, group, base, max(steps, 1), sft)
         if latest is not None:
             self.learners.load_checkpoint(latest / "learner", "ckpt")
@@ -768,7 +777,7 @@ class GRPOTrainer:
             self.tracker.log_artifact(picture, "evidence")
 
     def checkpoint(self) -> Path:
-        return self.checkpoints.save(self.state["step"], self.learners, self.state)
+        return self.checkpoints.save(self.state["step"], self.learners, self.state, self.frame)
 
     def fit(self) -> dict:
         """Steps until the run's step count, checkpointing on schedule; the last step's metrics.
@@ -795,7 +804,7 @@ class GRPOTrainer:
                 if stop.is_set():
                     log.warning("interrupted: stopped after step %d, checkpoint saved", step)
                     raise KeyboardInterrupt
-        self.learners.export_final(self.out / "adapter")
+        self.learners.export_final(self.out / "adapter", self.frame)
         return metrics
 
     def close(self) -> None:

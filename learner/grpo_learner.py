@@ -48,6 +48,7 @@ from learner.policy import (
     with_completion,
     world_size,
 )
+from learner.training_frame import TrainingFrame
 from rollout.hf_engine import merge_adapter
 from rollout.records import WeightUpdate
 
@@ -439,7 +440,10 @@ class GRPOLearner:
             )
         return WeightUpdate(
             version,
-            adapter_dir=save_adapter(self.engine, self.processor, out_dir / f"adapter-v{version}"),
+            # No medvol.json: a pushed adapter sits on the SFT-merged weights, never on the base.
+            adapter_dir=save_adapter(
+                self.engine, self.processor, out_dir / f"adapter-v{version}", frame=None
+            ),
         )
 
     def merged_weights(self) -> dict[str, torch.Tensor]:
@@ -447,12 +451,15 @@ class GRPOLearner:
         checkpoint name: what a broadcast push sends. Every rank calls it (ZeRO-3 gathers)."""
         return merged_state(self.engine, self.policy_base)
 
-    def export_final(self, out_dir: Path) -> Path:
+    def export_final(self, out_dir: Path, frame: TrainingFrame | None = None) -> Path:
         """The trained policy as one adapter on the original base (SFT and GRPO adapters
-        stacked, or the GRPO adapter alone when there was no SFT), for evaluate and predict."""
+        stacked, or the GRPO adapter alone when there was no SFT), for evaluate and predict,
+        with ``frame`` (the run's) as its medvol.json."""
         if self.sft_adapter is None:
-            return save_adapter(self.engine, self.processor, Path(out_dir))
-        return save_stacked_adapter(self.engine, self.processor, self.sft_adapter, Path(out_dir))
+            return save_adapter(self.engine, self.processor, Path(out_dir), frame=frame)
+        return save_stacked_adapter(
+            self.engine, self.processor, self.sft_adapter, Path(out_dir), frame=frame
+        )
 
     def save_checkpoint(self, folder: Path, tag: str, client_state: dict) -> None:
         """Adapter, optimizer and scheduler state (DeepSpeed's format) plus ``client_state``."""

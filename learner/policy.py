@@ -31,6 +31,7 @@ import torch
 
 from cluster.services import free_port
 from learner.config import LoraSettings
+from learner.training_frame import TrainingFrame
 from rollout.hf_engine import checkpoint_dtype
 
 log = logging.getLogger(__name__)
@@ -395,8 +396,11 @@ def lora_state(engine) -> dict:
     return collect()
 
 
-def save_adapter(engine, processor, out_dir: Path, write: bool = True) -> Path:
-    """A peft adapter folder (plus the processor) loadable by PeftModel and the rollout engines.
+def save_adapter(
+    engine, processor, out_dir: Path, write: bool = True, *, frame: TrainingFrame | None
+) -> Path:
+    """A peft adapter folder (plus the processor) loadable by PeftModel and the rollout engines,
+    with ``frame`` as its medvol.json (None: an adapter that is not served on the base alone).
 
     Written to a temporary folder and renamed, so readers never see half an adapter. Every
     process calls it (ZeRO-3 gathers the adapter collectively); only ``write`` ones write.
@@ -408,6 +412,8 @@ def save_adapter(engine, processor, out_dir: Path, write: bool = True) -> Path:
     def write_to(tmp: Path) -> None:
         engine.module.save_pretrained(str(tmp), state_dict=state, save_embedding_layers=False)
         processor.save_pretrained(str(tmp))
+        if frame is not None:
+            frame.write(tmp)
 
     return _write_folder(out_dir, write_to)
 
@@ -510,9 +516,12 @@ def stack_adapters(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple
     return config, state
 
 
-def save_stacked_adapter(engine, processor, first_adapter: Path, out_dir: Path) -> Path:
+def save_stacked_adapter(
+    engine, processor, first_adapter: Path, out_dir: Path, *, frame: TrainingFrame | None
+) -> Path:
     """The adapter folder of ``first_adapter`` (the SFT adapter merged under this run) stacked
-    with this engine's adapter: one adapter on the original base (see :func:`stack_adapters`)."""
+    with this engine's adapter: one adapter on the original base (see :func:`stack_adapters`),
+    with ``frame`` as its medvol.json."""
     import json
 
     from safetensors.torch import save_file
@@ -532,6 +541,8 @@ def save_stacked_adapter(engine, processor, first_adapter: Path, out_dir: Path) 
         )
         (tmp / "adapter_config.json").write_text(json.dumps(stacked_config, indent=2))
         processor.save_pretrained(str(tmp))
+        if frame is not None:
+            frame.write(tmp)
 
     return _write_folder(out_dir, write)
 

@@ -7,7 +7,8 @@ reasoning, a Top-K key slice and the boxes of the mask's components on it). The 
 token-mean cross-entropy over the answer tokens only. Writes ``<output_dir>/sft/adapter`` (a peft
 adapter with the processor), logs loss and learning rate to MLflow, checkpoints every
 ``sft.checkpoint_every`` steps under ``<output_dir>/sft/checkpoints`` and resumes from the latest
-with ``--resume``.
+with ``--resume``. The adapter and every checkpoint carry ``medvol.json``, the frame they were
+trained in (learner.training_frame).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from learner.policy import (
     target_ids,
     token_logprobs,
 )
+from learner.training_frame import TrainingFrame
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,7 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
         total = min(total, s.max_steps)
     precision = resolve_precision(s.precision)
     base = model_path(cfg)
+    frame = TrainingFrame.of_run(cfg.data, base)  # the adapter's and checkpoints' medvol.json
     init = Path(s.init_adapter) if s.init_adapter else None
     if init is not None and not (init / "adapter_config.json").is_file():
         raise UsageError(
@@ -190,6 +193,9 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
                 bar.set_postfix(loss=f"{mean:.3f}")
                 bar.update(1)
                 if step % s.checkpoint_every == 0 or step == total:
+                    if lead:  # before DeepSpeed's files, so a complete checkpoint has it
+                        (ckpt_dir / f"step{step}").mkdir(parents=True, exist_ok=True)
+                        frame.write(ckpt_dir / f"step{step}")
                     engine.save_checkpoint(
                         str(ckpt_dir),
                         tag=f"step{step}",
@@ -200,7 +206,7 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
                         exclude_frozen_parameters=True,
                     )
     bar.close()
-    adapter = save_adapter(engine, processor, out / "adapter", write=lead)
+    adapter = save_adapter(engine, processor, out / "adapter", write=lead, frame=frame)
     if tracker is not None:
         tracker.end()
     log.info("SFT adapter written to %s", adapter)
