@@ -2,8 +2,9 @@
 
     python -m evaluation.predict --image CT.nii.gz|SERIES_DIR|FOLDER_OF_SCANS \
         --query "the organ that secretes bile" [--query ... | --queries FILE] \
-        --model QWEN3VL_DIR [--adapter ADAPTER_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR \
-        [--window abdomen | --window -160 240] [--device cpu|cuda] [-v] [--debug]
+        [--adapter ADAPTER_DIR] [--model QWEN3VL_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR \
+        [--slices N] [--size PX] [--window abdomen | --window -160 240] [--device cpu|cuda] \
+        [-v] [--debug]
 
 Inputs (``--image``, repeatable): a NIfTI file; a folder holding one DICOM series (files in any
 order; read by :mod:`data.dicom`, through the same orientation step as NIfTI, so one scan gives
@@ -22,14 +23,17 @@ input's grid, orientation and affine:
 - DICOM input also ``segmentation.dcm``: a DICOM SEG with one segment per query that references
   the source series (overlapping segments kept as they are).
 
-``evidence.json``: the key slice in the 64-slice frame and in the source volume's own axial index
-(for DICOM also the file and SOPInstanceUID of that slice), boxes in source pixels and in the 256
-frame, the reasoning, the propagator, the window, the target's voxel count and volume in mm^3,
-and the scan's voxel spacing. A model answer that does not parse is reported there and gives an
-empty mask, not a crash. Without ``--checkpoint`` the scikit-image baseline propagates (and says
-so). ``--window`` must be the window the policy was trained with (``data.window`` or the suite's
-entry in ``data.suite_windows``). A scan's files appear together when it is done (written under
-a temporary name first); the log goes to ``OUTDIR/predict.log``.
+``evidence.json``: the key slice in the sampled-slice frame and in the source volume's own axial
+index (for DICOM also the file and SOPInstanceUID of that slice), boxes in source pixels and in the
+resized-slice frame, the reasoning, the propagator, the window, the target's voxel count and volume
+in mm^3, and the scan's voxel spacing. A model answer that does not parse is reported there and
+gives an empty mask, not a crash. Without ``--checkpoint`` the scikit-image baseline propagates (and
+says so). The adapter's ``medvol.json`` (learner.training_frame) gives the base model, slices, size
+and window it was trained with: flags left out take them, and a flag that contradicts them stops
+with an error naming both (``--window`` may name ``data.window`` or any ``data.suite_windows``
+entry). An adapter without one (written before it existed) takes the flags, else 64 slices of 256 px
+in the abdominal window, with a warning, and needs ``--model``. A scan's files appear together when
+it is done (written under a temporary name first); the log goes to ``OUTDIR/predict.log``.
 """
 
 from __future__ import annotations
@@ -92,6 +96,104 @@ class QueryResult:
     frame_mask: np.ndarray  # (S, H, W) bool in the policy's frame (for the card)
     anchor: object | None  # data.answer.EvidenceAnchor, None for an unusable answer
     evidence: dict
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """The base model and the frame a prediction runs in."""
+
+    model: Path | None  # None only when an answerer stands in for the policy
+    num_slices: int
+    size: int
+    window: tuple[float, float]
+
+
+def _window_text(window: tuple[float, float]) -> str:
+    return " ".join(f"{v:g}" for v in window)
+
+
+def resolve_settings(
+    adapter: Path | None,
+    model: Path | None,
+    num_slices: int | None = None,
+    size: int | None = None,
+    window: str | tuple[float, float] | None = None,
+    need_model: bool = True,
+) -> PredictSettings:
+    """The model, slices, size and window of a prediction: those given, the rest from the
+    adapter's medvol.json (learner.training_frame); a given one that contradicts it is an error
+    naming both. An adapter without medvol.json (written before it existed), or none, takes what
+    is given and data.config's defaults for the rest, with a warning for the adapter."""
+    from learner.training_frame import FILE_NAME, TrainingFrame, TrainingFrameError
+
+    if window is not None:
+        try:
+            window = resolve_window(window, "--window")
+        except WindowError as err:
+            raise PredictError(str(err)) from None
+    frame = None
+    if adapter is not None:
+        if not Path(adapter).is_dir():
+            raise PredictError(f"--adapter {adapter}: no such adapter folder")
+        try:
+            frame = TrainingFrame.read_if_any(adapter)
+        except TrainingFrameError as err:
+            raise PredictError(str(err)) from None
+        if frame is None:
+            log.warning(
+                "--adapter %s: no %s (an adapter from before it): the slices, size and window "
+                "are the given or default ones, and must be those it was trained with",
+                adapter,
+                FILE_NAME,
+            )
+    if frame is None:
+        defaults = DataConfig()
+        if need_model and model is None:
+            raise PredictError("--model: not given, and no adapter's medvol.json names a base")
+        return PredictSettings(
+            Path(model) if model is not None else None,
+            num_slices if num_slices is not None else defaults.num_slices,
+            size if size is not None else defaults.slice_size,
+            window if window is not None else resolve_window(defaults.window, "data.window"),
+        )
+    trained = f"the adapter {adapter} was trained"
+    if num_slices is not None and num_slices != frame.num_slices:
+        raise PredictError(
+            f"--slices {num_slices}: {trained} on {frame.num_slices} slices ({FILE_NAME})"
+        )
+    if size is not None and size != frame.slice_size:
+        raise PredictError(
+            f"--size {size}: {trained} on {frame.slice_size} px slices ({FILE_NAME})"
+        )
+    windows = {tuple(frame.window): "data.window"}
+    for suite, low_high in frame.suite_windows.items():
+        windows.setdefault(tuple(low_high), f"suite {suite}")
+    if window is not None and tuple(window) not in windows:
+        known = ", ".join(f"{_window_text(w)} ({where})" for w, where in windows.items())
+        raise PredictError(
+            f"--window {_window_text(window)}: {trained} with the window {known} ({FILE_NAME})"
+        )
+    if model is None and need_model:
+        if not (Path(frame.base_model) / "config.json").is_file():
+            raise PredictError(
+                f"--model: not given, and the adapter's base {frame.base_model} ({FILE_NAME}) "
+                "is not a checkpoint folder here; give --model"
+            )
+        model = Path(frame.base_model)
+    elif model is not None and (Path(model) / "config.json").is_file():
+        from learner.training_frame import base_model_digest
+
+        if base_model_digest(model) != frame.base_model_sha256:
+            raise PredictError(
+                f"--model {model}: {trained} on the base {frame.base_model} ({FILE_NAME}), "
+                "whose config.json or weight files differ from these"
+            )
+    return PredictSettings(
+        Path(model) if model is not None else None,
+        frame.num_slices,
+        frame.slice_size,
+        window if window is not None else frame.window,
+    )
 
 
 @dataclass(frozen=True)
@@ -466,9 +568,9 @@ def predict(
     adapter: Path | None = None,
     checkpoint: Path | None = None,
     engine: str = "transformers",
-    num_slices: int = DataConfig.num_slices,
-    size: int = DataConfig.slice_size,
-    window: str | tuple[float, float] = DataConfig.window,
+    num_slices: int | None = None,
+    size: int | None = None,
+    window: str | tuple[float, float] | None = None,
     image_size: int = 512,
     max_tokens: int = 256,
     device: str | None = None,
@@ -478,25 +580,27 @@ def predict(
 ) -> list[ScanOutput]:
     """Segment every scan of ``images`` for every query (see the module docstring).
 
-    ``answer`` replaces the policy (then ``model`` is not loaded): a function from a scan's
-    prepared slices and the queries to answer texts. Inputs are checked before the model loads;
-    the first scan is read before the model loads too, so a bad file costs no model load and
-    writes nothing (``log_file``, the command's log, starts only then).
+    ``model``, ``num_slices``, ``size`` and ``window`` left None come from the adapter's
+    medvol.json, else data.config's defaults (:func:`resolve_settings`). ``answer`` replaces the
+    policy (then ``model`` is not loaded): a function from a scan's prepared slices and the
+    queries to answer texts. Inputs are checked before the model loads; the first scan is read
+    before the model loads too, so a bad file costs no model load and writes nothing
+    (``log_file``, the command's log, starts only then).
     """
     from tqdm import tqdm
 
     from reward_server.propagation import build_propagator
 
     queries = read_queries([queries] if isinstance(queries, str) else list(queries))
-    try:
-        low_high = resolve_window(window, "--window")
-    except WindowError as err:
-        raise PredictError(str(err)) from None
-    if answer is None:
-        if model is None or not (Path(model) / "config.json").exists():
-            raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
-        if adapter is not None and not Path(adapter).is_dir():
-            raise PredictError(f"--adapter {adapter}: no such adapter folder")
+    settings = resolve_settings(adapter, model, num_slices, size, window, need_model=answer is None)
+    model, num_slices, size, low_high = (
+        settings.model,
+        settings.num_slices,
+        settings.size,
+        settings.window,
+    )
+    if answer is None and not (Path(model) / "config.json").exists():
+        raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise PredictError(f"--checkpoint {checkpoint}: no such file")
     device = resolve_device(device)
@@ -556,21 +660,31 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--queries", type=existing_file, help="file of queries, one per line (# comments)"
     )
-    parser.add_argument("--model", required=True, type=Path, help="Qwen3-VL checkpoint folder")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="Qwen3-VL checkpoint folder (default: the base the adapter's medvol.json names)",
+    )
     parser.add_argument("--adapter", type=Path, help="LoRA adapter (SFT or SFT+RL)")
     parser.add_argument("--checkpoint", type=Path, help="MedSAM2 checkpoint (else: baseline)")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
-    parser.add_argument("--slices", type=int, default=DataConfig.num_slices)
-    parser.add_argument("--size", type=int, default=DataConfig.slice_size)
+    frame = "the adapter's medvol.json, else"
+    parser.add_argument(
+        "--slices",
+        type=int,
+        help=f"slices sampled per scan (default: {frame} {DataConfig.num_slices})",
+    )
+    parser.add_argument(
+        "--size", type=int, help=f"slice size in px (default: {frame} {DataConfig.slice_size})"
+    )
     parser.add_argument(
         "--window",
         nargs="+",
         action=_WindowAction,
-        default=resolve_window(DataConfig.window, "data.window"),
         metavar="WINDOW",
         help="intensity window the policy was trained with: a preset "
-        f"({', '.join(WINDOW_PRESETS)}) or LOW HIGH (default: {DataConfig.window})",
+        f"({', '.join(WINDOW_PRESETS)}) or LOW HIGH (default: {frame} {DataConfig.window})",
     )
     parser.add_argument(
         "--device",
@@ -583,8 +697,10 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = build_parser().parse_args(argv)
-    if args.slices < 1 or args.size < 32:
-        raise UsageError(f"--slices {args.slices} --size {args.size}: need >= 1 and >= 32")
+    if args.slices is not None and args.slices < 1:
+        raise UsageError(f"--slices {args.slices}: need >= 1")
+    if args.size is not None and args.size < 32:
+        raise UsageError(f"--size {args.size}: need >= 32")
     queries = read_queries(args.query, args.queries)
     outputs = predict(
         args.image,

@@ -169,14 +169,12 @@ def test_table_ci_columns_and_the_paired_comparison_by_hand():
 def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
     from data.config import DataConfig
     from data.dataset import VolumeDataset
-    from evaluation.predict import build_parser, prepare_image
+    from evaluation.predict import prepare_image, resolve_settings
 
     cfg = DataConfig(num_slices=16, slice_size=64)
     for label in ("liver", "lungs"):
         sample, prepared = VolumeDataset(phantom_manifest, cfg).by_id(f"ctorg_0000/{label}")
-        default = build_parser().parse_args(
-            ["--image", str(sample.image), "--query", "q", "--model", "m", "--out", "o"]
-        )
+        default = resolve_settings(None, "m", 16, 64)  # no adapter: data.window's default
         seen = prepare_image(sample.image, 16, 64, default.window)
         assert seen.slices.tobytes() == np.asarray(prepared.slices).tobytes()
 
@@ -187,7 +185,7 @@ def test_predict_window_takes_a_preset_or_two_numbers():
 
     base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out", "o"]
     parser = build_parser()
-    assert parser.parse_args(base).window == (-160.0, 240.0)  # data.window's default
+    assert parser.parse_args(base).window is None  # the adapter's, else data.window's default
     assert parser.parse_args(base + ["--window", "-160", "240"]).window == (-160.0, 240.0)
     assert parser.parse_args(base + ["--window", "lung"]).window == (-1350.0, 150.0)
     assert parse_window(["unit"]) == (0.0, 1.0)
