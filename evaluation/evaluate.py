@@ -33,7 +33,11 @@ within each suite (``evaluation.stats``);
 Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
 ``<output_dir>/grpo/adapter`` when they exist. One rollout engine answers for every checkpoint:
 it serves the bare base first, then each adapter swapped in on it (vLLM takes adapters live, so
-its start is paid once per evaluation, not once per row). ``--device`` runs the policy
+its start is paid once per evaluation, not once per row). An adapter's ``medvol.json``
+(learner.training_frame) must agree with the config's data settings (slices, size, windows,
+m3d_intensity): one that does not stops the evaluation with both values named, one trained on
+another base is a warning, and an adapter without it (written before it existed) is evaluated
+as configured, with a warning. ``--device`` runs the policy
 (transformers engine) and the propagator on the CPU or the GPU (default: the GPU when there is
 one). The log goes to ``<out>/evaluate.log``.
 """
@@ -62,6 +66,9 @@ from data.cli import (
     resolve_device,
     run_cli,
 )
+from data.config import DataConfig
+from learner.training_frame import FILE_NAME as FRAME_FILE
+from learner.training_frame import TrainingFrame, TrainingFrameError, base_model_digest
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +197,52 @@ def checkpoint_key(base: Path, adapter: Path | None, cache_dir: Path | None) -> 
         for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*config.json")):
             digest.update(f"{path.name}:{content_digest(path, cache_dir)}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def check_adapter_frames(data: DataConfig, checkpoints: dict[str, Path | None]) -> None:
+    """Each adapter's medvol.json (learner.training_frame) against the run config's data
+    settings: one that contradicts them (slices, size, windows, m3d_intensity) stops the
+    evaluation with an error naming both values; an adapter without one (written before it
+    existed) is evaluated as configured, with a warning."""
+    for name, adapter in checkpoints.items():
+        if adapter is None:
+            continue
+        try:
+            frame = TrainingFrame.read_if_any(adapter)
+        except TrainingFrameError as err:
+            raise UsageError(f"--checkpoint {name}={adapter}: {err}") from None
+        if frame is None:
+            log.warning(
+                "--checkpoint %s=%s: no %s (an adapter from before it); evaluated with the "
+                "config's data settings, which must be those it was trained with",
+                name,
+                adapter,
+                FRAME_FILE,
+            )
+            continue
+        conflicts = frame.conflicts(data)
+        if conflicts:
+            raise UsageError(f"--checkpoint {name}={adapter}: " + "; ".join(conflicts))
+
+
+def warn_other_base(base: Path, checkpoints: dict[str, Path | None]) -> None:
+    """A warning for each adapter whose medvol.json names a base other than ``base``."""
+    digest = None
+    for name, adapter in checkpoints.items():
+        frame = TrainingFrame.read_if_any(adapter) if adapter is not None else None
+        if frame is None:
+            continue
+        digest = digest or base_model_digest(base)
+        if frame.base_model_sha256 != digest:
+            log.warning(
+                "--checkpoint %s=%s: trained on the base %s (%s), not on %s (config.json or "
+                "weight files differ)",
+                name,
+                adapter,
+                frame.base_model,
+                FRAME_FILE,
+                base,
+            )
 
 
 def with_training_phrasing(sample):
@@ -472,6 +525,7 @@ def evaluate(
     for name, adapter in checkpoints.items():
         if adapter is not None and not Path(adapter).is_dir():
             raise UsageError(f"--checkpoint {name}={adapter}: no such adapter folder")
+    check_adapter_frames(cfg.data, checkpoints)
     # the dataset is checked before anything is written
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split=split)
     if len(dataset) == 0:
@@ -488,6 +542,7 @@ def evaluate(
     cases_file = out_dir / "cases.jsonl"
     samples = [dataset[i] for i in range(len(dataset))]
     base = model_path(cfg)
+    warn_other_base(base, checkpoints)
     settings = settings_key(cfg, split)
     # A row's name says its phrasing set under every flag: no suffix = training phrasings.
     askings = {
