@@ -61,6 +61,7 @@ from data.cli import (
     run_cli,
 )
 from data.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
+from learner.training_frame import FILE_NAME, TrainingFrame, TrainingFrameError, base_model_digest
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,6 @@ def resolve_settings(
     adapter's medvol.json (learner.training_frame); a given one that contradicts it is an error
     naming both. An adapter without medvol.json (written before it existed), or none, takes what
     is given and data.config's defaults for the rest, with a warning for the adapter."""
-    from learner.training_frame import FILE_NAME, TrainingFrame, TrainingFrameError
-
     if window is not None:
         try:
             window = resolve_window(window, "--window")
@@ -181,8 +180,6 @@ def resolve_settings(
             )
         model = Path(frame.base_model)
     elif model is not None and (Path(model) / "config.json").is_file():
-        from learner.training_frame import base_model_digest
-
         if base_model_digest(model) != frame.base_model_sha256:
             raise PredictError(
                 f"--model {model}: {trained} on the base {frame.base_model} ({FILE_NAME}), "
