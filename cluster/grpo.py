@@ -446,7 +446,8 @@ def rng_state(rng: np.random.Generator) -> dict:
 
 def sft_start(cfg: RunConfig) -> Path | None:
     """The SFT adapter GRPO starts from (None under ``grpo.from_base``), checked before anything
-    starts: a run must not quietly train from the base model because SFT wrote elsewhere."""
+    starts: a run must not quietly train from the base model because SFT wrote elsewhere, nor
+    on other slices than the adapter's medvol.json says SFT trained on."""
     if cfg.sft_adapter is None:
         return None
     path = Path(cfg.sft_adapter)
@@ -456,6 +457,15 @@ def sft_start(cfg: RunConfig) -> Path | None:
             "python -m learner.sft with the same output_dir first, give sft_adapter=PATH, or "
             "set grpo.from_base=true to start GRPO from the base model"
         )
+    from learner.training_frame import TrainingFrame, TrainingFrameError
+
+    try:  # GRPO must see the slices SFT learned on; an older adapter without medvol.json passes
+        frame = TrainingFrame.read_if_any(path)
+    except TrainingFrameError as err:
+        raise ConfigError(f"sft_adapter: {err}") from None
+    conflicts = frame.conflicts(cfg.data) if frame is not None else []
+    if conflicts:
+        raise ConfigError(f"sft_adapter: {path}: " + "; ".join(conflicts))
     return path
 
 

@@ -1,8 +1,11 @@
-"""GRPO's run checkpoints: written whole, with the run's frame (medvol.json) inside."""
+"""GRPO and the frame (medvol.json): its checkpoints carry it, its SFT adapter must match it."""
 
 import json
 
-from cluster.grpo import Checkpoints
+import pytest
+
+from cluster.config import ConfigError, load_run_config
+from cluster.grpo import Checkpoints, sft_start
 from data.config import DataConfig
 from learner.training_frame import TrainingFrame
 
@@ -24,3 +27,18 @@ def test_a_checkpoint_holds_the_runs_frame(tmp_path):
     assert TrainingFrame.read(folder) == frame
     assert (folder / "learner" / "ckpt.pt").exists()
     assert not list((tmp_path / "checkpoints").glob(".*partial"))
+
+
+def test_grpo_refuses_an_sft_adapter_trained_in_another_frame(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    adapter = tmp_path / "sft" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    TrainingFrame.of_run(DataConfig(num_slices=8, slice_size=128), base).write(adapter)
+    cfg = load_run_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    assert sft_start(cfg) == adapter  # configs/tiny.yaml: 8 slices of 128 px, abdomen
+    other = load_run_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.slice_size=64"])
+    with pytest.raises(ConfigError, match=f"^sft_adapter: {adapter}: trained with slice_size 128"):
+        sft_start(other)
