@@ -382,7 +382,7 @@ def check_propagation(work: Path, args) -> None:
     cold, warm, encoded = [], [], []
     for rep in range(args.repeats):
         slices, before = volume(), propagator.encoded_frames
-        # a new volume id: its image features are computed in this call
+        # a new volume (new slices): its image features are computed in this call
         seconds, _ = timed(
             args.device, propagator.propagate_group, f"v{rep}", slices, anchors, window
         )

@@ -1,6 +1,6 @@
 """Rc throughput of the reward server for groups of G = 4 completions, printed as ratios.
 
-Two comparisons, each repeated (the two sides interleaved, their order alternating) and given
+Three comparisons, each repeated (the two sides interleaved, their order alternating) and given
 as the median ratio with its min-max spread:
 
 - batched / naive, in one process on all cores: the naive per-completion path scores one
@@ -10,6 +10,14 @@ as the median ratio with its min-max spread:
   Each group starts from a cold feature cache on both sides. A third side scores the same
   groups on features already cached (each volume scored before on the same worker, as when a
   volume's other targets or an earlier epoch came first).
+- per-scan features / per-target, in one process: a scan with 6 targets (one phantom's liver,
+  spleen, kidneys, pancreas, vertebrae and lungs, one window). Image features are found by the
+  slices' content, so the targets share one feature pass over the scan; the per-target side
+  clears the features before each target, as a cache keyed by sample id did. Two settings:
+  the whole volume, one anchor per target, as evaluation propagates a scan's targets (the line
+  ``per-scan features / per-target``), and Rc's window, a group of G anchors per target (the
+  line ``per-scan features / per-target, Rc window``: only the slices that targets' windows
+  share are saved there).
 - 2 workers / 1 worker, on Ray: the same groups through ``RewardPool`` with one CPU (one torch
   thread) per worker, so a second worker adds a core, as a second GPU would on a cluster.
   Each repeat scores fresh samples, so neither side finds their features cached.
@@ -23,13 +31,14 @@ from the repository root:
                                   [--device cpu|cuda] [--no-workers]
 
 ``--device cuda`` scores on the GPU (bf16 autocast, as MedSAM2); ``--no-workers`` skips the Ray
-comparison (for a machine without Ray), and the output then ends with the first ratio only.
+comparison (for a machine without Ray), and the output then ends without its ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -40,13 +49,15 @@ from cluster.runtime import set_default_environment
 from data.answer import EvidenceAnchor, format_answer
 from data.config import DataConfig
 from data.dataset import VolumeDataset, anchorable
-from data.phantoms import write_phantoms
+from data.phantoms import LABELS, target_values, write_phantoms
+from data.queries import sample_query
 from data.targets import evidence_target
 from reward_server.config import RewardConfig
 from reward_server.scorer import RewardScorer, ScoreRequest
 
 G = 4
 PHANTOM_SHAPE = (64, 192, 192)  # (z, y, x) of the written CT phantoms
+SIX_TARGETS = ("liver", "spleen", "kidney", "pancreas", "vertebrae", "lungs")
 
 
 class OneByOne:
@@ -58,21 +69,86 @@ class OneByOne:
         self.name = f"{medsam2.name}, one anchor at a time"
 
     def propagate_group(self, volume_id, slices, anchors, window) -> list[np.ndarray]:
-        self.medsam2._volumes.clear()
+        self.medsam2.clear_features()
         return [
             self.medsam2.propagate_reference(volume_id, slices, a.key_slice, a.boxes, window)
             for a in anchors
         ]
 
 
-def make_group(prepared, rng: np.random.Generator) -> list[str]:
-    """G distinct well-formed answers to one prompt: the true anchor, its boxes nudged."""
+def group_anchors(prepared, rng: np.random.Generator) -> list[EvidenceAnchor]:
+    """G distinct anchors for one prompt: the true anchor, its boxes nudged."""
     anchor = evidence_target(prepared, top_k=3, rng=rng)
-    texts = []
-    for g in range(G):
-        boxes = tuple((max(0, x1 - g), y1, x2, y2) for x1, y1, x2, y2 in anchor.boxes)
-        texts.append(format_answer(EvidenceAnchor(anchor.key_slice, boxes), f"try {g}"))
-    return texts
+    return [
+        EvidenceAnchor(
+            anchor.key_slice,
+            tuple((max(0, x1 - g), y1, x2, y2) for x1, y1, x2, y2 in anchor.boxes),
+        )
+        for g in range(G)
+    ]
+
+
+def make_group(prepared, rng: np.random.Generator) -> list[str]:
+    """G distinct well-formed answers to one prompt (:func:`group_anchors`)."""
+    return [format_answer(a, f"try {g}") for g, a in enumerate(group_anchors(prepared, rng))]
+
+
+def six_target_manifest(manifest: Path, rng: np.random.Generator) -> Path:
+    """A manifest of one phantom scan asked for 6 targets (as a CT-ORG scan has up to 6)."""
+    import nibabel as nib
+
+    row = json.loads(manifest.read_text().splitlines()[0])
+    labels = np.asarray(nib.load(manifest.parent / row["mask"]).dataobj)
+    rows = []
+    for target in SIX_TARGETS:
+        values = target_values(target, {})
+        if not np.isin(labels, values).any():
+            raise SystemExit(f"{row['mask']}: phantom has no {target} ({LABELS})")
+        scan = row["id"].split("/")[0]
+        rows.append(
+            {
+                **row,
+                "id": f"{scan}/{target}",
+                "label": target,
+                "query": sample_query(target, "train", rng),
+                "split": "train",
+                "label_values": values,
+            }
+        )
+    out = manifest.with_name("six_targets.jsonl")
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def time_scan(propagator, scan, window, per_target: bool) -> tuple[float, list]:
+    """Propagate the anchors of every target of one scan, ``[(prepared, anchors), ...]``, from
+    cold features: encoded once for the scan, or with ``per_target`` again for every target."""
+    propagator.clear_features()
+    start = time.perf_counter()
+    masks = []
+    for prepared, anchors in scan:
+        if per_target:
+            propagator.clear_features()
+        masks += propagator.propagate_group(prepared.sample_id, prepared.slices, anchors, window)
+    return time.perf_counter() - start, masks
+
+
+def compare_scan(propagator, scan, window, repeats: int, what: str) -> list[float]:
+    """per-target / per-scan time ratios over ``repeats`` interleaved measurements."""
+    time_scan(propagator, scan[:1], window, per_target=False)  # first-call costs
+    ratios = []
+    for rep in range(repeats):
+        took, masks = {}, {}
+        for side in ("scan", "target") if rep % 2 == 0 else ("target", "scan"):
+            took[side], masks[side] = time_scan(propagator, scan, window, side == "target")
+        if any((a != b).any() for a, b in zip(masks["scan"], masks["target"])):
+            raise SystemExit(f"{what}: shared features changed a mask")
+        ratios.append(took["target"] / took["scan"])
+        print(
+            f"  repeat {rep + 1}, {what}: features per target {took['target']:.1f} s, once "
+            f"per scan {took['scan']:.1f} s"
+        )
+    return ratios
 
 
 def spread(ratios: list[float]) -> str:
@@ -97,7 +173,7 @@ def time_batched(scorer: RewardScorer, groups, cached: bool = False) -> tuple[fl
     rewards = []
     for prepared, texts in groups:
         if not cached:
-            scorer.propagator._volumes.clear()
+            scorer.propagator.clear_features()
         rewards += scorer.score_group(prepared, texts)
     return time.perf_counter() - start, rewards
 
@@ -185,9 +261,21 @@ def main() -> None:
             )
         print(f"batched / naive per repeat: {spread(core)}")
         print(f"batched on cached features / naive per repeat: {spread(on_cache)}")
+
+        six = [
+            prepared for _, prepared in VolumeDataset(six_target_manifest(manifest, rng), data_cfg)
+        ]
+        one_each = [(p, [evidence_target(p, top_k=1, rng=rng)]) for p in six]
+        whole = compare_scan(scorer.propagator, one_each, None, args.repeats, "whole volume")
+        print(f"per-scan features / per-target per repeat: {spread(whole)}")
+        groups_each = [(p, group_anchors(p, rng)) for p in six]
+        rc = compare_scan(scorer.propagator, groups_each, cfg.delta, args.repeats, "Rc window")
+        print(f"per-scan features / per-target, Rc window, per repeat: {spread(rc)}")
         if args.no_workers:
             print(f"batched on cached features / naive: {np.median(on_cache):.2f}x")
             print(f"batched / naive: {np.median(core):.2f}x")
+            print(f"per-scan features / per-target, Rc window: {np.median(rc):.2f}x")
+            print(f"per-scan features / per-target: {np.median(whole):.2f}x")
             return
 
         import ray
@@ -225,6 +313,8 @@ def main() -> None:
         print(f"2 workers / 1 worker per repeat: {spread(scaling)}")
         print(f"batched on cached features / naive: {np.median(on_cache):.2f}x")
         print(f"batched / naive: {np.median(core):.2f}x")
+        print(f"per-scan features / per-target, Rc window: {np.median(rc):.2f}x")
+        print(f"per-scan features / per-target: {np.median(whole):.2f}x")
         print(f"2 workers / 1 worker: {np.median(scaling):.2f}x")
 
 

@@ -8,17 +8,30 @@ Both propagators take a volume already in the policy's frame (``PreparedVolume.s
 
 ``MedSAM2Propagator`` is SAM2.1 Hiera-tiny from the ``sam2`` package with MedSAM2's settings
 (image size 512, memory-attention RoPE at 32x32) and a MedSAM2 checkpoint, fed from memory.
-MedSAM2's procedure (its CT script, kept as ``propagate_reference``): each box prompts one object
-on the key slice; the objects are propagated forward, then, from a reset state with the same
-boxes, in reverse; the mask is the union over objects of ``logits > 0``, each object keeping its
-largest 3D connected component (per object, so that two kidneys stay two). The image encoder
-runs once per slice per volume, batched, and its output is kept in an LRU of volumes and reused
-by every completion and request on that volume.
+Its input is MedSAM2's (its CT script, ``medsam2_infer_3D_CT.py``):
+- the slices are uint8 after the window (``data.preprocess.window_to_uint8`` truncates as its
+  ``np.uint8`` does), each resized as a PIL image with ``Image.resize``'s default filter for RGB
+  (bicubic), scaled to 0..1 and normalised with ImageNet's mean and std (``medsam2_images``);
+- a box is handed to SAM2 as MedSAM2 builds one (``mask2D_to_bbox``: the inclusive last column
+  and row), from the policy's pixel-edge box (``medsam2_box``: x2 - 1, y2 - 1);
+- float32 matmul precision is 'high' while SAM2 runs, as the script sets it.
+MedSAM2's procedure (kept as ``propagate_reference``): each box prompts one object on the key
+slice; the objects are propagated forward, then, from a reset state with the same boxes, in
+reverse; the mask is the union over objects of ``logits > 0``, each object keeping its largest
+3D connected component (per object, so that two kidneys stay two). The image encoder runs once
+per slice per volume, batched, and its output is kept in an LRU of volumes found by the
+content of their slices (``slices_key``), never by a sample id: every target of a scan (one
+window, so the same slices) and every completion on it shares one feature pass, and an id
+reused for other slices never reads stale features.
 
 A group is propagated as one SAM2 state: every distinct (key slice, box) of the group's anchors
 is one object, its prompt decoded once, and then every object, forward and in reverse, advances
 one frame per batched SAM2 tracking step (``track_step`` with the objects on the batch axis).
-This gives MedSAM2's masks exactly, bit for bit, for these reasons:
+This computes the same logits as MedSAM2's procedure run for each anchor alone, up to float
+rounding: batched matrix products sum in another order (measured on CPU fp32: at most 7e-7
+apart, on masks covering 10-70% of a slice), so a pixel whose logit lies within that margin of
+0 can flip; tests bound the logit gap (1e-5) and the share of flipped pixels (1e-4). Under bf16
+on a GPU the margin is wider. Why the computation is the same:
 - SAM2 1.1.0 tracks objects independently: each object has its own memory bank and runs its own
   ``track_step`` with batch size 1; nothing in it mixes objects (``non_overlap_masks`` is off).
   Batching the objects' steps changes the batch axis only.
@@ -29,7 +42,9 @@ This gives MedSAM2's masks exactly, bit for bit, for these reasons:
   offset from its own key slice. SAM2 reads frame indices only relative to the current one
   (memory frames t-1..t-6, object pointers at distance d, with the sign flipped in reverse), so
   offset i from the key reads the same memories as frame k+i forward or k-i in reverse; the
-  image features are each object's own frame's.
+  image features are each object's own frame's. This holds for a memory stride of 1
+  (``memory_temporal_stride_for_eval``, MedSAM2's setting); another stride picks memories by
+  absolute frame number, and the group path refuses it.
 - MedSAM2 resets the state between the two directions and prompts the same box again: the
   prompt's decoded mask and memory are the same both times, so they are computed once and start
   both directions' memories.
@@ -63,16 +78,18 @@ writes a random-weight checkpoint in MedSAM2's ``{'model': state_dict}`` format.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import ndimage
 from skimage.filters import gaussian
 from skimage.morphology import reconstruction
@@ -122,6 +139,46 @@ def fill_small_holes(scores: torch.Tensor, max_area: int) -> torch.Tensor:
     if not holes.any():
         return scores
     return scores.masked_fill(torch.from_numpy(holes[:, None]).to(scores.device), 0.1)
+
+
+def medsam2_images(slices: np.ndarray, image_size: int) -> torch.Tensor:
+    """MedSAM2's image input from uint8 (S, H, W) slices, as its CT script builds it: each slice
+    a PIL image, grey to RGB, resized to ``image_size`` with PIL's default filter for RGB
+    (bicubic), then scaled to 0..1 and normalised with ImageNet's mean and std: (S, 3, size,
+    size) float32. The three channels are equal, so one grey resize (measured equal to PIL's
+    RGB resize, channel for channel) is expanded to three."""
+    slices = np.asarray(slices)
+    if slices.dtype != np.uint8 or slices.ndim != 3:
+        raise ValueError(
+            f"MedSAM2 takes (S, H, W) uint8 slices (HU-windowed), got {slices.dtype} {slices.shape}"
+        )
+    size = (image_size, image_size)
+    grey = np.stack(
+        [np.asarray(Image.fromarray(s).resize(size, Image.Resampling.BICUBIC)) for s in slices]
+    )
+    x = torch.from_numpy(grey.astype(np.float32) / 255.0)[:, None].expand(-1, 3, -1, -1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def medsam2_box(box: Box) -> np.ndarray:
+    """The box SAM2 is prompted with for a policy box: MedSAM2 boxes hold the inclusive last
+    column and row (its ``mask2D_to_bbox``: the min and max index of the mask's pixels), while
+    the policy's boxes are pixel edges (x2 = last column + 1). Both are in the slice frame that
+    SAM2 scales to its input size."""
+    x1, y1, x2, y2 = box
+    return np.array([x1, y1, x2 - 1, y2 - 1], dtype=np.float32)
+
+
+def slices_key(slices: np.ndarray, image_size: int) -> str:
+    """What image features depend on: the slices' content (window applied: they are the
+    windowed grey levels), their shape, and MedSAM2's input size. Targets of one scan under
+    one window have the same slices, so they share one entry whatever their sample ids."""
+    data = np.ascontiguousarray(slices)
+    digest = hashlib.blake2b(memoryview(data).cast("B"), digest_size=16)
+    digest.update(f"{data.shape}{data.dtype.str}{image_size}".encode())
+    return digest.hexdigest()
 
 
 def _span(key_index: int, window: int | None, num_slices: int) -> tuple[int, int]:
@@ -266,38 +323,37 @@ class MedSAM2Propagator:
         self.model = build_sam2(image_size, checkpoint, device)
         weights = str(checkpoint) if checkpoint is not None else "random weights"
         self.name = f"medsam2 ({weights}, {image_size} px)"
+        # Image features by slices_key: the content of the slices, never a sample id, so no two
+        # volumes can share an entry and every target of a scan reuses one.
         self._volumes: OrderedDict[str, dict] = OrderedDict()
         self.encoded_frames = 0  # image-encoder passes run, per slice: for tests and benchmarks
 
-    def _images(self, slices: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(slices, dtype=np.float32) / 255.0)[:, None]
-        x = torch.nn.functional.interpolate(
-            x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-        )
-        x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device)
+    def clear_features(self) -> None:
+        """Forget every cached volume's images and features."""
+        self._volumes.clear()
 
-    def _entry(self, volume_id: str, slices: np.ndarray) -> dict:
-        entry = self._volumes.get(volume_id)
+    def _entry(self, slices: np.ndarray) -> dict:
+        key = slices_key(slices, self.image_size)
+        entry = self._volumes.get(key)
         if entry is None:
-            entry = {"images": self._images(slices), "features": {}}
-            self._volumes[volume_id] = entry
+            images = medsam2_images(slices, self.image_size).to(self.device)
+            entry = {"images": images, "features": {}}
+            self._volumes[key] = entry
             while len(self._volumes) > self.volume_cache:
                 self._volumes.popitem(last=False)
-        self._volumes.move_to_end(volume_id)
+        self._volumes.move_to_end(key)
         return entry
 
     @torch.inference_mode()
     def encode(self, volume_id: str, slices: np.ndarray, frames: list[int]) -> dict:
-        """Make sure the image features of ``frames`` (0-based) of a volume are cached."""
-        entry = self._entry(volume_id, slices)
+        """Make sure the image features of ``frames`` (0-based) of a volume are cached.
+        ``volume_id`` names the volume only; the cache finds it by content."""
+        entry = self._entry(slices)
         todo = sorted(set(frames) - set(entry["features"]))
         images = entry["images"]
         for start in range(0, len(todo), self.feature_batch):
             chunk = todo[start : start + self.feature_batch]
-            with self._autocast():
+            with self._numerics():
                 out = self.model.forward_image(images[chunk])
             for j, frame in enumerate(chunk):
                 entry["features"][frame] = (
@@ -310,11 +366,21 @@ class MedSAM2Propagator:
             self.encoded_frames += len(chunk)
         return entry
 
-    def _autocast(self):
-        # MedSAM2 runs SAM2 under bf16 autocast on the GPU; the CPU keeps fp32.
-        if str(self.device).startswith("cuda"):
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    @contextmanager
+    def _numerics(self):
+        """MedSAM2's numerics around every SAM2 call: float32 matmul precision 'high' (its CT
+        script sets it for the process; here it is set for the call and restored, so a policy
+        in the same process keeps its own) and, on the GPU, bf16 autocast; the CPU keeps fp32."""
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            if str(self.device).startswith("cuda"):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
 
     def propagate(
         self,
@@ -343,14 +409,11 @@ class MedSAM2Propagator:
         num, height, width = slices.shape
         objects = sorted({(a.key_slice - 1, box) for a in anchors for box in a.boxes})
         spans = {key: _span(key, window, num) for key, _ in objects}
-        frames = {f for key, (fwd, bwd) in spans.items() for f in range(key - bwd, key + fwd + 1)}
         per_object = {}
         if objects:
-            entry = self.encode(volume_id, slices, sorted(frames))
             found = [np.zeros((num, height, width), bool) for _ in objects]
-            with self._autocast():
-                for obj, frame, logits in self._track_group(entry, objects, spans, height, width):
-                    found[obj][frame] = (logits > 0).cpu().numpy()
+            for obj, frame, logits in self._group_logits(volume_id, slices, objects, spans):
+                found[obj][frame] = (logits > 0).cpu().numpy()
             for (key, box), mask in zip(objects, found):
                 forward, backward = spans[key]
                 lo, hi = key - backward, key + forward + 1  # nothing outside: label less
@@ -364,6 +427,37 @@ class MedSAM2Propagator:
             out.append(mask)
         return out
 
+    @torch.inference_mode()
+    def group_logits(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        anchors: Sequence[EvidenceAnchor],
+        window: int | None,
+    ) -> dict[tuple[int, Box], dict[int, torch.Tensor]]:
+        """The (H, W) float32 logits behind :meth:`propagate_group`, per (0-based key slice, box)
+        object and frame, before thresholding and the largest component (to compare numerics)."""
+        num = slices.shape[0]
+        objects = sorted({(a.key_slice - 1, box) for a in anchors for box in a.boxes})
+        spans = {key: _span(key, window, num) for key, _ in objects}
+        out: dict[tuple[int, Box], dict[int, torch.Tensor]] = {o: {} for o in objects}
+        for obj, frame, logits in self._group_logits(volume_id, slices, objects, spans):
+            out[objects[obj]][frame] = logits.float().cpu()
+        return out
+
+    def _group_logits(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        objects: list[tuple[int, Box]],
+        spans: dict[int, tuple[int, int]],
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        num, height, width = slices.shape
+        frames = {f for key, (fwd, bwd) in spans.items() for f in range(key - bwd, key + fwd + 1)}
+        entry = self.encode(volume_id, slices, sorted(frames))
+        with self._numerics():
+            yield from self._track_group(entry, objects, spans, height, width)
+
     def _track_group(
         self,
         entry: dict,
@@ -375,11 +469,16 @@ class MedSAM2Propagator:
         """(object index, frame, (H, W) logits) of each (key frame, box) object on every frame
         of its window: prompts decoded once, then one batched tracking step per frame offset."""
         model = self.model
+        if model.memory_temporal_stride_for_eval != 1:
+            # With a stride r, SAM2 picks memory frames by (frame_idx - 2) // r * r: absolute
+            # frame numbers, which the offset indexing below does not reproduce.
+            raise ValueError(
+                "the batched group path needs SAM2's memory_temporal_stride_for_eval == 1 "
+                f"(MedSAM2's setting), got {model.memory_temporal_stride_for_eval}"
+            )
         state = model.init_state_from_frames(entry["images"], height, width, entry["features"])
         for obj, (key, box) in enumerate(objects):
-            model.add_new_points_or_box(
-                state, frame_idx=key, obj_id=obj, box=np.asarray(box, dtype=np.float32)
-            )
+            model.add_new_points_or_box(state, frame_idx=key, obj_id=obj, box=medsam2_box(box))
         # SAM2's own step before tracking: each prompt's mask is encoded into its memory.
         model.propagate_in_video_preflight(state)
         tracks: list[_Track] = []
@@ -440,30 +539,62 @@ class MedSAM2Propagator:
         tested against it, and it is the per-completion path the benchmark compares with."""
         num, height, width = slices.shape
         result = np.zeros((num, height, width), bool)
+        found: dict[int, np.ndarray] = {}
+        for obj_id, frame, logits in self._reference_logits(
+            volume_id, slices, key_slice, boxes, window
+        ):
+            per_obj = found.setdefault(obj_id, np.zeros((num, height, width), bool))
+            per_obj[frame] |= (logits > 0).cpu().numpy()
+        for per_obj in found.values():
+            result |= largest_component(per_obj)
+        return result
+
+    @torch.inference_mode()
+    def reference_logits(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        key_slice: int,
+        boxes: tuple[Box, ...],
+        window: int | None,
+    ) -> dict[Box, dict[int, torch.Tensor]]:
+        """The (H, W) float32 logits behind :meth:`propagate_reference`, per box and frame (the
+        key frame from the forward pass; the reverse pass decodes the same prompt again)."""
+        out: dict[Box, dict[int, torch.Tensor]] = {box: {} for box in boxes}
+        for obj_id, frame, logits in self._reference_logits(
+            volume_id, slices, key_slice, boxes, window
+        ):
+            out[boxes[obj_id]].setdefault(frame, logits.float().cpu())
+        return out
+
+    def _reference_logits(
+        self,
+        volume_id: str,
+        slices: np.ndarray,
+        key_slice: int,
+        boxes: tuple[Box, ...],
+        window: int | None,
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
         if not boxes:
-            return result
+            return
+        num, height, width = slices.shape
         key = key_slice - 1
         forward, backward = _span(key, window, num)
         entry = self.encode(volume_id, slices, list(range(key - backward, key + forward + 1)))
         state = self.model.init_state_from_frames(entry["images"], height, width, entry["features"])
-        found: dict[int, np.ndarray] = {}
-        with self._autocast():
+        with self._numerics():
             for reverse, count in ((False, forward), (True, backward)):
                 self.model.reset_state(state)
                 for obj_id, box in enumerate(boxes):
                     self.model.add_new_points_or_box(
-                        state, frame_idx=key, obj_id=obj_id, box=np.asarray(box, dtype=np.float32)
+                        state, frame_idx=key, obj_id=obj_id, box=medsam2_box(box)
                     )
                 stream = self.model.propagate_in_video(
                     state, start_frame_idx=key, max_frame_num_to_track=count, reverse=reverse
                 )
                 for frame, obj_ids, masks in stream:
                     for i, obj_id in enumerate(obj_ids):
-                        per_obj = found.setdefault(obj_id, np.zeros((num, height, width), bool))
-                        per_obj[frame] |= (masks[i, 0] > 0).cpu().numpy()
-        for per_obj in found.values():
-            result |= largest_component(per_obj)
-        return result
+                        yield obj_id, frame, masks[i, 0]
 
 
 @dataclass(frozen=True)
