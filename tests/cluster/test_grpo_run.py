@@ -234,6 +234,12 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
     assert first["learner/clip_fraction"] == 0.0
     final = json.loads((tmp_path / "grpo" / "adapter" / "adapter_config.json").read_text())
     assert final["r"] == 4 + 16  # SFT rank + configs/tiny.yaml's GRPO rank, stacked
+    # The final adapter and the checkpoints know the frame they were trained in.
+    from learner.training_frame import TrainingFrame
+
+    frame = TrainingFrame.read(tmp_path / "grpo" / "adapter")
+    assert (frame.num_slices, frame.slice_size, frame.base_model) == (8, 64, model)
+    assert TrainingFrame.read(tmp_path / "grpo" / "checkpoints" / "step-2") == frame
 
 
 @pytest.mark.slow
