@@ -8,7 +8,13 @@ reward of SFT and SFT+RL on the same prompts -> the table, the bar's checks, ``l
 where the MLflow UI is.
 
     python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--val-every 8]
-        [--steps N] [--sft-epochs N] [--seed S] [--out DIR] [-v] [--debug] [key=value ...]
+        [--manifest M] [--steps N] [--sft-epochs N] [--seed S] [--out DIR] [-v] [--debug]
+        [key=value ...]
+
+``--manifest M`` runs the same stages on a manifest of your own scans (``data.manifest``,
+``data.m3dseg``) instead of phantoms: it needs training and test rows; validation rows, when it
+has them, get their own table. With ``--config configs/paper.yaml`` and its ``model.path`` the
+stages train the real model.
 
 Quiet by default: the console shows the stages, their progress bars and results; each part logs
 to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``sft_equal.log``,
@@ -303,6 +309,12 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--seed", type=int, default=None, help="seeds phantoms, model init and sampling"
     )
+    parser.add_argument(
+        "--manifest",
+        type=existing_file,
+        default=None,
+        help="your own scans' manifest, instead of phantoms (--cases and --val-every unused)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: output_dir)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
     args = parser.parse_args(argv)
@@ -325,6 +337,22 @@ def make_phantoms(manifest: Path, cases: int, seed: int, val_every: int) -> dict
 
         write_phantoms(manifest.parent, cases, seed=seed, shape=SMALL_SHAPE, val_every=val_every)
     splits = split_counts(manifest)
+    print("  " + ", ".join(f"{split}: {n} scans, {t} targets" for split, (n, t) in splits.items()))
+    return splits
+
+
+def own_manifest(manifest: Path) -> dict:
+    """A user's manifest in place of phantoms; returns :func:`split_counts`. SFT and GRPO need
+    training rows and the tables test rows: a manifest without either stops here."""
+    say(f"your manifest: {manifest}")
+    splits = split_counts(manifest)
+    if missing := [split for split in ("train", "test") if split not in splits]:
+        counts = ", ".join(f"{split} {t}" for split, (_, t) in sorted(splits.items()))
+        raise UsageError(
+            f"--manifest {manifest}: no {' and no '.join(missing)} rows (rows per split: "
+            f"{counts or 'none'}); set their split field, e.g. with python -m data.manifest "
+            "--test-fraction"
+        )
     print("  " + ", ".join(f"{split}: {n} scans, {t} targets" for split, (n, t) in splits.items()))
     return splits
 
@@ -411,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--out {out}: exists and is not a folder")
     logs = out / "logs"
     log_to_file(logs / "default_run.log")
-    manifest = out / "phantoms" / "manifest.jsonl"
+    own = args.manifest is not None
+    manifest = args.manifest.resolve() if own else out / "phantoms" / "manifest.jsonl"
     common = [
         *seed_override,
         *args.overrides,
@@ -426,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         common.append("cluster.log_to_driver=false")
     stages = Stages(out, ["--config", str(args.config)], common, logs, quiet)
 
-    splits = make_phantoms(manifest, args.cases, base.seed, args.val_every)
+    if own:
+        splits = own_manifest(manifest)
+    else:
+        splits = make_phantoms(manifest, args.cases, base.seed, args.val_every)
     one_time = stand_in(base)
     say("SFT cold start (python -m learner.sft)")
     stages.run("sft", "learner.sft", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}")

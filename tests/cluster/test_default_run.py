@@ -92,6 +92,23 @@ def test_split_counts_scans_and_targets(tmp_path):
     assert split_counts(manifest) == {"train": (1, 2), "val": (1, 1), "test": (1, 2)}
 
 
+def test_own_manifest_takes_the_place_of_phantoms_and_needs_train_and_test(tmp_path, capsys):
+    from cluster.default_run import main, own_manifest
+    from data.cli import UsageError
+
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [("a/x", "train"), ("c/x", "test"), ("c/y", "test")]
+    manifest.write_text("".join(json.dumps({"id": i, "split": s}) + "\n" for i, s in rows))
+    assert own_manifest(manifest) == {"train": (1, 1), "test": (1, 2)}
+    assert "train: 1 scans, 1 targets, test: 1 scans, 2 targets" in capsys.readouterr().out
+    only_train = tmp_path / "train.jsonl"
+    only_train.write_text(json.dumps({"id": "a/x", "split": "train"}) + "\n")
+    out = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"train.jsonl: no test rows \(rows per split: train 1\)"):
+        main(["--manifest", str(only_train), "--out", str(out)])
+    assert not (out / "phantoms").exists()  # no phantom was written in its place
+
+
 @pytest.mark.slow
 def test_the_default_run_end_to_end_at_ci_size(tmp_path):
     """Every stage of `python -m cluster.default_run` on 8 scans (5 training, 1 validation,
