@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.phantoms import write_phantoms
 

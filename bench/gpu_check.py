@@ -293,7 +293,7 @@ def say(part: str, text: str) -> None:
 
 
 def check_learner(model_dir: Path, args, peak: float | None) -> None:
-    from learner.config import GRPOConfig, LoraSettings
+    from common.config import GRPOConfig, LoraSettings
     from learner.grpo_learner import GRPOLearner
 
     batch = build_batch(args.slices, args.size, args.tokens)
@@ -401,7 +401,7 @@ def check_propagation(work: Path, args) -> None:
 
 
 def check_rollout(model_dir: Path, args) -> None:
-    from rollout.config import ModelConfig, RolloutConfig
+    from common.config import ModelConfig, RolloutConfig
     from rollout.hf_engine import TransformersEngine
     from rollout.records import RolloutPrompt
 
@@ -505,7 +505,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cluster.runtime import set_default_environment
+    from common.runtime import set_default_environment
 
     set_default_environment()
     args = parse_args(argv)

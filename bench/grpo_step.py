@@ -40,21 +40,18 @@ def main() -> None:
     args.size = args.size or size
     args.max_tokens = args.max_tokens or tokens
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from cluster.runtime import set_default_environment
+    from common.runtime import set_default_environment
 
     set_default_environment()
     import torch
 
-    from data.config import DataConfig
+    from common.config import DataConfig, GRPOConfig, LoraSettings, RewardConfig, RolloutConfig
     from data.dataset import VolumeDataset
     from data.phantoms import write_phantoms
     from data.prompts import build_messages
-    from learner.config import GRPOConfig, LoraSettings
     from learner.grpo import group_advantages
     from learner.grpo_learner import GRPOExample, GRPOLearner
-    from reward_server.config import RewardConfig
     from reward_server.scorer import RewardScorer
-    from rollout.config import RolloutConfig
     from rollout.records import RolloutPrompt
     from rollout.tiny_model import build_tiny_qwen3vl
     from rollout.vllm_engine import VLLMEngine

@@ -43,7 +43,7 @@ def peak_memory(model: str, checkpointing: bool) -> dict:
     """In this process: RSS before and peak RSS during one GRPO step at the paper's shape."""
     import resource
 
-    from learner.config import GRPOConfig, LoraSettings
+    from common.config import GRPOConfig, LoraSettings
     from learner.grpo_learner import GRPOLearner
 
     batch = build_batch(64, 256, 64)
@@ -64,7 +64,7 @@ def peak_memory(model: str, checkpointing: bool) -> dict:
 
 def compare_passes(model: Path, slices: int, size: int, tokens: int, repeats: int) -> None:
     """Per-completion against grouped learner steps on the same batch, interleaved."""
-    from learner.config import GRPOConfig, LoraSettings
+    from common.config import GRPOConfig, LoraSettings
     from learner.grpo_learner import GRPOLearner
 
     batch = build_batch(slices, size, tokens)
@@ -104,7 +104,7 @@ def compare_passes(model: Path, slices: int, size: int, tokens: int, repeats: in
 
 
 def main() -> None:
-    from cluster.runtime import set_default_environment
+    from common.runtime import set_default_environment
 
     set_default_environment()
     if "--shape" in sys.argv:
@@ -125,7 +125,7 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--peak-memory":
         print(json.dumps(peak_memory(sys.argv[2], sys.argv[3] == "on")))
         return
-    from learner.config import GRPOConfig, LoraSettings
+    from common.config import GRPOConfig, LoraSettings
     from learner.grpo_learner import GRPOLearner
     from rollout.tiny_model import build_tiny_qwen3vl
 

@@ -32,7 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import sparse
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.m3dseg import read_subset, write_manifest
 from data.phantoms import LABELS, SMALL_SHAPE, canonical_to_ras, make_case, ras_affine

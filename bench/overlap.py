@@ -33,8 +33,8 @@ PHASES = ("time/generate_s", "time/reward_s", "time/learn_s", "time/weight_sync_
 
 def run_steps(config: Path, overrides: list[str], steps: int) -> list[dict]:
     """``steps`` GRPO steps of one run (a fresh trainer); each step's metrics."""
-    from cluster.config import load_run_config
     from cluster.grpo import GRPOTrainer
+    from common.config import load_run_config
 
     trainer = GRPOTrainer(load_run_config(config, overrides))
     try:
@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     slices, size, tokens, batch = (64, 256, 256, 1) if args.shape == "paper" else (16, 128, 64, 4)
     batch = args.batch or batch
-    from cluster.runtime import set_default_environment
+    from common.runtime import set_default_environment
 
     set_default_environment()
     import ray

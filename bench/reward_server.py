@@ -45,14 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.runtime import set_default_environment
+from common.config import DataConfig, RewardConfig
+from common.runtime import set_default_environment
 from data.answer import EvidenceAnchor, format_answer
-from data.config import DataConfig
 from data.dataset import VolumeDataset, anchorable
 from data.phantoms import LABELS, target_values, write_phantoms
 from data.queries import sample_query
 from data.targets import evidence_target
-from reward_server.config import RewardConfig
 from reward_server.scorer import RewardScorer, ScoreRequest
 
 G = 4

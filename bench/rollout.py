@@ -23,15 +23,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from cluster.runtime import set_default_environment
+    from common.runtime import set_default_environment
 
     set_default_environment()
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
+    from common.config import RolloutConfig
     from data.prompts import build_messages
-    from rollout.config import RolloutConfig
     from rollout.hf_engine import TransformersEngine
     from rollout.records import RolloutPrompt, WeightUpdate
     from rollout.tiny_model import build_tiny_qwen3vl

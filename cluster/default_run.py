@@ -37,14 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.runtime import (
-    InterpreterError,
-    append_output,
-    interpreter_environment,
-    require_interpreter,
-    set_default_environment,
-)
-from data.cli import (
+from common.cli import (
     LOG_FILE_ENV,
     VERBOSE_ENV,
     ArgumentParser,
@@ -53,6 +46,13 @@ from data.cli import (
     log_to_file,
     output_to,
     run_cli,
+)
+from common.runtime import (
+    InterpreterError,
+    append_output,
+    interpreter_environment,
+    require_interpreter,
+    set_default_environment,
 )
 
 
@@ -155,8 +155,8 @@ def learning_figure(path: Path, steps, rewards, splits: list[Split]) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from common.tracking import moving_average
     from evaluation.evaluate import PHRASING_SUFFIX
-    from evaluation.stats import moving_average
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2), width_ratios=[1, 1.7])
     if steps:
@@ -212,7 +212,7 @@ def learning_report(out: Path, tracking_uri: str, experiment: str, took: float =
     """The default run's claim, checked on validation and on test: the bar's checks per split,
     the KL at GRPO's first step, the sampled-reward gain on training prompts; draws
     ``learning.png``."""
-    from cluster.tracking import latest_run_id, metric_history
+    from common.tracking import latest_run_id, metric_history
 
     splits = [
         read_split(name, out / folder)
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every stage runs under sys.executable: stop now if it cannot, before the first import of
     # a third-party package (this module's top imports the standard library only).
     require_interpreter()
-    from cluster.config import load_run_config
+    from common.config import load_run_config
 
     start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     equal = equal_updates_control(stages, base, sft)
     evaluate_checkpoints(stages, splits, sft, equal, grpo)
 
-    from cluster.tracking import plot_reward_curves
+    from common.tracking import plot_reward_curves
 
     tracking = f"sqlite:///{out / 'mlflow.db'}"
     curves = plot_reward_curves(tracking, base.tracking.experiment, out / "reward_curves.png")
@@ -510,7 +510,7 @@ def split_counts(manifest: Path) -> dict[str, tuple[int, int]]:
 def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
     """A local Ray head and an MLflow server on 127.0.0.1, GRPO submitted to the head with
     ``ray job submit``, both stopped afterwards."""
-    from cluster.services import MlflowServer, RayHead
+    from common.services import MlflowServer, RayHead
 
     out, logs, quiet = stages.out, stages.logs, stages.quiet
     say(f"local Ray head and MLflow server on 127.0.0.1 (logs: {logs})")
@@ -542,7 +542,7 @@ def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
 
 def grpo_sample_uses(db: Path, experiment: str, batch_size: int) -> int:
     """How many samples the finished GRPO run trained on: its steps x prompts per step."""
-    from cluster.tracking import latest_run_id, metric_history
+    from common.tracking import latest_run_id, metric_history
 
     uri = f"sqlite:///{db}"
     run_id = latest_run_id(uri, experiment)

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import ConfigError, RunConfig, load_run_config, to_dict
 from cluster.placement import Placement, assign, describe, describe_assignment, parse_cluster, plan
-from cluster.runtime import prune, require_cuda, set_default_environment
+from common.config import ConfigError, RunConfig, load_run_config, to_dict
+from common.runtime import prune, require_cuda, set_default_environment
 from rollout.records import FolderBytes, WeightSyncError, WeightUpdate
 
 log = logging.getLogger("cluster.grpo")
@@ -68,8 +68,8 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 waits for the other ranks (torch.distributed's master): this node."""
-        from cluster.services import free_port
-        from rollout.actor import node_ip
+        from common.runtime import node_ip
+        from common.services import free_port
 
         host = node_ip()
         return host, free_port(host)
@@ -477,7 +477,7 @@ class GRPOTrainer:
         import ray
         from ray.util.placement_group import placement_group
 
-        from cluster.tracking import Tracker, flatten
+        from common.tracking import Tracker, flatten
         from data.dataset import VolumeDataset, anchorable
         from learner.sft import model_path
         from learner.training_frame import TrainingFrame
@@ -877,7 +877,7 @@ def _apply_scale_file(cfg: RunConfig, pool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data.cli import ArgumentParser, UsageError, existing_file, log_to_file
+    from common.cli import ArgumentParser, UsageError, existing_file, log_to_file
 
     set_default_environment()
     parser = ArgumentParser(prog="python -m cluster.grpo", description=__doc__.split("\n")[0])
@@ -924,6 +924,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from data.cli import run_cli
+    from common.cli import run_cli
 
     sys.exit(run_cli(main))

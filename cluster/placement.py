@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.config import RunConfig
+from common.config import RunConfig
 
 
 @dataclass(frozen=True)

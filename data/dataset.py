@@ -28,7 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.preprocess import cache_key, prepare_volume
 from data.queries import use_queries_file
 from data.records import PreparedVolume, Sample

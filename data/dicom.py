@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.volume import Volume, VolumeError, to_canonical, to_stored
+from data.grid import Volume, VolumeError, to_canonical, to_stored
 
 # Slice positions may differ from even spacing by this share of the spacing (DICOM stores
 # positions as decimal strings, so exact equality never holds).

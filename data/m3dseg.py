@@ -101,7 +101,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from data.cli import ArgumentParser, run_cli
+from common.cli import ArgumentParser, run_cli
 from data.queries import sample_query, target_of
 from data.volume import VolumeError, m3d_axes_of, m3d_channel_voxels, m3d_mask_shape
 

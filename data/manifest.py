@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data.cli import ArgumentParser, UsageError, existing_file, run_cli
+from common.cli import ArgumentParser, UsageError, existing_file, run_cli
 from data.dataset import SPLITS
 from data.queries import sample_query, use_queries_file
 from data.volume import VolumeError, load_volume

@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data.cli import ArgumentParser, UsageError, removed_on_failure, run_cli
+from common.cli import ArgumentParser, UsageError, removed_on_failure, run_cli
 from data.queries import sample_query
 from data.volume import MIN_SHAPE
 

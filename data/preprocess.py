@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from skimage.transform import resize
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.records import PreparedVolume, Sample
 from data.volume import Volume, VolumeError, check_pair, load_volume
 

@@ -12,8 +12,8 @@ import numpy as np
 from skimage.measure import label as connected_components
 from skimage.measure import regionprops
 
+from common.config import MIN_BOX_AREA
 from data.answer import Box, EvidenceAnchor
-from data.config import MIN_BOX_AREA
 from data.records import PreparedVolume
 
 

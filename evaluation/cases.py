@@ -8,8 +8,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from cluster.config import RunConfig, load_run_config
-from data.cli import ArgumentParser, UsageError, existing_file
+from common.cli import ArgumentParser, UsageError, existing_file
+from common.config import RunConfig, load_run_config
 
 
 def read_cases(

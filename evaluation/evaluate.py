@@ -56,9 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import EvaluationConfig, RunConfig, load_run_config
-from cluster.runtime import set_default_environment
-from data.cli import (
+from common.cli import (
     ArgumentParser,
     UsageError,
     existing_file,
@@ -66,7 +64,8 @@ from data.cli import (
     resolve_device,
     run_cli,
 )
-from data.config import DataConfig
+from common.config import DataConfig, EvaluationConfig, RunConfig, load_run_config
+from common.runtime import set_default_environment
 from learner.training_frame import FILE_NAME as FRAME_FILE
 from learner.training_frame import TrainingFrame, TrainingFrameError, base_model_digest
 
@@ -170,7 +169,7 @@ def settings_key(cfg: RunConfig, split: str) -> str:
     propagation, the metrics and the split."""
     import hashlib
 
-    from cluster.config import to_dict
+    from common.config import to_dict
 
     settings = {
         "split": split,

@@ -17,9 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-from cluster.config import RunConfig
-from cluster.runtime import set_default_environment
-from data.cli import UsageError, run_cli
+from common.cli import UsageError, run_cli
+from common.config import RunConfig
+from common.runtime import set_default_environment
 from evaluation.cases import cases_config, cases_parser, read_cases
 from evaluation.stats import wilson
 

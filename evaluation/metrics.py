@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-NSD_TOLERANCE_MM = 2.0  # default surface-Dice tolerance (evaluation.nsd_tolerance_mm), mm
+from common.config import NSD_TOLERANCE_MM
 
 
 def _pair(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

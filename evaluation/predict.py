@@ -51,8 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.runtime import set_default_environment
-from data.cli import (
+from common.cli import (
     ArgumentParser,
     UsageError,
     existing_file,
@@ -60,7 +59,8 @@ from data.cli import (
     resolve_device,
     run_cli,
 )
-from data.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
+from common.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
+from common.runtime import set_default_environment
 from learner.training_frame import FILE_NAME, TrainingFrame, TrainingFrameError, base_model_digest
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def resolve_settings(
     """The model, slices, size and window of a prediction: those given, the rest from the
     adapter's medvol.json (learner.training_frame); a given one that contradicts it is an error
     naming both. An adapter without medvol.json (written before it existed), or none, takes what
-    is given and data.config's defaults for the rest, with a warning for the adapter."""
+    is given and common.config's defaults for the rest, with a warning for the adapter."""
     if window is not None:
         try:
             window = resolve_window(window, "--window")
@@ -351,7 +351,7 @@ def load_policy(
     max_tokens: int,
 ):
     """The policy as a rollout engine (loaded once per call)."""
-    from rollout.config import ModelConfig, RolloutConfig
+    from common.config import ModelConfig, RolloutConfig
     from rollout.records import WeightUpdate
 
     cfg = RolloutConfig(
@@ -578,7 +578,7 @@ def predict(
     """Segment every scan of ``images`` for every query (see the module docstring).
 
     ``model``, ``num_slices``, ``size`` and ``window`` left None come from the adapter's
-    medvol.json, else data.config's defaults (:func:`resolve_settings`). ``answer`` replaces the
+    medvol.json, else common.config's defaults (:func:`resolve_settings`). ``answer`` replaces the
     policy (then ``model`` is not loaded): a function from a scan's prepared slices and the
     queries to answer texts. Inputs are checked before the model loads; the first scan is read
     before the model loads too, so a bad file costs no model load and writes nothing

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import RunConfig, load_run_config
-from cluster.runtime import set_default_environment
-from data.cli import ArgumentParser, UsageError, existing_file, log_to_file, run_cli
+from common.cli import ArgumentParser, UsageError, existing_file, log_to_file, run_cli
+from common.config import RunConfig, load_run_config
+from common.runtime import set_default_environment
 
 TERMS = ("format", "axial", "spatial", "consistency")
 

@@ -109,17 +109,6 @@ def paired_difference_ci(
     return estimate, low, high, sum(len(v) for v in diffs.values())
 
 
-def moving_average(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` points (shorter at the start): same length as input."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    v = np.asarray(values, dtype=np.float64)
-    sums = np.cumsum(np.insert(v, 0, 0.0))
-    idx = np.arange(1, len(v) + 1)
-    lo = np.maximum(0, idx - window)
-    return (sums[idx] - sums[lo]) / (idx - lo)
-
-
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a share hits / n (0 to 1 when n is 0)."""
     if n == 0:

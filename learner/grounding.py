@@ -63,7 +63,7 @@ def grounding_key(cfg) -> str:
 
 
 def grounding_cache(cfg) -> Path:
-    from cluster.runtime import CACHE_ROOT
+    from common.runtime import CACHE_ROOT
 
     return Path(cfg.model.grounding_cache or CACHE_ROOT / "pretrained")
 
@@ -80,7 +80,7 @@ def explicit_query(label: str) -> str:
 def pretrained_tiny_model(cfg, progress: bool = True) -> Path:
     """The grounded tiny model for ``cfg``: reused from the cache when complete, else built
     (random tiny model, corpus phantoms, the stage) and left there. Returns its folder."""
-    from cluster.runtime import file_lock
+    from common.runtime import file_lock
 
     out = pretrained_dir(cfg)
     with file_lock(out.with_name(out.name + ".lock")):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from learner.config import LOSS_AGGREGATIONS, SCALES
+from common.config import LOSS_AGGREGATIONS, SCALES
 
 
 def group_advantages(

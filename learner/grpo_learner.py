@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from learner.config import GRPOConfig
+from common.config import GRPOConfig
 from learner.grpo import grpo_loss, token_entropy, truncated_is_weights
 from learner.policy import (
     adapter_grad_norm,

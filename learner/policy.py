@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.services import free_port
-from learner.config import LoraSettings
+from common.config import LoraSettings
+from common.services import free_port
 from learner.training_frame import TrainingFrame
 from rollout.hf_engine import checkpoint_dtype
 

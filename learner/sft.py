@@ -22,10 +22,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cluster.config import RunConfig, load_run_config, to_dict
-from cluster.runtime import set_default_environment
-from cluster.tracking import Tracker, flatten
-from data.cli import ArgumentParser, UsageError, existing_file, log_to_file, resolve_device, run_cli
+from common.cli import (
+    ArgumentParser,
+    UsageError,
+    existing_file,
+    log_to_file,
+    resolve_device,
+    run_cli,
+)
+from common.config import RunConfig, load_run_config, to_dict
+from common.runtime import set_default_environment
+from common.tracking import Tracker, flatten
 from data.dataset import VolumeDataset, anchorable
 from data.prompts import build_messages, sft_target_text
 from data.targets import evidence_target

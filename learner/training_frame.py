@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data.config import DataConfig, resolve_window
+from common.config import DataConfig, resolve_window
 
 FILE_NAME = "medvol.json"
 FORMAT_VERSION = 1

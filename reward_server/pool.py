@@ -36,8 +36,7 @@ import ray
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 
-from data.config import DataConfig
-from reward_server.config import RewardConfig
+from common.config import DataConfig, RewardConfig
 from reward_server.rewards import RewardBreakdown
 from reward_server.scorer import RewardScorer, ScoreRequest, group_by_sample
 
@@ -59,7 +58,7 @@ class RewardWorker:
     def __init__(
         self, manifest: str, data_cfg: DataConfig, reward_cfg: RewardConfig, threads: int = 1
     ):
-        from cluster.runtime import require_cuda, set_default_environment
+        from common.runtime import require_cuda, set_default_environment
         from data.dataset import VolumeDataset
 
         set_default_environment()

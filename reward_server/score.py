@@ -18,12 +18,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from cluster.config import load_config
-from cluster.runtime import set_default_environment
-from data.cli import ArgumentParser, UsageError, existing_file, run_cli
-from data.config import DataConfig
+from common.cli import ArgumentParser, UsageError, existing_file, run_cli
+from common.config import DataConfig, RewardConfig, load_config
+from common.runtime import set_default_environment
 from data.dataset import VolumeDataset
-from reward_server.config import RewardConfig
 from reward_server.scorer import RewardScorer, ScoreRequest, breakdown_row
 
 

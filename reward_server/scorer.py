@@ -6,10 +6,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.config import RewardConfig
 from data.answer import AnswerFailure, EvidenceAnchor, ParsedAnswer, parse_answer
 from data.records import PreparedVolume
 from data.targets import boxes_on_slice
-from reward_server.config import RewardConfig
 from reward_server.propagation import build_propagator
 from reward_server.rewards import (
     RewardBreakdown,

@@ -28,7 +28,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
-from rollout.config import ModelConfig, RolloutConfig
+from common.config import ModelConfig, RolloutConfig
 from rollout.records import FolderBytes, Group, RolloutPrompt, WeightSyncError, WeightUpdate
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,6 @@ def node_scratch(role: str, configured: str | Path | None = None) -> Path:
     return folder
 
 
-def node_ip() -> str:
-    """This node's address as Ray knows it (127.0.0.1 without Ray or on a loopback cluster)."""
-    if ray.is_initialized():
-        return ray.util.get_node_ip_address()
-    return "127.0.0.1"
-
-
 def close_actors(actors: list, timeout_s: float = 60.0) -> None:
     """Let each actor clean up (its ``close()``: its scratch folder), then kill them all; an
     actor that is dead or does not answer within ``timeout_s`` is killed all the same."""
@@ -85,7 +78,7 @@ def close_actors(actors: list, timeout_s: float = 60.0) -> None:
 def policy_base(model_path: str | Path, adapter: FolderBytes, node: Path) -> Path:
     """The base checkpoint with ``adapter`` merged in, built once on this node (the actors of a
     node share it; a lock keeps two from building it at once) in ``node``."""
-    from cluster.runtime import file_lock
+    from common.runtime import file_lock
     from rollout.hf_engine import merge_adapter
 
     digest = hashlib.sha256(str(Path(model_path).resolve()).encode())
@@ -129,7 +122,7 @@ class RolloutWorker:
         scratch_dir: str | None = None,
         keep_adapters: int = 2,
     ):
-        from cluster.runtime import require_cuda, set_default_environment
+        from common.runtime import require_cuda, set_default_environment
 
         set_default_environment()
         require_cuda("rollout actor", cfg.gpus_per_actor)
@@ -151,7 +144,7 @@ class RolloutWorker:
 
     def update_weights(self, update: WeightUpdate) -> int:
         """Load ``update``: bytes are written to this actor's scratch folder first."""
-        from cluster.runtime import prune
+        from common.runtime import prune
 
         if update.adapter is not None:
             folder = update.adapter.write(self.scratch / f"adapter-v{update.version}")

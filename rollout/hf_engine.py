@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.config import ModelConfig, RolloutConfig
+from common.config import ModelConfig, RolloutConfig
 from rollout.prompting import check_batch, render
 from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
 from rollout.vllm_engine import (

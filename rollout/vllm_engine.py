@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from rollout.config import ModelConfig, RolloutConfig
+from common.config import ModelConfig, RolloutConfig
 from rollout.prompting import check_batch, render
 from rollout.records import (
     Completion,
@@ -280,7 +280,7 @@ class WeightGroup:
 
         import torch.distributed as dist
 
-        from rollout.actor import node_ip
+        from common.runtime import node_ip
 
         host = node_ip()
         store = dist.TCPStore(

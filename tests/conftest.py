@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.runtime import set_default_environment
+from common.runtime import set_default_environment
 
 set_default_environment()
 

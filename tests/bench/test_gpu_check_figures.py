@@ -84,7 +84,7 @@ def test_step_parameters_sort_every_parameter_of_a_lora_policy(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3VLForConditionalGeneration
 
-    from learner.config import LoraSettings
+    from common.config import LoraSettings
     from rollout.tiny_model import build_tiny_qwen3vl
 
     model = Qwen3VLForConditionalGeneration.from_pretrained(

@@ -94,7 +94,7 @@ def test_split_counts_scans_and_targets(tmp_path):
 
 def test_own_manifest_takes_the_place_of_phantoms_and_needs_train_and_test(tmp_path, capsys):
     from cluster.default_run import main, own_manifest
-    from data.cli import UsageError
+    from common.cli import UsageError
 
     manifest = tmp_path / "manifest.jsonl"
     rows = [("a/x", "train"), ("c/x", "test"), ("c/y", "test")]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from cluster.config import load_run_config
 from cluster.placement import plan
+from common.config import load_run_config
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 

@@ -4,9 +4,8 @@ import json
 
 import pytest
 
-from cluster.config import ConfigError, load_run_config
 from cluster.grpo import Checkpoints, sft_start
-from data.config import DataConfig
+from common.config import ConfigError, DataConfig, load_run_config
 from learner.training_frame import TrainingFrame
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_run_config
 from cluster.placement import plan
+from common.config import ConfigError, load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 METRICS = [
@@ -106,7 +106,7 @@ def test_dry_run_places_the_paper_plan_on_a_described_cluster_or_refuses_it():
 
 
 def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
-    from cluster.runtime import prune
+    from common.runtime import prune
 
     for n in (1, 2, 9, 10, 11):
         (tmp_path / f"step-{n}").mkdir()
@@ -141,7 +141,7 @@ def test_a_first_interrupt_asks_to_stop_and_a_second_interrupts():
 
 def test_bad_input_is_one_line_and_exit_status_2(tmp_path, capsys):
     from cluster.grpo import main
-    from data.cli import run_cli
+    from common.cli import run_cli
 
     cases = [
         (["--config", str(tmp_path / "none.yaml")], f"--config: {tmp_path}/none.yaml: "),
@@ -191,7 +191,7 @@ def metric_steps(uri: str, experiment: str):
 def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_args, tmp_path):
     """From an SFT adapter: the engines serve base + SFT under the GRPO adapter, the KL of the
     first step is ~0 (the reference is the SFT policy), the final adapter stacks both."""
-    from cluster.services import RayHead
+    from common.services import RayHead
     from tests.conftest import SFT_LIKE_TARGETS, random_adapter
 
     model = next(a.split("=", 1)[1] for a in run_args if a.startswith("model.path="))

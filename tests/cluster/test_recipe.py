@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ConfigError, load_run_config
+from common.config import ConfigError, load_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_the_sft_adapter_follows_output_dir_unless_given():
 
 def test_grpo_without_its_sft_adapter_stops_naming_the_path(tmp_path, capsys):
     from cluster.grpo import main, sft_start
-    from data.cli import run_cli
+    from common.cli import run_cli
 
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.runtime import NoCudaError, require_cuda
+from common.runtime import NoCudaError, require_cuda
 
 REPO = Path(__file__).resolve().parents[2]
 

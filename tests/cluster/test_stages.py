@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cluster.default_run import StageFailed, run_stage
-from cluster.runtime import InterpreterError, require_interpreter
-from cluster.services import RayHead
+from common.runtime import InterpreterError, require_interpreter
+from common.services import RayHead
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = str(Path(sys.executable).parent)
@@ -60,7 +60,7 @@ def test_the_grpo_job_runs_under_this_interpreter_and_a_failure_lands_in_its_log
     tmp_path, monkeypatch
 ):
     ray = fake_ray(tmp_path, "failed")
-    monkeypatch.setattr("cluster.services._bin", lambda name: str(ray))
+    monkeypatch.setattr("common.services._bin", lambda name: str(ray))
     monkeypatch.setenv("PATH", BARE_PATH)
     head = RayHead(1, 2, tmp_path / "ray")
     log = tmp_path / "logs" / "grpo.log"

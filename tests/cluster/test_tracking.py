@@ -4,8 +4,8 @@ import logging
 
 import pytest
 
-from cluster.services import MlflowServer, free_port
-from cluster.tracking import Tracker
+from common.services import MlflowServer, free_port
+from common.tracking import Tracker
 
 pytestmark = pytest.mark.slow
 

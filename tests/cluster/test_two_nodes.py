@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.services import RayHead, agent_port_args, free_port
+from common.services import RayHead, agent_port_args, free_port
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.cli import (
+from common.cli import (
     LOG_FILE_ENV,
     ArgumentParser,
     UsageError,

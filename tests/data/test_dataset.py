@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.dataset import ManifestError, VolumeDataset
 from data.preprocess import DIGEST_FOLDER
 from data.volume import VolumeError

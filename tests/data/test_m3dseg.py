@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from scipy import sparse
 
-from data.cli import run_cli
-from data.config import DataConfig
+from common.cli import run_cli
+from common.config import DataConfig
 from data.dataset import ManifestError, VolumeDataset
 from data.m3dseg import (
     SUBSETS,

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data.cli import run_cli
-from data.config import DataConfig
+from common.cli import run_cli
+from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.manifest import main
 from data.queries import phrasings, use_queries_file

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.config import DataConfig, WindowError
 from data import preprocess
-from data.config import DataConfig, WindowError
 from data.dataset import VolumeDataset
 from data.preprocess import (
     WindowMismatchWarning,
@@ -195,7 +195,7 @@ def test_window_presets_and_pairs_resolve_and_bad_ones_name_the_field():
 
 
 def test_a_yaml_window_loads_and_a_typo_fails_naming_it():
-    from cluster.config import RunConfig, load_config
+    from common.config import RunConfig, load_config
 
     cfg = load_config(RunConfig, "configs/paper.yaml", ["data.suite_windows={kits23: [-100, 200]}"])
     assert cfg.data.window_for("kits23") == (-100.0, 200.0)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.phantoms import write_phantoms
 from data.queries import (
@@ -91,18 +91,19 @@ def test_a_label_with_no_phrasings_is_asked_outright_and_warned_once(caplog):
         ("targets: [\n", "not YAML"),
     ],
 )
-def test_a_malformed_file_fails_when_the_config_loads(tmp_path, text, named):
+def test_a_malformed_file_fails_when_the_dataset_is_built(tmp_path, text, named):
     own = tmp_path / "queries.yaml"
     own.write_text(text)
     load_phrasings.cache_clear()
     with pytest.raises(QueriesFileError, match=named) as err:
-        DataConfig(queries_file=own)
+        VolumeDataset(tmp_path / "manifest.jsonl", DataConfig(queries_file=own))
     assert str(own) in str(err.value)
 
 
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(QueriesFileError, match="missing.yaml"):
-        DataConfig(queries_file=tmp_path / "missing.yaml")
+        missing = DataConfig(queries_file=tmp_path / "missing.yaml")
+        VolumeDataset(tmp_path / "manifest.jsonl", missing)
 
 
 def test_training_draws_reach_the_configs_file_through_the_dataset(tmp_path):

@@ -9,7 +9,7 @@ def oracle_records(phantom_manifest):
     """(cfg, overrides, samples, records): the oracle row of every sample (split train and test,
     for more cases) scored as the evaluation scores it, on 16 slices of 96 px. Tests copy the
     records they change."""
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.dataset import VolumeDataset
     from evaluation.evaluate import CaseScorer, oracle_jobs
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data.cli import UsageError
+from common.cli import UsageError
 from evaluation.anchor_slack import anchor_slack, grown, main
 
 

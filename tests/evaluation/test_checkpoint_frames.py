@@ -4,9 +4,8 @@ import logging
 
 import pytest
 
-from cluster.config import load_run_config
-from data.cli import UsageError
-from data.config import DataConfig
+from common.cli import UsageError
+from common.config import DataConfig, load_run_config
 from evaluation.evaluate import check_adapter_frames, evaluate
 from learner.training_frame import TrainingFrame
 

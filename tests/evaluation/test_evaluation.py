@@ -35,7 +35,7 @@ def tiny_model(tmp_path_factory):
 def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     phantom_manifest, tiny_model, tmp_path
 ):
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from evaluation.evaluate import evaluate
 
     cfg = load_run_config(
@@ -103,7 +103,7 @@ def table_rows(markdown: str) -> dict[str, str]:
 
 
 def test_phrasings_default_by_split_and_train_has_no_held_out_rows():
-    from data.cli import UsageError
+    from common.cli import UsageError
     from evaluation.evaluate import resolve_phrasings
 
     assert resolve_phrasings(None, "test") == "held-out"
@@ -117,8 +117,8 @@ def test_phrasings_default_by_split_and_train_has_no_held_out_rows():
 
 
 def test_an_empty_split_stops_with_the_counts_per_split(phantom_manifest, tmp_path):
-    from cluster.config import load_run_config
-    from data.cli import UsageError
+    from common.cli import UsageError
+    from common.config import load_run_config
     from evaluation.evaluate import evaluate
 
     cfg = load_run_config("configs/tiny.yaml", [f"data.manifest={phantom_manifest}"])
@@ -131,7 +131,7 @@ def test_an_empty_split_stops_with_the_counts_per_split(phantom_manifest, tmp_pa
 
 
 def test_held_out_cases_asked_with_training_phrasings_are_fixed_by_the_case_id(phantom_manifest):
-    from data.config import DataConfig
+    from common.config import DataConfig
     from data.dataset import VolumeDataset
     from data.queries import phrasings
     from evaluation.evaluate import with_training_phrasing
@@ -167,7 +167,7 @@ def test_table_ci_columns_and_the_paired_comparison_by_hand():
 
 
 def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
-    from data.config import DataConfig
+    from common.config import DataConfig
     from data.dataset import VolumeDataset
     from evaluation.predict import prepare_image, resolve_settings
 
@@ -180,7 +180,7 @@ def test_predict_sees_the_slices_the_dataset_trains_on(phantom_manifest):
 
 
 def test_predict_window_takes_a_preset_or_two_numbers():
-    from data.cli import UsageError
+    from common.cli import UsageError
     from evaluation.predict import PredictError, build_parser, parse_window
 
     base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out", "o"]
@@ -256,7 +256,7 @@ def test_predict_writes_mask_on_the_input_grid_evidence_and_card(
 @pytest.mark.slow
 def test_predict_with_an_oracle_like_answer_writes_a_real_mask(phantom_manifest, tmp_path):
     """The card and mask path with a usable anchor, via the evaluation scorer on the oracle."""
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.dataset import VolumeDataset
     from evaluation.card import evidence_card
     from evaluation.evaluate import CaseScorer, oracle_jobs
@@ -290,10 +290,9 @@ def test_predict_with_an_oracle_like_answer_writes_a_real_mask(phantom_manifest,
 def test_prompts_are_generated_in_chunks_with_the_same_answers(
     tiny_model, phantom_manifest, monkeypatch
 ):
-    from data.config import DataConfig
+    from common.config import DataConfig, RolloutConfig
     from data.dataset import VolumeDataset
     from evaluation import evaluate as ev
-    from rollout.config import RolloutConfig
     from rollout.hf_engine import TransformersEngine
 
     ds = VolumeDataset(phantom_manifest, DataConfig(num_slices=4, slice_size=32))
@@ -320,11 +319,9 @@ def test_one_engine_for_every_checkpoint_answers_as_a_fresh_engine_per_checkpoin
     """Base, an SFT-like adapter and one above the configured LoRA rank (a stacked SFT + GRPO
     adapter), asked in an order that puts the base after an adapter: one engine gives the
     greedy answers that an engine built for each checkpoint alone gives."""
-    from cluster.config import load_run_config
-    from data.config import DataConfig
+    from common.config import DataConfig, LoraSettings, load_run_config
     from data.dataset import VolumeDataset
     from evaluation import evaluate as ev
-    from learner.config import LoraSettings
     from rollout.records import WeightUpdate
     from tests.conftest import random_adapter
 

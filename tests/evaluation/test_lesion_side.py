@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data.cli import UsageError
+from common.cli import UsageError
 from evaluation.lesion_side import answer_side, lesion_side, main
 from evaluation.stats import wilson
 

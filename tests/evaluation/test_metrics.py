@@ -78,7 +78,7 @@ def test_bad_spacing_and_shapes_are_refused():
 
 
 def test_the_nsd_tolerance_is_set_per_suite_in_the_config():
-    from cluster.config import ConfigError, load_run_config
+    from common.config import ConfigError, load_run_config
 
     cfg = load_run_config(
         "configs/tiny.yaml", ["evaluation.suite_nsd_tolerance_mm={kits23: 1.0}"]
@@ -177,7 +177,7 @@ def m3d_manifest(tmp_path_factory):
 def test_surface_metrics_on_m3d_arrays_are_in_voxels_unless_the_manifest_gives_a_spacing(
     m3d_manifest,
 ):
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.dataset import VolumeDataset
     from evaluation.evaluate import CaseScorer, oracle_jobs
     from tests.data.test_m3dseg import D, H, W
@@ -202,7 +202,7 @@ def test_surface_metrics_on_m3d_arrays_are_in_voxels_unless_the_manifest_gives_a
 def test_surface_metrics_on_nifti_are_in_mm_from_its_header(phantom_manifest):
     import nibabel as nib
 
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.dataset import VolumeDataset
     from evaluation.evaluate import CaseScorer, oracle_jobs
 

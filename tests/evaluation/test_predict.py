@@ -176,7 +176,7 @@ def tiny_model(tmp_path_factory):
 def test_the_command_line_on_a_dicom_series_with_a_queries_file(
     phantom, tiny_model, tmp_path, capsys
 ):
-    from data.cli import run_cli
+    from common.cli import run_cli
     from evaluation.predict import main
 
     _, folder, _, _, _ = phantom

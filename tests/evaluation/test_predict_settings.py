@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from evaluation.predict import PredictError, PredictSettings, build_parser, resolve_settings
 from learner.training_frame import TrainingFrame
 

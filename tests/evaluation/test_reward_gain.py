@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from data.cli import run_cli
+from common.cli import run_cli
 from evaluation.reward_gain import TERMS, gain_line, main, reward_gain
 
 
@@ -17,7 +17,7 @@ def tiny_model(tmp_path_factory):
 
 
 def config(tiny_model, manifest, out):
-    from cluster.config import load_run_config
+    from common.config import load_run_config
 
     return load_run_config(
         "configs/tiny.yaml",

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
+from common.tracking import moving_average
 from evaluation.stats import (
     RESAMPLES,
     SEED,
     bootstrap_ci,
-    moving_average,
     paired_difference_ci,
     scan_of,
     suite_mean,

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from learner.training_frame import TrainingFrame
 
 

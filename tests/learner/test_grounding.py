@@ -38,7 +38,7 @@ def answer_loss(model_dir, cfg, split):
 
 
 def test_the_stand_in_learns_is_built_once_and_ignores_the_run(tmp_path):
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.phantoms import write_phantoms
     from learner.grounding import grounding_key, pretrained_dir
     from learner.sft import model_path

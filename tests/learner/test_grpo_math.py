@@ -202,7 +202,7 @@ def test_kl_estimators_by_hand():
 
 
 def test_grpo_config_refuses_unknown_options():
-    from learner.config import GRPOConfig
+    from common.config import GRPOConfig
 
     with pytest.raises(ValueError, match="grpo.loss_agg must be one of"):
         GRPOConfig(loss_agg="sum")

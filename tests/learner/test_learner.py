@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.config import GRPOConfig, LoraSettings
+from common.config import GRPOConfig, LoraSettings
 from learner.grpo_learner import BatchError, GRPOExample, GRPOLearner
 from learner.policy import completion_logits, encode, token_logprobs
 from tests.rollout.conftest import make_prompt

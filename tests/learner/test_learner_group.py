@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 
-from cluster.config import load_run_config
 from cluster.placement import plan
+from common.config import load_run_config
 from learner.grpo_learner import GRPOExample, SFTExample
 from rollout.records import FolderBytes
 from tests.rollout.conftest import make_prompt

@@ -4,10 +4,9 @@ prompt's answers well-formed more often, SFT lowers its loss."""
 import numpy as np
 import pytest
 
-from learner.config import GRPOConfig, LoraSettings
+from common.config import GRPOConfig, LoraSettings, RolloutConfig
 from learner.grpo import group_advantages
 from learner.grpo_learner import GRPOExample, GRPOLearner
-from rollout.config import RolloutConfig
 from rollout.hf_engine import TransformersEngine
 from tests.rollout.conftest import make_prompt
 
@@ -76,7 +75,7 @@ def test_grpo_with_the_real_reward_on_one_prompt_raises_its_sampled_reward(tmp_p
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import torch
 
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from data.dataset import VolumeDataset, anchorable
     from data.phantoms import write_phantoms
     from data.prompts import build_messages
@@ -142,8 +141,8 @@ def test_grpo_with_the_real_reward_on_one_prompt_raises_its_sampled_reward(tmp_p
 def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     from mlflow.tracking import MlflowClient
 
-    from cluster.config import load_run_config
-    from data.cli import UsageError
+    from common.cli import UsageError
+    from common.config import load_run_config
     from data.phantoms import write_phantoms
     from learner.sft import train_sft
 
@@ -203,7 +202,7 @@ def test_sft_in_two_processes_under_torchrun(tmp_path, tiny_model):
     import subprocess
     import sys
 
-    from cluster.services import free_port
+    from common.services import free_port
     from data.phantoms import write_phantoms
 
     manifest = write_phantoms(tmp_path / "data", n=4, seed=2, shape=(40, 96, 96), progress=False)

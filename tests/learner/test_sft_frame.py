@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow  # one SFT step on the tiny model: DeepSpeed's sta
 def test_sft_writes_its_frame_beside_the_adapter_and_checkpoints(
     tmp_path, tiny_model, phantom_manifest
 ):
-    from cluster.config import load_run_config
+    from common.config import load_run_config
     from learner.sft import train_sft
 
     cfg = load_run_config(

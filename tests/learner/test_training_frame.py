@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from learner.training_frame import (
     FILE_NAME,
     TrainingFrame,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.config import DataConfig
+from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.targets import evidence_target
 

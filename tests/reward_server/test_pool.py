@@ -6,8 +6,8 @@ import time
 import pytest
 import ray
 
+from common.config import RewardConfig
 from data.answer import EvidenceAnchor, format_answer
-from reward_server.config import RewardConfig
 from reward_server.pool import TIMED_OUT, TIMEOUT_FAILURE, RewardPool
 from reward_server.scorer import RewardScorer, ScoreRequest
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from common.config import RewardConfig
 from data.answer import EvidenceAnchor
 from data.targets import boxes_on_slice
-from reward_server.config import RewardConfig
 from reward_server.propagation import (
     BASELINE_NAME,
     FILL_HOLE_AREA,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from common.config import RewardConfig
 from data.answer import EvidenceAnchor, format_answer
-from reward_server.config import RewardConfig
 from reward_server.scorer import RewardScorer
 
 

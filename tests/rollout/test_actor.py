@@ -6,8 +6,8 @@ import time
 import pytest
 import ray
 
+from common.config import ModelConfig, RolloutConfig
 from rollout.actor import RolloutFleet
-from rollout.config import ModelConfig, RolloutConfig
 from rollout.hf_engine import TransformersEngine
 from rollout.records import WeightUpdate
 

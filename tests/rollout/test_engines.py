@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rollout.config import RolloutConfig
+from common.config import RolloutConfig
 from rollout.hf_engine import TransformersEngine
 from rollout.records import RolloutError, WeightUpdate
 from rollout.vllm_engine import vision_token_ids

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rollout.config import RolloutConfig
+from common.config import RolloutConfig
 from rollout.prompting import render
 
 from .conftest import make_prompt

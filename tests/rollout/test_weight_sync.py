@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rollout.config import ModelConfig, RolloutConfig
+from common.config import ModelConfig, RolloutConfig
 from rollout.hf_engine import TransformersEngine
 from rollout.records import FolderBytes, WeightSyncError, WeightUpdate
 from rollout.vllm_engine import WeightGroup, plan_buckets

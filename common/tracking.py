@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,6 @@ def plot_reward_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from evaluation.stats import moving_average
-
     run_id = latest_run_id(tracking_uri, experiment, run_suffix)
     if run_id is None:
         return None
@@ -206,3 +207,14 @@ def plot_reward_curves(
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` points (shorter at the start): same length as input."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    v = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, idx - window)
+    return (sums[idx] - sums[lo]) / (idx - lo)

@@ -146,3 +146,12 @@ def prune(folder: Path, prefix: str, keep: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 without Ray or on a loopback cluster)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.util.get_node_ip_address()
+    return "127.0.0.1"

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.runtime import append_output, interpreter_environment
+from common.runtime import append_output, interpreter_environment
 
 
 def free_port(host: str = "127.0.0.1") -> int:

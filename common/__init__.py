@@ -1,0 +1,1 @@
+"""What every floor stands on: the run config, runtime set-up, local services, tracking, the CLI."""
