@@ -13,7 +13,13 @@ they see the same slices; ``python -m evaluation.predict --window`` takes the sa
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import math
+import re
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from collections.abc import Sequence
@@ -39,7 +45,13 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "unit": (0.0, 1.0),  # arrays already normalised to 0..1, not HU (possibly M3D-Seg's .npy)
 }
 
-MIN_BOX_AREA = 4  # pixels; the reward server's reward.min_box_area has the same default
+MIN_BOX_AREA = 4  # pixels; data.min_box_area's default
+
+
+def derived(source: str, default: Any) -> Any:
+    """A field of a part's config that the run config sets from its key ``source`` (one value,
+    one key); a YAML file or override that sets it is refused, naming ``source``."""
+    return field(default=default, metadata={"derived_from": source})
 
 
 class WindowError(ValueError):
@@ -77,8 +89,8 @@ class DataConfig:
     # same share of the volume, at least 1 (see key_slice_top_k).
     top_k: int = 5
     # Components smaller than this (pixels) give no box, in SFT targets as in the reward's true
-    # boxes (keep equal to reward.min_box_area); a slice with none at least this big is never an
-    # SFT key slice.
+    # boxes (the reward server is given the same value); a slice with none at least this big is
+    # never an SFT key slice.
     min_box_area: int = MIN_BOX_AREA
     # Intensity window of every suite without its own entry: a preset name from WINDOW_PRESETS or
     # [low, high] (paper's suites are abdominal CT: "abdomen", level 40 width 400).
@@ -97,7 +109,6 @@ class DataConfig:
     # M3D-Seg's loaders draw a question per access; False: the manifest's one fixed query.
     resample_queries: bool = False
     queries_file: Path | None = None  # YAML adding to data/phrasings.yaml's targets; None: it alone
-    seed: int = 0  # seeds Top-K key-slice sampling
 
     def key_slice_top_k(self, top_k: int | None = None) -> int:
         """K of the Top-K key-slice draw at this slice count: ``top_k`` (default ``self.top_k``),
@@ -135,7 +146,8 @@ class ModelConfig:
     grounding_epochs: int = 0
     grounding_lr: float = 1e-3  # AdamW peak lr of that stage (cosine decay to 0)
     grounding_cases: int = 100  # phantoms of the stage's own corpus (never a run's phantoms)
-    grounding_seed: int = 0  # seeds the tiny model's init, the corpus and the stage
+    # seeds the tiny model's init, the corpus and the stage: which stand-in, not the run's seed
+    grounding_seed: int = 0
     grounding_cache: Path | None = None  # where it is kept; None: ~/.cache/medvol-r1/pretrained
 
 
@@ -158,7 +170,7 @@ class RolloutConfig:
     enforce_eager: bool = True  # no graph compilation: reproducible sampling, quick start on CPU
     chunked_prefill: bool | None = None  # None: on GPU only (CPU seeded sampling breaks on chunks)
     gpu_memory_utilization: float = 0.5  # share of a GPU vLLM may take (learner may share it)
-    seed: int = 0  # sampling seed
+    seed: int = derived("seed", 0)  # the vLLM engine's seed
 
     def __post_init__(self) -> None:
         if self.engine not in ("vllm", "transformers"):
@@ -184,7 +196,8 @@ class RewardConfig:
     image_size: int = 512  # MedSAM2 input size (MedSAM2: 512; CPU tests use 256)
     feature_batch: int = 8  # slices per batched image-encoder pass
     volume_cache: int = 4  # volumes whose image features a worker keeps (LRU)
-    min_box_area: int = 4  # true-box components smaller than this (pixels) are ignored
+    # true-box components smaller than this (pixels) are ignored, as in SFT targets
+    min_box_area: int = derived("data.min_box_area", 4)
     num_workers: int = 1  # reward worker replicas (one GPU each on a GPU cluster)
     gpus_per_worker: float = 0.0  # 1 on a GPU cluster; 0 runs workers on CPU
     request_retries: int = 3  # times a request is retried on another worker after a failure
@@ -234,23 +247,22 @@ class LoraSettings:
 
 @dataclass
 class SFTConfig:
-    lr: float = 2e-5  # paper: 2e-5
-    epochs: int = 1  # paper: 1
+    lr: float = 2e-5  # AdamW peak learning rate (paper: 2e-5)
+    epochs: int = 1  # passes over the training samples (paper: 1, a cold start)
     batch_size: int = 2  # sequences per optimizer step per GPU (paper: 2)
-    warmup_ratio: float = 0.1  # paper: 0.1, then cosine decay
+    warmup_ratio: float = 0.1  # share of the steps with linear lr warm-up (paper: 0.1), then cosine
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # gradient norm clip
     precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp32; or bf16 | fp32
-    gradient_checkpointing: bool = True  # paper: on
+    gradient_checkpointing: bool = True  # recompute activations in the backward pass (paper: on)
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    top_k: int | None = None  # Top-K for key slices, given for 64 slices; None = data.top_k
     max_steps: int | None = None  # stop early after this many optimizer steps (smoke runs)
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     # An SFT adapter to start from and keep training (its own rank and layers; sft.lora is then
     # unused), e.g. the cold start continued for as many sample passes as GRPO made (the default
     # run's "SFT (equal updates)" control); null: a fresh adapter (the paper's cold start)
     init_adapter: str | None = None
-    lora: LoraSettings = None  # type: ignore[assignment]
+    lora: LoraSettings = None  # type: ignore[assignment]  # the cold start's adapter
 
     def __post_init__(self) -> None:
         if self.lora is None:
@@ -261,13 +273,11 @@ class SFTConfig:
 
 @dataclass
 class GRPOConfig:
-    lr: float = 2e-6  # paper: 2e-6
+    lr: float = 2e-6  # AdamW peak learning rate (paper: 2e-6)
     epochs: int = 3  # passes over the training prompts (paper: 3)
     batch_size: int = 1  # prompts per update per GPU (paper: 1); each brings G completions
     updates_per_batch: int = 1  # optimizer updates on one batch of rollouts (mu)
-    clip_eps: float = (
-        0.2  # PPO clip range eps (the paper gives none; 0.2 is PPO's and GRPO's usual)
-    )
+    clip_eps: float = 0.2  # PPO clip range eps (the paper gives none; PPO's and GRPO's usual)
     # Upper clip range eps_high (DAPO's clip-higher); None: eps_high = clip_eps (the paper's form)
     clip_eps_high: float | None = None
     beta: float = 0.01  # KL weight (paper: 0.01); 0 drops the KL term and the reference pass
@@ -283,13 +293,14 @@ class GRPOConfig:
     # What A_i's centred reward is divided by: group (the group's std, the paper), batch (the
     # std of the whole batch's rewards) or none (Dr. GRPO: A_i = r_i - mean)
     scale_rewards: str = "group"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    gradient_checkpointing: bool = True
-    zero_stage: int = 2
-    max_steps: int | None = None  # stop after this many GRPO steps (smoke runs, tests)
+    warmup_ratio: float = 0.1  # share of the steps with linear lr warm-up, then cosine decay
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient norm clip
+    precision: str = "auto"  # "auto": bf16 where the hardware has it, else fp32; or bf16 | fp32
+    gradient_checkpointing: bool = True  # recompute activations in the backward pass
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    # stop after this many GRPO steps (None: grpo.epochs over the training prompts)
+    max_steps: int | None = None
     export: str = "adapter"  # weights pushed to rollout: "adapter" (LoRA) or "merged"
     # Truncated importance sampling for the sampler/learner gap: each token's surrogate times
     # min(pi_old_learner / pi_vllm, tis_cap). None: off (the paper has no such correction).
@@ -302,13 +313,13 @@ class GRPOConfig:
     # advantage) and draw more prompts to refill the batch, at most this many extra rounds; a
     # batch still short is topped up with dropped groups. Logged as data/dropped_group_share.
     dynamic_sampling: bool = False
-    dynamic_sampling_rounds: int = 3
+    dynamic_sampling_rounds: int = 3  # extra rounds of prompts dynamic sampling draws at most
     # An SFT term in every update (InstructGPT's PPO-ptx; 0, the paper's GRPO, by default): the
     # loss adds sft_coef x the token-mean cross-entropy of cold-start target answers (the mask's
     # evidence anchor) of grpo.batch_size training samples drawn at random each step, so the
     # answers of targets a batch does not ask about are held where SFT put them.
     sft_coef: float = 0.0
-    lora: LoraSettings = None  # type: ignore[assignment]
+    lora: LoraSettings = None  # type: ignore[assignment]  # GRPO's adapter (over the SFT policy)
 
     def __post_init__(self) -> None:
         if self.lora is None:
@@ -440,10 +451,26 @@ def _coerce(value: Any, hint: Any, field: str) -> Any:
     return value
 
 
+# Keys that were merged into another: a file that still sets one is told where it went.
+MOVED = {
+    "steps": "grpo.max_steps",
+    "checkpoint_every": "grpo.checkpoint_every",
+    "data.seed": "seed",
+    "sft.top_k": "data.top_k",
+}
+
+
 def _build(cls: type[T], values: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in values:
+        key = f"{prefix}.{name}" if prefix else name
+        if key in MOVED:
+            raise ConfigError(f"{key}: merged into {MOVED[key]}; set that instead")
+        if name in fields and "derived_from" in fields[name].metadata:
+            source = fields[name].metadata["derived_from"]
+            raise ConfigError(f"{key}: set from {source}, not a key of its own; set {source}")
+    unknown = set(values) - set(fields)
     if unknown:
         where = f" in {prefix}" if prefix else ""
         raise ConfigError(f"unknown field{where}: {', '.join(sorted(unknown))}")
@@ -508,12 +535,17 @@ def load_config(
         raise ConfigError(f"{where}{err}") from None
 
 
-def to_dict(config: Any) -> dict:
-    """The resolved config as plain data (paths as strings), for logging with a run."""
+def to_dict(config: Any, keys_only: bool = False) -> dict:
+    """The resolved config as plain data (paths as strings), for logging with a run;
+    ``keys_only`` leaves out the fields set from another key (what a YAML file may hold)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {
+                f.name: plain(getattr(value, f.name))
+                for f in dataclasses.fields(value)
+                if not (keys_only and "derived_from" in f.metadata)
+            }
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, list | tuple):
@@ -528,7 +560,7 @@ def to_dict(config: Any) -> dict:
 def to_yaml(config: Any) -> str:
     """The resolved config as YAML that :func:`load_config` reads back to an equal config (what
     ``--print-config`` prints)."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+    return yaml.safe_dump(to_dict(config, keys_only=True), sort_keys=False)
 
 
 # The run config: one section per part, each part's own typed config.
@@ -544,6 +576,7 @@ class GRPORunConfig(GRPOConfig):
     num_learners: int = 1
     # true: GRPO starts from the base model with no SFT adapter (the paper starts from SFT)
     from_base: bool = False
+    checkpoint_every: int = 5  # GRPO steps between resumable checkpoints
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -568,9 +601,10 @@ class ClusterConfig:
     # Actors' output (vLLM, DeepSpeed) to the driver, so `ray job logs` shows it; None: on when
     # joining a cluster (cluster.address or RAY_ADDRESS), off for a local instance
     log_to_driver: bool | None = None
-    # Extra Ray resources of each learner rank's / rollout actor's bundle, to pin roles to nodes
-    # that advertise them (`ray start --resources '{"learner_node": 1}'`); {}: any node
+    # Extra Ray resources of each learner rank's bundle, to pin it to nodes that advertise them
+    # (`ray start --resources '{"learner_node": 1}'`); {}: any node
     learner_resources: dict[str, float] = field(default_factory=dict)
+    # The same for each rollout actor's bundle
     rollout_resources: dict[str, float] = field(default_factory=dict)
     # Node-local folder for the actors' temporary files (adapters they are pushed, checkpoint
     # shards on their way to the driver, the merged policy base); a node's own $MEDVOL_SCRATCH
@@ -631,38 +665,34 @@ class EvaluationConfig:
 @dataclass
 class RunConfig:
     output_dir: Path = Path("runs/default")  # adapters, checkpoints, evaluation tables
-    seed: int = 0  # seeds data order, key-slice sampling and rollout sampling
-    steps: int | None = None  # GRPO steps to run (None: grpo.epochs over the training prompts)
-    checkpoint_every: int = 5  # GRPO steps between checkpoints
+    # The run's one seed: SFT's data order and Top-K draws, GRPO's prompt order and the generator
+    # that draws each step's sampling seeds, the vLLM engine's seed (rollout.seed). Not the tiny
+    # model's grounding stage (model.grounding_seed): every run starts from the same stand-in.
+    seed: int = 0
     keep_checkpoints: int = 3  # the newest N GRPO checkpoints are kept, older ones deleted
-    keep_adapters: int = (
-        2  # the newest N adapters pushed to rollout are kept (each step writes one)
-    )
+    keep_adapters: int = 2  # the newest N adapters pushed to rollout are kept (one per step)
     # SFT adapter merged into the base for GRPO: the run starts from the SFT policy and its KL
     # term pulls toward it. None: <output_dir>/sft/adapter, where learner.sft writes it (so one
     # output_dir holds the whole recipe); stays None under grpo.from_base
     sft_adapter: Path | None = None
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    grpo: GRPORunConfig = field(default_factory=GRPORunConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # volumes -> slices, window, Top-K
+    model: ModelConfig = field(default_factory=ModelConfig)  # the policy's base checkpoint
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # sampling G completions
+    reward: RewardConfig = field(default_factory=RewardConfig)  # the four terms and MedSAM2
+    sft: SFTConfig = field(default_factory=SFTConfig)  # the LoRA cold start
+    grpo: GRPORunConfig = field(default_factory=GRPORunConfig)  # the GRPO update and its ranks
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # Ray placement, weight sync
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # MLflow
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)  # metric settings
 
     def __post_init__(self) -> None:
         for name in ("keep_checkpoints", "keep_adapters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        # SFT anchors and the spatial reward must drop the same small components, else a
-        # correct SFT anchor could score nothing.
-        if self.data.min_box_area != self.reward.min_box_area:
-            raise ConfigError(
-                f"data.min_box_area ({self.data.min_box_area}) and reward.min_box_area "
-                f"({self.reward.min_box_area}) must be equal"
-            )
+        self.rollout.seed = self.seed
+        # SFT anchors and the spatial reward drop the same small components, else a correct SFT
+        # anchor could score nothing.
+        self.reward.min_box_area = self.data.min_box_area
         if self.grpo.from_base and self.sft_adapter is not None:
             raise ConfigError(
                 f"sft_adapter ({self.sft_adapter}) and grpo.from_base: true: GRPO starts from "
@@ -675,3 +705,74 @@ class RunConfig:
 def load_run_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> RunConfig:
     """The run config of a YAML file plus ``key=value`` overrides."""
     return load_config(RunConfig, path, overrides)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of dataclass ``cls`` (inherited ones too) with its comment in the source: the
+    comment lines right above it and the one at the end of its line, joined."""
+    found: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source = textwrap.dedent(inspect.getsource(klass))
+        lines = source.splitlines()
+        comment_on: dict[int, str] = {}
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                text = re.sub(r"^#\s*(type: ignore\[[\w-]+\]\s*#\s*)?", "", token.string)
+                comment_on[token.start[0]] = text.strip()
+        names = {f.name for f in dataclasses.fields(klass)}
+        for number, line in enumerate(lines, 1):
+            match = re.match(r"    (\w+)\s*:", line)
+            if not match or match.group(1) not in names:
+                continue
+            above, j = [], number - 1
+            while j >= 1 and lines[j - 1].strip().startswith("#"):
+                above.insert(0, comment_on[j])
+                j -= 1
+            inline = [comment_on[number]] if number in comment_on else []
+            found[match.group(1)] = " ".join(above + inline)
+    return found
+
+
+def _yaml_scalar(value: Any) -> str:
+    value = str(value) if isinstance(value, Path) else value
+    text = yaml.safe_dump(value, default_flow_style=True, width=1_000_000)
+    return text.removesuffix("\n...\n").strip()
+
+
+def reference_yaml() -> str:
+    """``configs/reference.yaml``: every key of a run config with its default and comment, as a
+    YAML file that loads back to the default config (``python -m common.config`` prints it)."""
+    out = [
+        "# Every key of a run config, with its default and what it does; generated from the",
+        "# dataclasses of common/config.py by `python -m common.config` (tests keep it in sync).",
+        "# A run's YAML sets only what differs (configs/tiny.yaml, configs/paper.yaml).",
+    ]
+
+    def emit(instance: Any, indent: int) -> None:
+        pad = " " * indent
+        comments = field_comments(type(instance))
+        for f in dataclasses.fields(instance):
+            if "derived_from" in f.metadata:
+                continue
+            current = getattr(instance, f.name)
+            for line in textwrap.wrap(comments.get(f.name, ""), 98 - indent):
+                out.append(f"{pad}# {line}")
+            if dataclasses.is_dataclass(current):
+                out.append(f"{pad}{f.name}:")
+                emit(current, indent + 2)
+                continue
+            value = f.default if f.default is not dataclasses.MISSING else current
+            out.append(f"{pad}{f.name}: {_yaml_scalar(value)}")
+
+    emit(RunConfig(), 0)
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print configs/reference.yaml."""
+    sys.stdout.write(reference_yaml())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

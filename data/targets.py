@@ -77,7 +77,7 @@ def evidence_target(
 ) -> EvidenceAnchor:
     """The SFT target anchor: a key slice drawn from the Top-K by area F_t among the
     :func:`anchor_slices`, and the boxes of its components of at least ``min_area`` pixels
-    (exactly the true boxes the spatial reward sees with ``reward.min_box_area = min_area``).
+    (exactly the true boxes the spatial reward sees with ``data.min_box_area = min_area``).
 
     Raises :class:`EmptyTargetError` naming the sample when no slice can anchor the target.
     """
