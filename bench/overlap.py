@@ -3,15 +3,14 @@ slowest phase. Run from the repository root:
 
     python -m bench.overlap [--shape tiny|paper] [--steps 4] [--repeats 3] [--batch B]
 
-Each side is the real run as ``ray job submit`` starts it (``cluster.grpo.GRPOTrainer`` on a local
-Ray instance: a vLLM rollout actor, the reward pool on Ray Serve, a DeepSpeed learner actor),
-on the tiny Qwen3-VL and phantoms built here, each actor on the CPUs its bundle names (one each
-by default; ``--cpus`` changes the rollout actor's and the learner's). The sides alternate run by
-run; the first step of each run warms it up (and is the one step an overlapped run cannot
-overlap). From the sequential runs come the phases of a step (generate, reward, learn, weight
-sync); from the overlapped runs the step itself. The output ends with the median ratios and their
-min-max spread, and the lines ``sequential / overlap: N.NNx`` and
-``overlap step / slowest phase: N.NNx``.
+Each side is the real run as ``ray job submit`` starts it (``cluster.trainer.GRPOTrainer`` on a
+local Ray instance: a vLLM rollout actor, the reward pool on Ray Serve, a DeepSpeed learner actor),
+on the tiny Qwen3-VL and phantoms built here, each actor on the CPUs its bundle names (one each by
+default; ``--cpus`` changes the rollout actor's and the learner's). The sides alternate run by run;
+the first step of each run warms it up (and is the one step an overlapped run cannot overlap). From
+the sequential runs come the phases of a step (generate, reward, learn, weight sync); from the
+overlapped runs the step itself. The output ends with the median ratios and their min-max spread,
+and the lines ``sequential / overlap: N.NNx`` and ``overlap step / slowest phase: N.NNx``.
 
 ``--shape paper`` is the paper's prompt (64 slices of 256 px, up to 256 new tokens, one prompt
 per step, G = 4); ``tiny`` (default) is 16 slices of 128 px, 64 tokens, 4 prompts per step. The
@@ -21,19 +20,21 @@ measures how generation and learning overlap; ``bench.reward_server`` measures t
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from common.cli import ArgumentParser, command
 
 PHASES = ("time/generate_s", "time/reward_s", "time/learn_s", "time/weight_sync_s")
 
 
 def run_steps(config: Path, overrides: list[str], steps: int) -> list[dict]:
     """``steps`` GRPO steps of one run (a fresh trainer); each step's metrics."""
-    from cluster.grpo import GRPOTrainer
+    from cluster.trainer import GRPOTrainer
     from common.config import load_run_config
 
     trainer = GRPOTrainer(load_run_config(config, overrides))
@@ -43,15 +44,16 @@ def run_steps(config: Path, overrides: list[str], steps: int) -> list[dict]:
         trainer.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.overlap")
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.overlap", description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=("tiny", "paper"), default="tiny")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per side (>= 1)")
     parser.add_argument("--batch", type=int, help="prompts per step")
     parser.add_argument("--cpus", type=float, default=1.0,
                         help="CPUs of the rollout actor and of the learner")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     slices, size, tokens, batch = (64, 256, 256, 1) if args.shape == "paper" else (16, 128, 64, 4)
     batch = args.batch or batch
     from common.runtime import set_default_environment
@@ -74,10 +76,10 @@ def main() -> None:
         f"data.num_slices={slices}", f"data.slice_size={size}", f"model.path={model}",
         f"rollout.max_tokens={tokens}", "rollout.temperature=1.0",
         f"rollout.max_model_len={1024 + slices * (size // 32) ** 2 + tokens}",
-        f"grpo.batch_size={batch}", "grpo.epochs=4", f"steps={steps}", "grpo.tis_cap=2.0",
+        f"grpo.batch_size={batch}", "grpo.epochs=4", f"grpo.max_steps={steps}", "grpo.tis_cap=2.0",
         f"cluster.rollout_cpus={args.cpus:g}", f"cluster.learner_cpus={args.cpus:g}",
         "cluster.log_to_driver=false", f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
-        "checkpoint_every=1000", "grpo.from_base=true",
+        "grpo.checkpoint_every=1000", "grpo.from_base=true",
     ]
     os.chdir(repo)
     sequential, overlapped = [], []
@@ -114,7 +116,8 @@ def main() -> None:
           f"overlap step / slowest phase {tightness.min():.2f}x-{tightness.max():.2f}x")
     print(f"sequential / overlap: {np.median(speedup):.2f}x")
     print(f"overlap step / slowest phase: {np.median(tightness):.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

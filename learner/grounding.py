@@ -120,7 +120,7 @@ def ground(
     from data.dataset import VolumeDataset, anchorable
     from data.prompts import build_messages, sft_target_text
     from data.targets import evidence_target
-    from learner.policy import completion_logits, encode, target_ids, token_logprobs
+    from learner.encoding import completion_logits, encode, target_ids, token_logprobs
 
     seed = cfg.model.grounding_seed
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ update's forward pass runs on exactly those weights (the optimizer steps only at
 batch), so its detached logprobs are pi_old at no extra cost; vLLM's logprobs are kept to
 report the sampler/learner gap, and to weight tokens when truncated importance sampling is on.
 
-Data-parallel (``WORLD_SIZE`` ranks, see ``learner.policy.setup_rank``): each rank learns on an
+Data-parallel (``WORLD_SIZE`` ranks, see ``learner.engine.setup_rank``): each rank learns on an
 equal share of the batch's groups (:func:`split_groups`) and DeepSpeed all-reduces the
 gradients, so one update equals one single-rank update on the whole batch. Everything a rank
 normalises by is the whole batch's: DeepSpeed averages over every rank's micro-batches, a
@@ -25,29 +25,30 @@ from pathlib import Path
 import torch
 
 from common.config import GRPOConfig
-from learner.grpo import grpo_loss, token_entropy, truncated_is_weights
-from learner.policy import (
-    adapter_grad_norm,
-    build_engine,
+from learner.adapters import merged_state, save_adapter, save_merged, save_stacked_adapter
+from learner.encoding import (
+    EncodedSequence,
+    PackedGroup,
     completion_logits,
-    deepspeed_config,
     encode,
     encode_prompt,
     group_completion_logits,
-    load_lora_policy,
-    merged_state,
     pack_group,
     packing_supported,
-    resolve_precision,
-    save_adapter,
-    save_merged,
-    save_stacked_adapter,
     target_ids,
     token_logprobs,
     vision_features,
     with_completion,
+)
+from learner.engine import (
+    adapter_grad_norm,
+    build_engine,
+    deepspeed_config,
+    load_lora_policy,
+    resolve_precision,
     world_size,
 )
+from learner.grpo import LossParts, grpo_loss, token_entropy, truncated_is_weights
 from learner.training_frame import TrainingFrame
 from rollout.hf_engine import merge_adapter
 from rollout.records import WeightUpdate
@@ -302,51 +303,9 @@ class GRPOLearner:
         if self.world > 1 and batch_tokens is None:
             raise BatchError("with several learner ranks, step needs the whole batch's tokens")
         units = self._units(batch)
-        sft_seqs, sft_at = [], {}
-        if self.cfg.sft_coef > 0:
-            if sft_batch is None or len(sft_batch) != self.prompts_per_rank:
-                got = "none" if sft_batch is None else len(sft_batch)
-                raise BatchError(
-                    f"grpo.sft_coef {self.cfg.sft_coef} needs one SFT target per prompt "
-                    f"({self.prompts_per_rank}), got {got}"
-                )
-            sft_seqs = [
-                encode(self.processor, ex.messages, target_ids(self.processor, ex.target))
-                for ex in sft_batch
-            ]
-            firsts: dict[int, int] = {}  # group -> its first micro-batch
-            for u, unit in enumerate(units):
-                firsts.setdefault(id(batch[unit[0]].messages), u)
-            sft_at = {u: j for j, u in enumerate(firsts.values())}
-            # DeepSpeed divides each micro-batch's loss by their number: a target on one of
-            # them is weighted by micro-batches / targets, so the update adds sft_coef x the mean.
-            sft_weight = self.cfg.sft_coef * len(units) / len(sft_seqs)
-        # The G completions of a prompt share its messages: run the processor (images) once.
-        prompts: dict[int, dict] = {}
-        for ex in batch:
-            if id(ex.messages) not in prompts:
-                prompts[id(ex.messages)] = encode_prompt(self.processor, ex.messages)
-        unit_prompts = [prompts[id(batch[u[0]].messages)] for u in units]
-        seqs = [with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch]
-        # The frozen vision tower, once per prompt for every pass of this step.
-        visions = [
-            vision_features(self.engine.module, p, self.device) if self.reuse_vision else None
-            for p in unit_prompts
-        ]
-        # Each group packed once (its 4D mask and positions), for every pass of this step.
-        packs = [
-            pack_group(self.engine.module, p, [seqs[i].completion_ids.tolist() for i in u])
-            if self.learner_pass == "grouped"
-            else None
-            for u, p in zip(units, unit_prompts)
-        ]
-        refs: list[torch.Tensor | None] = [None] * len(batch)
-        if self.cfg.beta != 0.0 and self.cfg.kl_estimator != "none":
-            with torch.no_grad(), self.engine.module.disable_adapter():
-                for unit, packed, vision in zip(units, packs, visions):
-                    logits = self._logits(self.engine.module, unit, packed, seqs, vision)
-                    for i, lg in zip(unit, logits):
-                        refs[i] = token_logprobs(lg, seqs[i].completion_ids)
+        sft_seqs, sft_at, sft_weight = self._sft_targets(batch, units, sft_batch)
+        seqs, packs, visions = self._encode(batch, units)
+        refs = self._reference_logprobs(units, packs, visions, seqs)
         tokens = sum(len(ex.completion_ids) for ex in batch)
         # What the whole batch's means divide by: every rank's tokens, units and completions.
         all_tokens = tokens if batch_tokens is None else batch_tokens
@@ -368,43 +327,18 @@ class GRPOLearner:
                     for i, lp, sampler in zip(unit, logps, samplers):
                         olds[i] = lp.detach()
                         gaps.append((olds[i] - sampler).abs())
-                logp, mask = pad_rows(logps)
-                old, _ = pad_rows([olds[i] for i in unit])
-                ref = pad_rows([refs[i] for i in unit])[0] if refs[unit[0]] is not None else None
-                weights = None
-                if self.cfg.tis_cap is not None:
-                    sampler, _ = pad_rows(samplers)
-                    weights = truncated_is_weights(old, sampler, self.cfg.tis_cap)
-                advantages = [batch[i].advantage for i in unit]
-                parts = grpo_loss(
-                    logp,
-                    old,
-                    ref,
-                    torch.tensor(advantages, dtype=logp.dtype, device=logp.device),
-                    mask,
-                    self.cfg.clip_eps,
-                    self.cfg.beta,
-                    weights,
-                    clip_eps_high=self.cfg.clip_eps_high,
-                    kl_estimator=self.cfg.kl_estimator,
-                    loss_agg=self.cfg.loss_agg,
-                    # DeepSpeed averages the micro-batch losses of every rank: the batch's
-                    # token mean needs each one's token sum over (batch tokens / micro-batches).
-                    token_count=all_tokens / all_units,
-                    max_tokens=self.max_tokens,
+                parts, n = self._grpo_loss(
+                    batch, unit, logps, samplers, olds, refs, all_tokens / all_units
                 )
                 loss = parts.loss
                 if u in sft_at:
-                    seq = sft_seqs[sft_at[u]]
-                    lg = completion_logits(self.engine, seq, self.device)
-                    sft_loss = -token_logprobs(lg, seq.completion_ids).mean()
+                    sft_loss = self._sft_loss(sft_seqs[sft_at[u]])
                     loss = loss + sft_weight * sft_loss
                     totals["sft"] += sft_loss.item() / (len(sft_seqs) * self.world)
                 self.engine.backward(loss)  # DeepSpeed averages over the micro-batches
                 if u == len(units) - 1:
                     grad_norm = adapter_grad_norm(self.engine)
                 self.engine.step()  # steps the optimizer at the end of the batch only
-                n = int(mask.sum())
                 totals["loss"] += parts.loss.item() / all_units
                 totals["kl"] += parts.kl.item() / all_units
                 totals["clip"] += parts.clip_fraction.item() * n
@@ -426,6 +360,122 @@ class GRPOLearner:
             ratio_mean=totals["ratio"] / all_tokens,
             sft_loss=totals["sft"],
         )
+
+    def _sft_targets(
+        self, batch: list[GRPOExample], units: list[list[int]], sft_batch: list[SFTExample] | None
+    ) -> tuple[list[EncodedSequence], dict[int, int], float]:
+        """``grpo.sft_coef``'s targets encoded, which micro-batch carries each (micro-batch ->
+        target: its group's first), and the weight of a target's cross-entropy in the loss;
+        nothing when the term is off."""
+        if self.cfg.sft_coef <= 0:
+            return [], {}, 0.0
+        if sft_batch is None or len(sft_batch) != self.prompts_per_rank:
+            got = "none" if sft_batch is None else len(sft_batch)
+            raise BatchError(
+                f"grpo.sft_coef {self.cfg.sft_coef} needs one SFT target per prompt "
+                f"({self.prompts_per_rank}), got {got}"
+            )
+        sft_seqs = [
+            encode(self.processor, ex.messages, target_ids(self.processor, ex.target))
+            for ex in sft_batch
+        ]
+        firsts: dict[int, int] = {}  # group -> its first micro-batch
+        for u, unit in enumerate(units):
+            firsts.setdefault(id(batch[unit[0]].messages), u)
+        sft_at = {u: j for j, u in enumerate(firsts.values())}
+        # DeepSpeed divides each micro-batch's loss by their number: a target on one of
+        # them is weighted by micro-batches / targets, so the update adds sft_coef x the mean.
+        sft_weight = self.cfg.sft_coef * len(units) / len(sft_seqs)
+        return sft_seqs, sft_at, sft_weight
+
+    def _encode(
+        self, batch: list[GRPOExample], units: list[list[int]]
+    ) -> tuple[list[EncodedSequence], list[PackedGroup | None], list[dict | None]]:
+        """The batch as model inputs, made once for every pass of this step: each completion
+        after its prompt, each micro-batch's packed group (grouped pass; None per completion)
+        and the frozen vision tower's output for its prompt (None while the tower trains)."""
+        # The G completions of a prompt share its messages: run the processor (images) once.
+        prompts: dict[int, dict] = {}
+        for ex in batch:
+            if id(ex.messages) not in prompts:
+                prompts[id(ex.messages)] = encode_prompt(self.processor, ex.messages)
+        unit_prompts = [prompts[id(batch[u[0]].messages)] for u in units]
+        seqs = [with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch]
+        # The frozen vision tower, once per prompt for every pass of this step.
+        visions = [
+            vision_features(self.engine.module, p, self.device) if self.reuse_vision else None
+            for p in unit_prompts
+        ]
+        # Each group packed once (its 4D mask and positions), for every pass of this step.
+        packs = [
+            pack_group(self.engine.module, p, [seqs[i].completion_ids.tolist() for i in u])
+            if self.learner_pass == "grouped"
+            else None
+            for u, p in zip(units, unit_prompts)
+        ]
+        return seqs, packs, visions
+
+    def _reference_logprobs(
+        self,
+        units: list[list[int]],
+        packs: list[PackedGroup | None],
+        visions: list[dict | None],
+        seqs: list[EncodedSequence],
+    ) -> list[torch.Tensor | None]:
+        """log pi_ref of each completion's tokens: the adapter disabled, the SFT policy. None
+        for every completion when there is no KL term."""
+        refs: list[torch.Tensor | None] = [None] * len(seqs)
+        if self.cfg.beta != 0.0 and self.cfg.kl_estimator != "none":
+            with torch.no_grad(), self.engine.module.disable_adapter():
+                for unit, packed, vision in zip(units, packs, visions):
+                    logits = self._logits(self.engine.module, unit, packed, seqs, vision)
+                    for i, lg in zip(unit, logits):
+                        refs[i] = token_logprobs(lg, seqs[i].completion_ids)
+        return refs
+
+    def _grpo_loss(
+        self,
+        batch: list[GRPOExample],
+        unit: list[int],
+        logps: list[torch.Tensor],
+        samplers: list[torch.Tensor],
+        olds: list[torch.Tensor | None],
+        refs: list[torch.Tensor | None],
+        token_count: float,
+    ) -> tuple[LossParts, int]:
+        """The GRPO loss of one micro-batch (``token_count``: what its token sum is divided by)
+        and its number of completion tokens."""
+        logp, mask = pad_rows(logps)
+        old, _ = pad_rows([olds[i] for i in unit])
+        ref = pad_rows([refs[i] for i in unit])[0] if refs[unit[0]] is not None else None
+        weights = None
+        if self.cfg.tis_cap is not None:
+            sampler, _ = pad_rows(samplers)
+            weights = truncated_is_weights(old, sampler, self.cfg.tis_cap)
+        advantages = [batch[i].advantage for i in unit]
+        parts = grpo_loss(
+            logp,
+            old,
+            ref,
+            torch.tensor(advantages, dtype=logp.dtype, device=logp.device),
+            mask,
+            self.cfg.clip_eps,
+            self.cfg.beta,
+            weights,
+            clip_eps_high=self.cfg.clip_eps_high,
+            kl_estimator=self.cfg.kl_estimator,
+            loss_agg=self.cfg.loss_agg,
+            # DeepSpeed averages the micro-batch losses of every rank: the batch's token mean
+            # needs each one's token sum over (batch tokens / micro-batches).
+            token_count=token_count,
+            max_tokens=self.max_tokens,
+        )
+        return parts, int(mask.sum())
+
+    def _sft_loss(self, seq: EncodedSequence) -> torch.Tensor:
+        """The token-mean cross-entropy of one SFT target, at temperature 1."""
+        lg = completion_logits(self.engine, seq, self.device)
+        return -token_logprobs(lg, seq.completion_ids).mean()
 
     def export(self, out_dir: Path, version: int) -> WeightUpdate:
         """Weights for the rollout engines, which serve :meth:`write_policy_base`'s folder: the

@@ -1,6 +1,6 @@
 """The LoRA cold start: supervised fine-tuning on evidence anchors built from the masks.
 
-    python -m learner.sft --config configs/<run>.yaml [key=value ...] [--resume]
+    python -m learner.sft --config configs/<run>.yaml [key=value ...] [--resume] [--print-config]
 
 For every training sample: the 64 tagged slices and the query, then the target answer (short
 reasoning, a Top-K key slice and the boxes of the mask's components on it). The loss is the
@@ -25,28 +25,26 @@ from tqdm import tqdm
 from common.cli import (
     ArgumentParser,
     UsageError,
-    existing_file,
+    add_config_arguments,
+    command,
+    command_config,
     log_to_file,
     resolve_device,
-    run_cli,
 )
-from common.config import RunConfig, load_run_config, to_dict
+from common.config import RunConfig, to_dict
 from common.runtime import set_default_environment
 from common.tracking import Tracker, flatten
 from data.dataset import VolumeDataset, anchorable
 from data.prompts import build_messages, sft_target_text
 from data.targets import evidence_target
-from learner.policy import (
+from learner.adapters import save_adapter
+from learner.encoding import completion_logits, encode, target_ids, token_logprobs
+from learner.engine import (
     build_engine,
-    completion_logits,
     deepspeed_config,
-    encode,
     load_lora_policy,
     resolve_precision,
-    save_adapter,
     setup_rank,
-    target_ids,
-    token_logprobs,
 )
 from learner.training_frame import TrainingFrame
 
@@ -126,7 +124,7 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     rank, world = ranks.rank, ranks.world
     lead = rank == 0  # logs, shows progress and writes the adapter
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
-    top_k = cfg.data.key_slice_top_k(s.top_k)
+    top_k = cfg.data.key_slice_top_k()
     valid, per_rank = shard(dataset, cfg.seed, rank, world)
     steps_per_epoch = per_rank // s.batch_size
     if steps_per_epoch == 0:
@@ -220,13 +218,13 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     return adapter
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m learner.sft", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=existing_file, help="run config YAML (configs/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.lr=1e-4")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = command_config(args)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     if not Path(cfg.data.manifest).is_file():
@@ -240,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cluster.grpo import Checkpoints, sft_start
+from cluster.checkpoints import Checkpoints
+from cluster.trainer import sft_start
 from common.config import ConfigError, DataConfig, load_run_config
 from learner.training_frame import TrainingFrame
 

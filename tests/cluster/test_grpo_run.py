@@ -120,7 +120,7 @@ def test_old_checkpoints_and_adapters_are_pruned_by_number(tmp_path):
 
 
 def test_a_first_interrupt_asks_to_stop_and_a_second_interrupts():
-    from cluster.grpo import stop_requests
+    from cluster.trainer import stop_requests
 
     # Python's own handler before the block, whatever an earlier test left installed
     outer = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -209,7 +209,7 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
                 f"output_dir={tmp_path}",
                 f"tracking.tracking_uri={uri}",
                 f"sft_adapter={sft}",
-                "steps=2",
+                "grpo.max_steps=2",
             ],
             cwd=REPO,
             capture_output=True,
@@ -255,9 +255,9 @@ def test_killed_driver_resumes_in_the_same_run_and_workers_scale_mid_run(run_arg
         *run_args,
         f"output_dir={tmp_path}",
         f"tracking.tracking_uri={uri}",
-        "steps=6",
+        "grpo.max_steps=6",
         "grpo.batch_size=2",
-        "checkpoint_every=2",
+        "grpo.checkpoint_every=2",
         f"cluster.scale_file={scale}",
         "grpo.from_base=true",
     ]
@@ -309,7 +309,7 @@ def test_overlap_and_dynamic_sampling_run_and_are_logged(run_args, tmp_path):
             *run_args,
             f"output_dir={tmp_path}",
             f"tracking.tracking_uri={uri}",
-            "steps=3",
+            "grpo.max_steps=3",
             "grpo.batch_size=2",
             "grpo.overlap=true",
             "grpo.tis_cap=2.0",
@@ -353,7 +353,7 @@ def test_a_closed_run_frees_its_placement_group_for_the_next_run(run_args, tmp_p
     import ray
     from ray.util import placement_group_table
 
-    from cluster.grpo import GRPOTrainer
+    from cluster.trainer import GRPOTrainer
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     try:

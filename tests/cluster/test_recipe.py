@@ -28,7 +28,8 @@ def test_the_sft_adapter_follows_output_dir_unless_given():
 
 
 def test_grpo_without_its_sft_adapter_stops_naming_the_path(tmp_path, capsys):
-    from cluster.grpo import main, sft_start
+    from cluster.grpo import main
+    from cluster.trainer import sft_start
     from common.cli import run_cli
 
     manifest = tmp_path / "manifest.jsonl"

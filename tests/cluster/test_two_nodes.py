@@ -158,7 +158,7 @@ def test_grpo_on_two_nodes_advances_and_resumes_with_weights_as_bytes(
         "grpo.num_learners=2",
         "grpo.batch_size=2",
         "grpo.zero_stage=2",
-        "checkpoint_every=1",
+        "grpo.checkpoint_every=1",
         "cluster.learner_cpus=0.5",
         "cluster.rollout_cpus=0.5",
         "cluster.learner_resources={learner_node: 1}",
@@ -166,14 +166,19 @@ def test_grpo_on_two_nodes_advances_and_resumes_with_weights_as_bytes(
     ]
     started = time.perf_counter()
     first = subprocess.run(
-        [*args, "steps=1"], cwd=REPO, capture_output=True, text=True, timeout=600, env=cluster_env()
+        [*args, "grpo.max_steps=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=cluster_env(),
     )
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint = out / "grpo" / "checkpoints" / "step-1" / "learner" / "ckpt"
     shards = sorted(p.name for p in checkpoint.glob("zero_pp_rank_*"))
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     second = subprocess.run(
-        [*args, "steps=2", "--resume"],
+        [*args, "grpo.max_steps=2", "--resume"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -32,7 +32,7 @@ def engine_and_processor(tiny_model):
 def test_the_sft_and_final_adapters_carry_the_frame(
     engine_and_processor, sft_adapter, tiny_model, tmp_path
 ):
-    from learner.policy import save_adapter, save_stacked_adapter
+    from learner.adapters import save_adapter, save_stacked_adapter
 
     engine, processor = engine_and_processor
     frame = TrainingFrame.of_run(DataConfig(num_slices=8, slice_size=128), tiny_model)

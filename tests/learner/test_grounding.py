@@ -17,8 +17,8 @@ def answer_loss(model_dir, cfg, split):
     from data.dataset import VolumeDataset, anchorable
     from data.prompts import build_messages, sft_target_text
     from data.targets import evidence_target
+    from learner.encoding import completion_logits, encode, target_ids, token_logprobs
     from learner.grounding import explicit_query
-    from learner.policy import completion_logits, encode, target_ids, token_logprobs
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)

@@ -140,7 +140,7 @@ def test_entropy_by_hand():
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    from learner.policy import lr_factor
+    from learner.engine import lr_factor
 
     # 10 steps, warmup 0.2 -> 2 warmup steps at 1/3 and 2/3, then cosine from 1 to 0
     factors = [lr_factor(s, 10, 0.2) for s in range(10)]

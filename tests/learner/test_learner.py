@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from common.config import GRPOConfig, LoraSettings
+from learner.encoding import completion_logits, encode, token_logprobs
 from learner.grpo_learner import BatchError, GRPOExample, GRPOLearner
-from learner.policy import completion_logits, encode, token_logprobs
 from tests.rollout.conftest import make_prompt
 
 pytestmark = pytest.mark.slow
@@ -413,7 +413,7 @@ def test_a_new_engine_survives_the_torch_world_being_torn_down_under_deepspeed()
 
     script = """
 import torch, torch.distributed as dist
-from learner.policy import build_engine, deepspeed_config
+from learner.engine import build_engine, deepspeed_config
 config = deepspeed_config(1e-2, 0.0, 1.0, 0, "fp32", 1)
 first = build_engine(torch.nn.Linear(4, 4), config, 10, 0.0)
 dist.destroy_process_group()
@@ -444,8 +444,8 @@ def test_the_sft_term_adds_sft_coef_times_the_targets_cross_entropy(tiny_model, 
     computed by hand; its gradient is sft_coef times that cross-entropy's on either learner pass
     (one micro-batch per group, or one per completion); the update lowers it. Without the
     targets the step refuses."""
+    from learner.encoding import target_ids
     from learner.grpo_learner import SFTExample
-    from learner.policy import target_ids
 
     cfg = GRPOConfig(
         lr=1e-2,

@@ -36,7 +36,7 @@ def ray_local():
 
 
 def group(tiny_model, sft_adapter, ranks: int):
-    from cluster.grpo import LearnerGroup
+    from cluster.learner_group import LearnerGroup
 
     cfg = load_run_config(
         None,

@@ -20,7 +20,7 @@ def test_grpo_steps_raise_the_expected_reward_of_fresh_samples(tiny_model, tmp_p
     from the rollout engine's own next-token distribution (no sampling noise in the check)."""
     import torch
 
-    from learner.policy import completion_logits, encode
+    from learner.encoding import completion_logits, encode
 
     torch.manual_seed(0)
     group = 16
