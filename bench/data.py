@@ -5,18 +5,22 @@ Run from the repository root: ``python -m bench.data``.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import ArgumentParser, command
 from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.phantoms import write_phantoms
 
 
-def main() -> None:
+@command()
+def main(argv: list[str] | None = None) -> int:
+    ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n")[0]).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         t0 = time.perf_counter()
@@ -38,7 +42,8 @@ def main() -> None:
         print(f"preprocess to {tuple(prepared.slices.shape)}: {cold:.3f} s")
         print(f"load from cache (memory map, all pages read): {np.median(warm) * 1000:.1f} ms")
         print(f"ratio preprocess / cached load: {cold / np.median(warm):.0f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,7 +25,6 @@ and short completions, so a test can check that every figure is printed.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import resource
 import statistics
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.learner import build_batch
+from common.cli import ArgumentParser, UsageError, add_device_argument, command
 
 G = 4  # completions per prompt (bench.learner.build_batch makes a group of 4)
 
@@ -222,7 +222,7 @@ def step_flops(params: StepParameters, shape: StepShape, reference: bool) -> dic
 
 
 def step_shape(processor, batch, merge: int) -> StepShape:
-    from learner.policy import encode_prompt
+    from learner.encoding import encode_prompt
 
     prompt = encode_prompt(processor, batch[0].messages)
     lengths = [len(ex.completion_ids) for ex in batch]
@@ -296,7 +296,7 @@ def check_learner(model_dir: Path, args, peak: float | None) -> None:
     from common.config import GRPOConfig, LoraSettings
     from learner.grpo_learner import GRPOLearner
 
-    batch = build_batch(args.slices, args.size, args.tokens)
+    batch = build_batch(args.slices, args.slice_size, args.tokens)
     cfg = GRPOConfig(
         zero_stage=args.zero_stage,
         gradient_checkpointing=True,
@@ -313,7 +313,7 @@ def check_learner(model_dir: Path, args, peak: float | None) -> None:
         "learner",
         f"GRPO step, {learner.learner_pass} pass, ZeRO-{args.zero_stage}, {learner.precision}, "
         f"checkpointing on, LoRA r=128 ({params.lora / 1e6:.1f} M trainable): {args.slices} "
-        f"slices of {args.size} px ({shape.patches // merge} image tokens), {shape.tokens} "
+        f"slices of {args.slice_size} px ({shape.patches // merge} image tokens), {shape.tokens} "
         f"tokens packed (prompt once + G = {G} x {args.tokens})",
     )
     learner.step(batch)  # warm-up: kernels, allocator, optimizer state
@@ -359,7 +359,7 @@ def check_propagation(work: Path, args) -> None:
     propagator = MedSAM2Propagator(checkpoint, args.image_size, device=args.device)
     rng = np.random.default_rng(0)
     key = args.slices // 2
-    s = args.size
+    s = args.slice_size
     # G distinct anchors on one key slice, the box nudged per completion (bench.reward_server)
     anchors = [
         EvidenceAnchor(key, ((s * 5 // 16 - g, s * 3 // 8, s * 11 // 16, s * 3 // 4),))
@@ -370,13 +370,13 @@ def check_propagation(work: Path, args) -> None:
         "propagation",
         f"MedSAM2 architecture (SAM2.1 Hiera-tiny, random weights) at {args.image_size} px, "
         f"{precision}: G = {G} anchors on slice {key} of {args.slices} slices of {s} px, "
-        f"window +-{args.window}",
+        f"window +-{args.delta}",
     )
 
     def volume():
         return (rng.random((args.slices, s, s)) * 255).astype(np.uint8)
 
-    window = args.window
+    window = args.delta
     propagator.propagate_group("warm-up", volume(), anchors, window)
     held = reset_peak(args.device)
     cold, warm, encoded = [], [], []
@@ -405,7 +405,7 @@ def check_rollout(model_dir: Path, args) -> None:
     from rollout.hf_engine import TransformersEngine
     from rollout.records import RolloutPrompt
 
-    image_tokens = args.slices * (args.size // 32) ** 2
+    image_tokens = args.slices * (args.slice_size // 32) ** 2
     cfg = RolloutConfig(
         engine="transformers",
         group_size=G,
@@ -414,7 +414,7 @@ def check_rollout(model_dir: Path, args) -> None:
         max_images=args.slices,
     )
     engine = TransformersEngine(model_dir, cfg, ModelConfig(dtype="auto"), device=args.device)
-    prompt = RolloutPrompt("gpu-check", build_batch(args.slices, args.size, 1)[0].messages)
+    prompt = RolloutPrompt("gpu-check", build_batch(args.slices, args.slice_size, 1)[0].messages)
     engine.cfg = replace(cfg, max_tokens=4)  # warm-up: a short answer
     engine.generate([prompt], seed=0)
     engine.cfg = cfg
@@ -428,7 +428,7 @@ def check_rollout(model_dir: Path, args) -> None:
         "rollout",
         f"transformers engine, {str(engine.dtype).removeprefix('torch.')}: G = {G} completions of "
         f"up to {args.max_tokens} tokens for one prompt of {len(group.prompt_token_ids)} tokens "
-        f"({args.slices} slices of {args.size} px)",
+        f"({args.slices} slices of {args.slice_size} px)",
     )
     say("rollout", f"generate time {spread(times)}")
     rate = statistics.median(t / s for t, s in zip(tokens, times))
@@ -442,39 +442,37 @@ PARTS = ("learner", "propagation", "rollout")
 # Defaults of the size options: the paper's shape, and the CPU smoke run's
 PAPER_SIZES = {
     "slices": 64,
-    "size": 256,
+    "slice_size": 256,
     "tokens": 256,
     "max_tokens": 256,
     "image_size": 512,
-    "window": 5,
+    "delta": 5,
     "repeats": 3,
 }
 SMOKE_SIZES = {
     "slices": 8,
-    "size": 64,
+    "slice_size": 64,
     "tokens": 16,
     "max_tokens": 16,
     "image_size": 128,
-    "window": 2,
+    "delta": 2,
     "repeats": 1,
 }
 
 
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.gpu_check", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model and sizes")
+    parser = ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--device", choices=("cuda", "cpu"), help="default: cuda when torch sees it"
+        "--smoke", action="store_true", help="tiny model and sizes, on the CPU unless --device"
     )
+    add_device_argument(parser, "every part")
     parser.add_argument("--layers", type=int, default=8, help="language layers of the 4B's 36")
     parser.add_argument("--slices", type=int, help="slices per volume (default 64)")
-    parser.add_argument("--size", type=int, help="slice size in px (default 256)")
+    parser.add_argument("--slice-size", type=int, help="side of a slice in px (default 256)")
     parser.add_argument("--tokens", type=int, help="tokens per learner completion (default 256)")
     parser.add_argument("--max-tokens", type=int, help="rollout max new tokens (default 256)")
     parser.add_argument("--image-size", type=int, help="MedSAM2 input size (default 512)")
-    parser.add_argument("--window", type=int, help="propagation window +-Delta (default 5)")
+    parser.add_argument("--delta", type=int, help="propagation window +-Delta (default 5)")
     parser.add_argument("--repeats", type=int, help="timed runs per part (default 3)")
     parser.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument(
@@ -494,16 +492,19 @@ def parse_args(argv: list[str] | None):
     if args.device is None:
         args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     if not 1 <= args.layers <= QWEN3_VL_4B_TEXT["num_hidden_layers"]:
-        parser.error(f"--layers {args.layers}: Qwen3-VL-4B has 36 language layers; give 1..36")
-    if args.size % 32:
-        parser.error(f"--size {args.size}: must be a multiple of 32 (patch 16, merge 2)")
+        raise UsageError(f"--layers {args.layers}: Qwen3-VL-4B has 36 language layers; give 1..36")
+    if args.slice_size % 32:
+        raise UsageError(
+            f"--slice-size {args.slice_size}: must be a multiple of 32 (patch 16, merge 2)"
+        )
     if args.repeats < 1:
-        parser.error(f"--repeats {args.repeats}: must be at least 1")
+        raise UsageError(f"--repeats {args.repeats}: must be at least 1")
     return args
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     from common.runtime import set_default_environment
 

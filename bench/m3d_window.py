@@ -1,6 +1,6 @@
 """Which window for M3D-Seg: oracle-anchor DSC of phantoms stored as M3D-Seg stores its scans.
 
-    python -m bench.m3d_window [--n 24] [--seed 0] [--slices 32] [--size 128]
+    python -m bench.m3d_window [--cases 24] [--seed 0] [--slices 32] [--slice-size 128]
 
 Phantom CTs (``data.phantoms``, true HU) are written in M3D-Seg's layout, each image through
 M3D's published normalisation (foreground = voxels above the volume mean; clip to its 0.05 and
@@ -21,8 +21,8 @@ difference hu - unit.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -32,6 +32,7 @@ import nibabel as nib
 import numpy as np
 from scipy import sparse
 
+from common.cli import ArgumentParser, command
 from common.config import DataConfig
 from data.dataset import VolumeDataset
 from data.m3dseg import read_subset, write_manifest
@@ -142,17 +143,18 @@ def oracle_dsc(manifest: Path, cfg: DataConfig) -> dict[str, dict[str, float]]:
     return scores
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.m3d_window", description=__doc__)
-    parser.add_argument("--n", type=int, default=24, help="phantom scans (dealt to 3 subsets)")
-    parser.add_argument("--seed", type=int, default=0)
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.m3d_window", description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", type=int, default=24, help="phantom scans (dealt to 3 subsets)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the phantoms")
     parser.add_argument("--slices", type=int, default=32, help="sampled slices per volume")
-    parser.add_argument("--size", type=int, default=128, help="slice size (pixels)")
-    args = parser.parse_args()
-    base = DataConfig(num_slices=args.slices, slice_size=args.size)
+    parser.add_argument("--slice-size", type=int, default=128, help="side of a slice in px")
+    args = parser.parse_args(argv)
+    base = DataConfig(num_slices=args.slices, slice_size=args.slice_size)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        m3d, nifti = write_scans(Path(tmp), args.n, args.seed)
+        m3d, nifti = write_scans(Path(tmp), args.cases, args.seed)
         ways = {
             "unit": (m3d, replace(base, window="unit", m3d_intensity="unit")),
             "hu": (m3d, replace(base, window="abdomen", m3d_intensity="hu")),
@@ -162,8 +164,8 @@ def main() -> None:
         elapsed = time.perf_counter() - start
     suites = list(results["unit"])
     print(
-        f"oracle-anchor DSC x100, baseline propagator, {args.n} phantom scans "
-        f"(seed {args.seed}), {args.slices} slices of {args.size} px ({elapsed:.0f} s)"
+        f"oracle-anchor DSC x100, baseline propagator, {args.cases} phantom scans "
+        f"(seed {args.seed}), {args.slices} slices of {args.slice_size} px ({elapsed:.0f} s)"
     )
     print("| window | " + " | ".join(SUITE_NAMES.get(s, s) for s in suites) + " | mean |")
     print("|---" * (len(suites) + 2) + "|")
@@ -176,7 +178,8 @@ def main() -> None:
         f"hu - unit: {100 * mean:+.2f} DSC per target, 95% CI [{100 * low:+.2f}, "
         f"{100 * high:+.2f}] over {cases} targets (paired, scans resampled)"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

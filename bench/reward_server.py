@@ -30,21 +30,23 @@ from the repository root:
     python -m bench.reward_server [--image-size 256] [--groups 4] [--repeats 3]
                                   [--device cpu|cuda] [--no-workers]
 
-``--device cuda`` scores on the GPU (bf16 autocast, as MedSAM2); ``--no-workers`` skips the Ray
-comparison (for a machine without Ray), and the output then ends without its ratio.
+``--device`` is where MedSAM2 scores (default: the GPU when torch sees one; on CUDA with bf16
+autocast, as MedSAM2); ``--no-workers`` skips the Ray comparison (for a machine without Ray), and
+the output then ends without its ratio.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import ArgumentParser, add_device_argument, command, resolve_device
 from common.config import DataConfig, RewardConfig
 from common.runtime import set_default_environment
 from data.answer import EvidenceAnchor, format_answer
@@ -102,7 +104,7 @@ def six_target_manifest(manifest: Path, rng: np.random.Generator) -> Path:
     for target in SIX_TARGETS:
         values = target_values(target, {})
         if not np.isin(labels, values).any():
-            raise SystemExit(f"{row['mask']}: phantom has no {target} ({LABELS})")
+            raise RuntimeError(f"{row['mask']}: phantom has no {target} ({LABELS})")
         scan = row["id"].split("/")[0]
         rows.append(
             {
@@ -141,7 +143,7 @@ def compare_scan(propagator, scan, window, repeats: int, what: str) -> list[floa
         for side in ("scan", "target") if rep % 2 == 0 else ("target", "scan"):
             took[side], masks[side] = time_scan(propagator, scan, window, side == "target")
         if any((a != b).any() for a, b in zip(masks["scan"], masks["target"])):
-            raise SystemExit(f"{what}: shared features changed a mask")
+            raise RuntimeError(f"{what}: shared features changed a mask")
         ratios.append(took["target"] / took["scan"])
         print(
             f"  repeat {rep + 1}, {what}: features per target {took['target']:.1f} s, once "
@@ -183,21 +185,25 @@ def time_pool(pool, requests: list[ScoreRequest]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+@command()
+def main(argv: list[str] | None = None) -> int:
     set_default_environment()
-    parser = argparse.ArgumentParser(prog="python -m bench.reward_server")
-    parser.add_argument("--image-size", type=int, default=256, help="SAM2 input (MedSAM2: 512)")
+    parser = ArgumentParser(
+        prog="python -m bench.reward_server", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=256, help="SAM2 input side in px (MedSAM2: 512)"
+    )
     parser.add_argument("--groups", type=int, default=4, help="groups (prompts) per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per side")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    add_device_argument(parser, "MedSAM2")
     parser.add_argument("--no-workers", action="store_true", help="skip the Ray comparison")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.device = resolve_device(args.device)
     import torch
 
     if args.device == "cpu":
         torch.set_num_threads(2)
-    elif not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -210,7 +216,7 @@ def main() -> None:
         usable, _ = anchorable(ds)  # prepares every sample into the shared cache
         need = (args.repeats + 1) * args.groups
         if len(usable) < need:
-            raise SystemExit(f"{len(usable)} usable phantom samples, {need} needed")
+            raise RuntimeError(f"{len(usable)} usable phantom samples, {need} needed")
         groups = [(ds[i][1], make_group(ds[i][1], rng)) for i in usable[:need]]
         cfg = RewardConfig(
             propagator="medsam2", random_weights=True, image_size=args.image_size, delta=5
@@ -249,7 +255,7 @@ def main() -> None:
                 for a, b in zip(rewards["naive"], rewards[side])
             )
             if gap > 1e-3:
-                raise SystemExit(f"the batched paths moved a reward by {gap:.4f} from the naive")
+                raise RuntimeError(f"the batched paths moved a reward by {gap:.4f} from the naive")
             core.append(took["naive"] / took["batched"])
             on_cache.append(took["naive"] / took["cached"])
             n = G * len(core_groups)
@@ -275,7 +281,7 @@ def main() -> None:
             print(f"batched / naive: {np.median(core):.2f}x")
             print(f"per-scan features / per-target, Rc window: {np.median(rc):.2f}x")
             print(f"per-scan features / per-target: {np.median(whole):.2f}x")
-            return
+            return 0
 
         import ray
 
@@ -315,7 +321,8 @@ def main() -> None:
         print(f"per-scan features / per-target, Rc window: {np.median(rc):.2f}x")
         print(f"per-scan features / per-target: {np.median(whole):.2f}x")
         print(f"2 workers / 1 worker: {np.median(scaling):.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

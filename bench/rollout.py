@@ -1,27 +1,30 @@
 """Rollout throughput: vLLM against transformers on the same tiny Qwen3-VL and prompts, and the
 latency of a live weight update. Run from the repository root:
 
-    python -m bench.rollout [--prompts 4] [--slices 16] [--size 128] [--max-tokens 64]
+    python -m bench.rollout [--prompts 4] [--slices 16] [--slice-size 128] [--max-tokens 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from common.cli import ArgumentParser, command
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    args = parser.parse_args()
+
+@command()
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m bench.rollout", description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per generate call")
+    parser.add_argument("--slices", type=int, default=16, help="slices per prompt")
+    parser.add_argument("--slice-size", type=int, default=128, help="side of a slice in px")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens at most")
+    args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from common.runtime import set_default_environment
 
@@ -45,7 +48,9 @@ def main() -> None:
             RolloutPrompt(
                 f"p{i}",
                 build_messages(
-                    (rng.random((args.slices, args.size, args.size)) * 255).astype(np.uint8),
+                    (rng.random((args.slices, args.slice_size, args.slice_size)) * 255).astype(
+                        np.uint8
+                    ),
                     "Find the organ that secretes bile.",
                 ),
             )
@@ -81,10 +86,10 @@ def main() -> None:
                 engine.generate(prompts[:1], greedy=True)
                 full_s = time.perf_counter() - start
             del engine
-        tokens_per_prompt = args.slices * (args.size // 32) ** 2
+        tokens_per_prompt = args.slices * (args.slice_size // 32) ** 2
         print(
             f"tiny Qwen3-VL, {args.prompts} prompts x G={cfg.group_size}, {args.slices} slices "
-            f"of {args.size}px ({tokens_per_prompt} image tokens each), "
+            f"of {args.slice_size}px ({tokens_per_prompt} image tokens each), "
             f"max {args.max_tokens} new tokens"
         )
         for name, (cps, tps) in results.items():
@@ -97,7 +102,8 @@ def main() -> None:
             f"  weight update + first greedy answer: LoRA (rank 128) {lora_s:.2f} s, "
             f"full weights {full_s:.2f} s"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,16 +8,17 @@ reward of SFT and SFT+RL on the same prompts -> the table, the bar's checks, ``l
 where the MLflow UI is.
 
     python -m cluster.default_run [--config configs/tiny.yaml] [--cases 60] [--val-every 8]
-        [--manifest M] [--steps N] [--sft-epochs N] [--seed S] [--out DIR] [-v] [--debug]
-        [key=value ...]
+        [--manifest M] [--steps N] [--sft-epochs N] [--seed S] [--out-dir DIR] [--print-config]
+        [-v] [--debug] [key=value ...]
 
 ``--manifest M`` runs the same stages on a manifest of your own scans (``data.manifest``,
 ``data.m3dseg``) instead of phantoms: it needs training and test rows; validation rows, when it
 has them, get their own table. With ``--config configs/paper.yaml`` and its ``model.path`` the
-stages train the real model.
+stages train the real model. ``--print-config`` prints the config every stage starts from (the
+file, the overrides, and the run folder's paths) and exits.
 
 Quiet by default: the console shows the stages, their progress bars and results; each part logs
-to ``<out>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``sft_equal.log``,
+to ``<out-dir>/logs/`` (``default_run.log``, ``sft.log``, ``grpo.log``, ``sft_equal.log``,
 ``evaluate.log``, ``evaluate_val.log``, ``reward_gain.log``, ``ray.log``), and ``-v`` shows
 third-party logs on the console as well. A stage that fails adds its console output (its
 traceback; the GRPO job's whole output) to its log, and the error names that file. Every stage,
@@ -36,16 +37,19 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli import (
     LOG_FILE_ENV,
     VERBOSE_ENV,
     ArgumentParser,
     UsageError,
+    add_config_arguments,
+    command,
+    command_config,
     existing_file,
     log_to_file,
     output_to,
-    run_cli,
 )
 from common.runtime import (
     InterpreterError,
@@ -54,6 +58,9 @@ from common.runtime import (
     require_interpreter,
     set_default_environment,
 )
+
+if TYPE_CHECKING:  # the top imports the standard library only (see main)
+    from common.config import RunConfig
 
 
 def say(message: str) -> None:
@@ -293,7 +300,6 @@ def parse_args(argv: list[str] | None):
     parser = ArgumentParser(
         prog="python -m cluster.default_run", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", type=existing_file, default=Path("configs/tiny.yaml"))
     parser.add_argument("--cases", type=int, default=60, help="phantom cases (scans) to generate")
     parser.add_argument(
         "--val-every",
@@ -307,7 +313,10 @@ def parse_args(argv: list[str] | None):
     )
     parser.add_argument("--sft-epochs", type=int, default=None)
     parser.add_argument(
-        "--seed", type=int, default=None, help="seeds phantoms, model init and sampling"
+        "--seed",
+        type=int,
+        default=None,
+        help="seeds phantoms, model init and sampling (default: the config's seed, 0)",
     )
     parser.add_argument(
         "--manifest",
@@ -315,8 +324,10 @@ def parse_args(argv: list[str] | None):
         default=None,
         help="your own scans' manifest, instead of phantoms (--cases and --val-every unused)",
     )
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default: output_dir)")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every stage")
+    parser.add_argument(
+        "--out-dir", type=Path, default=None, help="run folder (default: output_dir)"
+    )
+    add_config_arguments(parser, default=Path("configs/tiny.yaml"))
     args = parser.parse_args(argv)
     # every fourth phantom is a test case: fewer than 4 leaves nothing to evaluate
     if args.cases < 4:
@@ -399,16 +410,16 @@ def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, g
     """SFT, the control and SFT+RL (and the base on test) on the validation and the test
     scans, with both phrasings; then the sampled reward of SFT and SFT+RL on training prompts."""
     rows = [
-        *("--checkpoint", f"SFT={sft}", "--checkpoint", f"{EQUAL}={equal}"),
-        *("--checkpoint", f"SFT+RL={grpo}", "--phrasings", "both"),
+        *("--adapter", f"SFT={sft}", "--adapter", f"{EQUAL}={equal}"),
+        *("--adapter", f"SFT+RL={grpo}", "--phrasings", "both"),
         *("--compare", "SFT:SFT+RL", "--compare", f"{EQUAL}:SFT+RL"),
     ]
     if splits.get("val", (0, 0))[0]:
         say("evaluation on the validation scans (python -m evaluation.evaluate --split val)")
-        split = ("--split", "val", "--out", str(stages.out / "eval-val"))
+        split = ("--split", "val", "--out-dir", str(stages.out / "eval-val"))
         stages.run("evaluate_val", "evaluation.evaluate", *split, *rows)
     say("evaluation on the test scans (python -m evaluation.evaluate)")
-    stages.run("evaluate", "evaluation.evaluate", "--checkpoint", "base=base", *rows)
+    stages.run("evaluate", "evaluation.evaluate", "--adapter", "base=base", *rows)
     say(
         "the sampled training reward of SFT and SFT+RL on the same prompts "
         "(python -m evaluation.reward_gain)"
@@ -420,27 +431,41 @@ def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, g
         f"SFT={sft}",
         "--after",
         f"SFT+RL={grpo}",
+        "--split",
+        "train",
     )
 
 
+@command(StageFailed, InterpreterError)
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = parse_args(argv)
     # Every stage runs under sys.executable: stop now if it cannot, before the first import of
     # a third-party package (this module's top imports the standard library only).
     require_interpreter()
+    start = time.time()
+    base, stages = plan_stages(args)
+    log_to_file(stages.logs / "default_run.log")
+    splits = input_scans(args, stages, base)
+    one_time = stand_in(base)
+    sft, equal, grpo = train(stages, base, args.steps)
+    evaluate_checkpoints(stages, splits, sft, equal, grpo)
+    report(stages, base, took=time.time() - start - one_time, one_time=one_time)
+    return 0
+
+
+def plan_stages(args) -> tuple[RunConfig, Stages]:
+    """The run config (file, ``--seed`` and overrides) and how each stage starts: the run
+    folder and the overrides every stage shares (its paths, ``--sft-epochs``, quiet actors).
+    ``--print-config`` prints the config every stage starts from and ends the command here."""
     from common.config import load_run_config
 
-    start = time.time()
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
     base = load_run_config(args.config, [*seed_override, *args.overrides])
-    out = (args.out or Path(base.output_dir)).resolve()
+    out = (args.out_dir or Path(base.output_dir)).resolve()
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    logs = out / "logs"
-    log_to_file(logs / "default_run.log")
-    own = args.manifest is not None
-    manifest = args.manifest.resolve() if own else out / "phantoms" / "manifest.jsonl"
+        raise UsageError(f"--out-dir {out}: exists and is not a folder")
+    manifest = args.manifest.resolve() if args.manifest else out / "phantoms" / "manifest.jsonl"
     common = [
         *seed_override,
         *args.overrides,
@@ -453,26 +478,38 @@ def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get(VERBOSE_ENV) != "1"
     if quiet:  # the GRPO job's actors keep their logs in Ray's session folder, off the console
         common.append("cluster.log_to_driver=false")
-    stages = Stages(out, ["--config", str(args.config)], common, logs, quiet)
+    command_config(args, overrides=common)
+    return base, Stages(out, ["--config", str(args.config)], common, out / "logs", quiet)
 
-    if own:
-        splits = own_manifest(manifest)
-    else:
-        splits = make_phantoms(manifest, args.cases, base.seed, args.val_every)
-    one_time = stand_in(base)
+
+def input_scans(args, stages: Stages, base: RunConfig) -> dict:
+    """The run's scans: the user's manifest, or phantoms written once per run folder; returns
+    :func:`split_counts`."""
+    if args.manifest is not None:
+        return own_manifest(args.manifest.resolve())
+    manifest = stages.out / "phantoms" / "manifest.jsonl"
+    return make_phantoms(manifest, args.cases, base.seed, args.val_every)
+
+
+def train(stages: Stages, base: RunConfig, steps: int | None) -> tuple[Path, Path, Path]:
+    """SFT cold start, GRPO from it, and the equal-updates control; their adapters."""
+    out = stages.out
     say("SFT cold start (python -m learner.sft)")
     stages.run("sft", "learner.sft", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}")
     sft, grpo = out / "sft" / "adapter", out / "grpo" / "adapter"
-    steps = [f"steps={args.steps}"] if args.steps is not None else []
-    run_grpo(stages, [f"sft_adapter={sft}", *steps])
+    max_steps = [f"grpo.max_steps={steps}"] if steps is not None else []
+    run_grpo(stages, [f"sft_adapter={sft}", *max_steps])
     equal = equal_updates_control(stages, base, sft)
-    evaluate_checkpoints(stages, splits, sft, equal, grpo)
+    return sft, equal, grpo
 
+
+def report(stages: Stages, base: RunConfig, took: float, one_time: float) -> None:
+    """The reward curves, the tables, the learning checks, and where the logs and MLflow are."""
     from common.tracking import plot_reward_curves
 
+    out = stages.out
     tracking = f"sqlite:///{out / 'mlflow.db'}"
     curves = plot_reward_curves(tracking, base.tracking.experiment, out / "reward_curves.png")
-    took = time.time() - start - one_time
     say(
         f"done in {took:.0f} s"
         + (f" (and {one_time:.0f} s, once per machine, for the stand-in)" if one_time else "")
@@ -485,13 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         f"tables: {out / 'eval-val' / 'table.md'}, {out / 'eval' / 'table.md'}; reward "
         f"curves: {curves}; {out / 'learning.png'}"
     )
-    print(f"logs of every part: {logs}")
+    print(f"logs of every part: {stages.logs}")
     print(
         "MLflow UI (reward curves of the SFT and GRPO runs):\n"
         f"  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'} --host 127.0.0.1 "
         "--port 5000\n  then open http://127.0.0.1:5000"
     )
-    return 0
 
 
 def split_counts(manifest: Path) -> dict[str, tuple[int, int]]:
@@ -553,4 +589,4 @@ def grpo_sample_uses(db: Path, experiment: str, batch_size: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, errors=(StageFailed, InterpreterError)))
+    sys.exit(main())

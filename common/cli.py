@@ -1,7 +1,7 @@
 """What every command line shares: one-line errors with exit status 2, --debug, quiet logs, -v.
 
-Every entry point runs as ``sys.exit(run_cli(main))`` with its parser built by
-:class:`ArgumentParser`:
+Every entry point's ``main`` runs under :func:`run_cli` (through :func:`command`) with its parser
+built by :class:`ArgumentParser`:
 
 - Bad input (an argument, a config field, a missing, unreadable or corrupt file) ends the command
   with ONE line on stderr, ``error: <file or argument>: <reason>``, and exit status 2. The
@@ -18,17 +18,25 @@ Every entry point runs as ``sys.exit(run_cli(main))`` with its parser built by
 - No partial output: commands write files under a temporary name and rename them, and remove
   what they created when they fail (:func:`removed_on_failure`).
 
-For the GRPO driver (or any new entry point): build its parser with :class:`ArgumentParser`,
-raise :class:`UsageError` (or a ``ValueError`` naming the file or field) for bad input, and end
-the module with ``sys.exit(run_cli(main))``.
+- One vocabulary: a flag means the same thing, with the same default, in every command
+  (``docs/cli.md``). A command that takes a run config gets ``--config FILE``, ``--print-config``
+  and trailing ``key=value`` overrides from :func:`add_config_arguments` and reads them with
+  :func:`command_config`; ``--device`` comes from :func:`add_device_argument`.
 
-This module sits in ``data`` (the lowest package) so every package can import it.
+For any new entry point: build its parser with :class:`ArgumentParser`, raise
+:class:`UsageError` (or a ``ValueError`` naming the file or field) for bad input, decorate its
+``main(argv=None)`` with :func:`command` (so ``python -m`` and its console script behave alike),
+and end the module with ``sys.exit(main())``.
+
+This module sits in ``common`` (the lowest floor) so every package can import it; its top imports
+the standard library only (``cluster.default_run`` checks the interpreter before any other import).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -128,6 +136,65 @@ def resolve_device(device: str | None, argument: str = "--device") -> str:
     return device
 
 
+def add_device_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device cpu|cuda`` of a command that runs ``what`` (say "the policy and MedSAM2");
+    left out, :func:`resolve_device` picks the GPU when torch sees one."""
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help=f"cpu or cuda, for {what} (default: the GPU when torch sees one)",
+    )
+
+
+class ConfigPrinted(Exception):
+    """``--print-config`` printed the merged config: the command ends here with status 0."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: Path | None = None) -> None:
+    """The arguments of a command that takes a run config: ``--config FILE``, ``--print-config``
+    and ``key=value`` overrides after the flags (read with :func:`command_config`)."""
+    where = default if default is not None else "none: the defaults of common/config.py"
+    parser.add_argument(
+        "--config",
+        type=existing_file,
+        default=default,
+        metavar="FILE",
+        help=f"run config YAML, configs/*.yaml (default: {where})",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the merged config (file + overrides) as YAML and exit, running nothing",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. grpo.lr=1e-6 data.manifest=PATH",
+    )
+
+
+def command_config(
+    args: argparse.Namespace,
+    overrides: Sequence[str] | None = None,
+    load: Callable | None = None,
+):
+    """The merged config of a command's ``--config`` file and ``overrides`` (default: the
+    parsed ``key=value`` arguments), read by ``load(path, overrides)`` (default:
+    ``common.config.load_run_config``). With ``--print-config`` it prints the config as YAML
+    (``common.config.to_yaml``, which ``load`` reads back to an equal config) and raises
+    :class:`ConfigPrinted`, so the command ends with status 0 before it runs anything."""
+    from common.config import load_run_config, to_yaml
+
+    load = load or load_run_config
+    config = load(args.config, list(args.overrides if overrides is None else overrides))
+    if getattr(args, "print_config", False):
+        sys.stdout.write(to_yaml(config))
+        sys.stdout.flush()
+        raise ConfigPrinted
+    return config
+
+
 def one_line(err: BaseException) -> str:
     """The message of a bad-input error, as ``<file or argument>: <reason>`` on one line."""
     if isinstance(err, OSError) and err.filename is not None and err.strerror:
@@ -142,6 +209,9 @@ def one_line(err: BaseException) -> str:
 INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
 
 
+_running: list[bool] = []  # non-empty while a command runs in this process
+
+
 def run_cli(
     main: Callable[[list[str]], int],
     argv: Sequence[str] | None = None,
@@ -153,14 +223,19 @@ def run_cli(
     error that is not a ``ValueError``). ``--debug`` and ``-v`` are read from ``argv`` before
     ``main`` parses it, so set-up that happens before parsing is quiet or verbose too. What it
     sets up (log handlers, environment, warning filters) is undone when ``main`` returns, so
-    calling it twice in one process (tests) starts clean each time.
+    calling it twice in one process (tests) starts clean each time; a call inside another (a
+    test's ``run_cli`` around a :func:`command`) keeps the outer set-up.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     verbose = bool({"-v", "--verbose"} & set(argv)) or os.environ.get(VERBOSE_ENV) == "1"
-    with command_logging(verbose):
+    setup = contextlib.nullcontext() if _running else command_logging(verbose)
+    with setup:
+        _running.append(True)
         try:
             return main(argv)
+        except ConfigPrinted:
+            return 0
         except (UsageError, *INPUT_ERRORS, *errors) as err:
             if debug:
                 traceback.print_exc()
@@ -169,6 +244,24 @@ def run_cli(
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr, flush=True)
             return 130
+        finally:
+            _running.pop()
+
+
+def command(*errors: type[BaseException]) -> Callable:
+    """Decorator of a command's ``main(argv)``: calling it runs it under :func:`run_cli` with
+    ``errors`` as more bad-input types, so ``python -m``, a console script (which calls
+    ``main()``) and a test's ``main([...])`` all get the one-line errors, the exit status and
+    the quiet logs. The undecorated function is ``main.__wrapped__``."""
+
+    def decorate(main: Callable[[list[str]], int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def entry(argv: Sequence[str] | None = None) -> int:
+            return run_cli(main, argv, errors)
+
+        return entry
+
+    return decorate
 
 
 class _ProjectOrError(logging.Filter):

@@ -1,7 +1,7 @@
 """Turning M3D-Seg subsets (the paper's AbdomenCT-1k, KiTS23 and CT-ORG) into manifest rows.
 
-    python -m data.m3dseg --root M3D_Seg --subsets 0003 0004 0012 --out M3D_Seg/manifest.jsonl
-        [--spacing spacing.csv] [--drop-cross-split]
+    python -m data.m3dseg --root M3D_Seg --subsets 0003 0004 0012 \
+        --out-file M3D_Seg/manifest.jsonl [--spacing spacing.csv] [--drop-cross-split]
 
 The published layout (dataset card of ``GoodBaiBai88/M3D-Seg`` on Hugging Face: its README,
 ``data_load_demo.py`` and ``dataset_info.txt``/``dataset_info.json``; the preparation script
@@ -101,7 +101,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from common.cli import ArgumentParser, run_cli
+from common.cli import ArgumentParser, command
 from data.queries import sample_query, target_of
 from data.volume import VolumeError, m3d_axes_of, m3d_channel_voxels, m3d_mask_shape
 
@@ -510,6 +510,7 @@ def report_cross_split(rows: list[dict], drop: bool) -> list[dict]:
     return kept
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m data.m3dseg", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="the M3D-Seg folder")
@@ -521,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CODE",
         help=f"subset codes (default: the paper's {' '.join(SUBSETS)})",
     )
-    parser.add_argument("--out", type=Path, required=True, help="manifest to write (JSONL)")
+    parser.add_argument("--out-file", type=Path, required=True, help="manifest to write (JSONL)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the query draws")
     parser.add_argument(
         "--spacing",
@@ -550,11 +551,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.spacing or 'no --spacing table'}; surface metrics on the other "
         f"{len(scans) - len(sized)} are in voxels"
     )
-    write_manifest(rows, args.out)  # written last, under a temporary name
+    write_manifest(rows, args.out_file)  # written last, under a temporary name
     per_suite = Counter(row["suite"] for row in rows)
-    print(f"{args.out}: {len(rows)} rows ({', '.join(f'{s} {n}' for s, n in per_suite.items())})")
+    suites = ", ".join(f"{s} {n}" for s, n in per_suite.items())
+    print(f"{args.out_file}: {len(rows)} rows ({suites})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -3,7 +3,7 @@
 ::
 
     python -m data.manifest --images imagesTr --labels labelsTr --labels-json dataset.json \\
-        --out manifest.jsonl [--suite NAME] [--test-fraction F --val-fraction F --seed S |
+        --out-file manifest.jsonl [--suite NAME] [--test-fraction F --val-fraction F --seed S |
         --split-file FILE] [--queries-file FILE]
 
 - Images are NIfTI files (``.nii``, ``.nii.gz``) or DICOM series, one folder per series. A label
@@ -19,7 +19,7 @@
 - Splits are made per scan, so every target of a scan is in one split: seeded fractions, or a
   split file ``{"train": [case, ...], "val": [...], "test": [...]}`` that lists every case.
 - The manifest's paths are relative to its folder, and the dataset refuses paths that leave it:
-  ``--out`` must lie in a folder that holds both ``--images`` and ``--labels``.
+  ``--out-file`` must lie in a folder that holds both ``--images`` and ``--labels``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UsageError, existing_file, run_cli
+from common.cli import ArgumentParser, UsageError, command, existing_file
 from data.dataset import SPLITS
 from data.queries import sample_query, use_queries_file
 from data.volume import VolumeError, load_volume
@@ -293,6 +293,7 @@ def _folder(value: str) -> Path:
     return path
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m data.manifest", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -313,7 +314,11 @@ def main(argv: list[str] | None = None) -> int:
         help="nnU-Net's dataset.json or a bare {name: value} map",
     )
     parser.add_argument(
-        "--out", metavar="MANIFEST", type=Path, required=True, help="manifest to write (JSONL)"
+        "--out-file",
+        metavar="MANIFEST",
+        type=Path,
+        required=True,
+        help="manifest to write (JSONL)",
     )
     parser.add_argument(
         "--suite", metavar="NAME", default="default", help="suite of every row (default: default)"
@@ -346,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
             f"--test-fraction {test_fraction} + --val-fraction {val_fraction}: no scan left "
             "for training"
         )
-    base = args.out.parent.resolve()
+    base = args.out_file.parent.resolve()
     for flag, folder in (("--images", args.images), ("--labels", args.labels)):
         if not folder.resolve().is_relative_to(base):
             raise UsageError(
-                f"--out {args.out}: the manifest's folder {base} must hold {flag} {folder} "
+                f"--out-file {args.out_file}: the manifest's folder {base} must hold {flag} "
+                f"{folder} "
                 "(the dataset reads paths relative to the manifest and refuses any outside it)"
             )
     use_queries_file(args.queries_file)
@@ -372,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not rows:
         raise ManifestInputError(f"{args.labels}: no label of {args.labels_json} in any label map")
-    write_manifest(rows, args.out)
+    write_manifest(rows, args.out_file)
     scans = Counter(split_of.values())
     per_split = Counter(r["split"] for r in rows)
     print(
-        f"{args.out}: {len(rows)} rows of {len(cases)} scans ("
+        f"{args.out_file}: {len(rows)} rows of {len(cases)} scans ("
         + ", ".join(f"{s} {per_split[s]} rows / {scans[s]} scans" for s in SPLITS if scans[s])
         + ")"
     )
@@ -384,4 +390,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

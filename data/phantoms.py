@@ -1,6 +1,6 @@
 """Synthetic abdominal CT phantoms: the embedded default dataset (NIfTI CT + label map + manifest).
 
-    python -m data.phantoms --out DIR --n N --seed S [--shape Z Y X] [--val-every K]
+    python -m data.phantoms --out-dir DIR --cases N --seed S [--volume-shape Z Y X] [--val-every K]
 
 Each case is an abdominal CT in Hounsfield units — air, a body outline with subcutaneous fat and
 a muscle wall, liver, spleen, both kidneys, pancreas, contrast-filled aorta, vertebrae with
@@ -33,7 +33,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UsageError, removed_on_failure, run_cli
+from common.cli import ArgumentParser, UsageError, command, removed_on_failure
 from data.queries import sample_query
 from data.volume import MIN_SHAPE
 
@@ -355,13 +355,14 @@ def write_phantoms(
     return manifest
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m data.phantoms", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--n", type=int, default=8, help="number of cases")
+    parser.add_argument("--out-dir", required=True, type=Path, help="output folder")
+    parser.add_argument("--cases", type=int, default=8, help="number of cases (scans)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
-        "--shape",
+        "--volume-shape",
         type=int,
         nargs=3,
         default=DEFAULT_SHAPE,
@@ -376,25 +377,25 @@ def main(argv: list[str] | None = None) -> int:
         help="case i with i %% K == 0 goes to the validation split (0: none; test: i %% 4 == 3)",
     )
     args = parser.parse_args(argv)
-    if args.n < 1:
-        raise UsageError(f"--n {args.n}: need at least 1 case")
+    if args.cases < 1:
+        raise UsageError(f"--cases {args.cases}: need at least 1 case")
     if args.val_every < 0:
         raise UsageError(f"--val-every {args.val_every}: must be 0 (none) or more")
-    if any(s < m for s, m in zip(args.shape, MIN_SHAPE)):
+    shape = tuple(args.volume_shape)
+    if any(s < m for s, m in zip(shape, MIN_SHAPE)):
         raise UsageError(
-            f"--shape {' '.join(map(str, args.shape))}: at least {' '.join(map(str, MIN_SHAPE))} "
-            "(smaller volumes cannot be sampled)"
+            f"--volume-shape {' '.join(map(str, shape))}: at least "
+            f"{' '.join(map(str, MIN_SHAPE))} (smaller volumes cannot be sampled)"
         )
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out}: exists and is not a folder")
-    with removed_on_failure(args.out):  # a new folder half-filled by a failed run goes again
-        manifest = write_phantoms(
-            args.out, args.n, args.seed, tuple(args.shape), val_every=args.val_every
-        )
+    out = args.out_dir
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out}: exists and is not a folder")
+    with removed_on_failure(out):  # a new folder half-filled by a failed run goes again
+        manifest = write_phantoms(out, args.cases, args.seed, shape, val_every=args.val_every)
     lines = manifest.read_text().splitlines()
-    print(f"wrote {args.n} cases, {len(lines)} samples: {manifest}")
+    print(f"wrote {args.cases} cases, {len(lines)} samples: {manifest}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

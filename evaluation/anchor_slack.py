@@ -2,8 +2,8 @@
 with every box grown or shrunk by a few pixels, and the true anchor moved from the largest slice
 to the next largest ones (with that slice's true boxes).
 
-    python -m evaluation.anchor_slack --config configs/<run>.yaml --cases <eval>/cases.jsonl
-        [--row NAME ...] [--pad -2 --pad 2 --pad 4] [--slices 3] [key=value ...]
+    python -m evaluation.anchor_slack --config configs/<run>.yaml --cases-file <eval>/cases.jsonl
+        [--row NAME ...] [--pad -2 --pad 2 --pad 4] [--top-slices 3] [key=value ...]
 
 If no such change beats the anchors as given, what a policy can still gain over the SFT
 targets (the largest slice and its true boxes) is case by case, by reading the image, not by
@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from common.cli import UsageError, run_cli
+from common.cli import UsageError, command
 from common.config import RunConfig
 from common.runtime import set_default_environment
 from evaluation.cases import cases_config, cases_parser, read_cases
@@ -67,7 +67,7 @@ def anchor_slack(
 
     records, rows = read_cases(cases_file, rows, lambda row: "held-out phrasings" not in row)
     if slices < 1:
-        raise UsageError(f"--slices {slices}: must be at least 1")
+        raise UsageError(f"--top-slices {slices}: must be at least 1")
     scorer = CaseScorer(cfg.data.manifest, cfg.data, cfg.reward, cfg.reward.propagator)
     size = cfg.data.slice_size
     lines = []
@@ -125,21 +125,28 @@ def report(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = cases_parser("python -m evaluation.anchor_slack", __doc__.split("\n")[0])
     parser.add_argument(
         "--pad", action="append", type=int, help="grow boxes by this many px (negative: shrink)"
     )
-    parser.add_argument("--slices", type=int, default=3, help="largest slices to try")
+    parser.add_argument(
+        "--top-slices",
+        type=int,
+        default=3,
+        metavar="K",
+        help="the true anchor on each of the K slices of largest target area",
+    )
     args = parser.parse_args(argv)
     cfg = cases_config(args)
     pads = tuple(args.pad) if args.pad else (-2, 2, 4)
     if 0 in pads:
         raise UsageError("--pad 0: the anchors as answered are always scored")
-    print(report(anchor_slack(cfg, args.cases, args.row, pads, args.slices)))
+    print(report(anchor_slack(cfg, args.cases_file, args.row, pads, args.top_slices)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

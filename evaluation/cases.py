@@ -1,6 +1,6 @@
 """What the tools that re-read an evaluation's ``cases.jsonl`` share: the file's records with
-the rows asked for checked by name, and their command line (--config, --cases, --row, key=value
-overrides, a manifest to read the cases from)."""
+the rows asked for checked by name, and their command line (--config, --cases-file, --row,
+--print-config, key=value overrides, a manifest to read the cases from)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from common.cli import ArgumentParser, UsageError, existing_file
-from common.config import RunConfig, load_run_config
+from common.cli import (
+    ArgumentParser,
+    UsageError,
+    add_config_arguments,
+    command_config,
+    existing_file,
+)
+from common.config import RunConfig
 
 
 def read_cases(
@@ -29,18 +35,25 @@ def read_cases(
 
 
 def cases_parser(prog: str, description: str) -> ArgumentParser:
-    """--config, --cases, --row and key=value overrides; a tool adds its own options."""
+    """--cases-file, --row, --config, --print-config and key=value overrides; a tool adds its own
+    options."""
     parser = ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", type=existing_file)
-    parser.add_argument("--cases", type=existing_file, required=True, help="an eval cases.jsonl")
+    parser.add_argument(
+        "--cases-file",
+        type=existing_file,
+        required=True,
+        metavar="FILE",
+        help="an evaluation's cases.jsonl",
+    )
     parser.add_argument("--row", action="append", help="a row of cases.jsonl (default: all)")
-    parser.add_argument("overrides", nargs="*")
+    add_config_arguments(parser)
     return parser
 
 
 def cases_config(args) -> RunConfig:
-    """The run's config from parsed ``cases_parser`` arguments; it must name a manifest."""
-    cfg = load_run_config(args.config, args.overrides)
+    """The run's config from parsed ``cases_parser`` arguments (``--print-config`` ends the
+    command here); it must name a manifest."""
+    cfg = command_config(args)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     return cfg

@@ -2,17 +2,18 @@
 checkpoint, plus an oracle-anchor row per propagator, with 95% confidence intervals; and the
 surface metrics imaging people expect, NSD and HD95, in mm where the scan's voxel size is known.
 
-    python -m evaluation.evaluate --config configs/<run>.yaml [--checkpoint NAME=ADAPTER ...]
+    python -m evaluation.evaluate --config configs/<run>.yaml [--adapter NAME=ADAPTER ...]
         [--split test] [--propagator baseline --propagator medsam2] [--workers 2]
         [--phrasings held-out|training|both] [--compare SFT:SFT+RL] [--device cpu|cuda]
-        [-v] [--debug] [key=value ...]
+        [--out-dir DIR] [--print-config] [-v] [--debug] [key=value ...]
 
 For every case of the split: the policy answers greedily (an evidence anchor), the propagator
 runs through the whole volume in both directions from the anchor, the mask is mapped back to the
 source grid and compared with the ground truth there. The oracle row prompts the propagator with
 the true anchor (the largest slice and its component boxes): the ceiling propagation can give.
-Cases are scored in parallel on Ray; each result is appended to ``cases.jsonl`` as it arrives,
-and a re-run skips what is already there (resume). Writes ``table.md`` and ``table.csv``.
+Cases are scored in parallel by ``--workers`` Ray actors (0: in this process, without Ray); each
+result is appended to ``cases.jsonl`` as it arrives, and a re-run skips what is already there
+(resume). Writes ``table.md`` and ``table.csv``.
 
 Surface units: NIfTI and DICOM scans carry their voxel size, so NSD's tolerance and HD95 are in
 mm. M3D-Seg arrays carry none: a manifest row's ``spacing`` gives it (mm), else both are in
@@ -30,7 +31,7 @@ mean over suites of each suite's mean DSC, with a CI from a bootstrap that resam
 within each suite (``evaluation.stats``);
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
-Without ``--checkpoint``: rows for the base model, ``<output_dir>/sft/adapter`` and
+Without ``--adapter``: rows for the base model, ``<output_dir>/sft/adapter`` and
 ``<output_dir>/grpo/adapter`` when they exist. One rollout engine answers for every checkpoint:
 it serves the bare base first, then each adapter swapped in on it (vLLM takes adapters live, so
 its start is paid once per evaluation, not once per row). An adapter's ``medvol.json``
@@ -39,7 +40,7 @@ m3d_intensity): one that does not stops the evaluation with both values named, o
 another base is a warning, and an adapter without it (written before it existed) is evaluated
 as configured, with a warning. ``--device`` runs the policy
 (transformers engine) and the propagator on the CPU or the GPU (default: the GPU when there is
-one). The log goes to ``<out>/evaluate.log``.
+one). The log goes to ``<out-dir>/evaluate.log`` (default ``<output_dir>/eval``).
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ import numpy as np
 from common.cli import (
     ArgumentParser,
     UsageError,
-    existing_file,
+    add_config_arguments,
+    add_device_argument,
+    command,
+    command_config,
     log_to_file,
     resolve_device,
-    run_cli,
 )
-from common.config import DataConfig, EvaluationConfig, RunConfig, load_run_config
+from common.config import DataConfig, EvaluationConfig, RunConfig
 from common.runtime import set_default_environment
 from learner.training_frame import FILE_NAME as FRAME_FILE
 from learner.training_frame import TrainingFrame, TrainingFrameError, base_model_digest
@@ -209,10 +212,10 @@ def check_adapter_frames(data: DataConfig, checkpoints: dict[str, Path | None]) 
         try:
             frame = TrainingFrame.read_if_any(adapter)
         except TrainingFrameError as err:
-            raise UsageError(f"--checkpoint {name}={adapter}: {err}") from None
+            raise UsageError(f"--adapter {name}={adapter}: {err}") from None
         if frame is None:
             log.warning(
-                "--checkpoint %s=%s: no %s (an adapter from before it); evaluated with the "
+                "--adapter %s=%s: no %s (an adapter from before it); evaluated with the "
                 "config's data settings, which must be those it was trained with",
                 name,
                 adapter,
@@ -221,7 +224,7 @@ def check_adapter_frames(data: DataConfig, checkpoints: dict[str, Path | None]) 
             continue
         conflicts = frame.conflicts(data)
         if conflicts:
-            raise UsageError(f"--checkpoint {name}={adapter}: " + "; ".join(conflicts))
+            raise UsageError(f"--adapter {name}={adapter}: " + "; ".join(conflicts))
 
 
 def warn_other_base(base: Path, checkpoints: dict[str, Path | None]) -> None:
@@ -234,7 +237,7 @@ def warn_other_base(base: Path, checkpoints: dict[str, Path | None]) -> None:
         digest = digest or base_model_digest(base)
         if frame.base_model_sha256 != digest:
             log.warning(
-                "--checkpoint %s=%s: trained on the base %s (%s), not on %s (config.json or "
+                "--adapter %s=%s: trained on the base %s (%s), not on %s (config.json or "
                 "weight files differ)",
                 name,
                 adapter,
@@ -505,17 +508,38 @@ def evaluate(
 ) -> str:
     """Run the evaluation; returns the markdown table (also written as table.md / table.csv)
     followed by the paired comparisons (also in comparisons.json). ``device`` is ``cpu`` or
-    ``cuda`` for the policy and the propagator (default: the GPU when there is one). With
-    ``log_file``, this process's log goes there too once the inputs are checked."""
-    import ray
-    from ray.util import ActorPool
-    from tqdm import tqdm
-
-    from data.dataset import VolumeDataset
+    ``cuda`` for the policy and the propagator (default: the GPU when there is one);
+    ``workers`` scorers on Ray, or 0 to score in this process. With ``log_file``, this
+    process's log goes there too once the inputs are checked."""
     from learner.sft import model_path
 
     device = resolve_device(device)
     phrasings = resolve_phrasings(phrasings, split)
+    dataset = _checked_inputs(cfg, checkpoints, split, propagators)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if log_file is not None:
+        log_to_file(log_file)
+    cases_file = out_dir / "cases.jsonl"
+    samples = [dataset[i] for i in range(len(dataset))]
+    base = model_path(cfg)
+    warn_other_base(base, checkpoints)
+    askings = _askings(samples, phrasings)
+    row_keys = _row_keys(cfg, split, base, checkpoints, propagators, askings, oracle)
+    done = _earlier_results(cases_file, row_keys)
+    seen = {(r["row"], r["id"]) for r in done}
+    rows, jobs = _oracle_rows(samples, cfg, propagators, oracle)
+    rows += _policy_rows(base, checkpoints, cfg, propagators, askings, seen, jobs, device)
+    done += _score_jobs(cfg, jobs, seen, row_keys, cases_file, workers, device, progress)
+    return _write_tables(out_dir, done, rows, bool(checkpoints), comparisons, askings)
+
+
+def _checked_inputs(
+    cfg: RunConfig, checkpoints: dict[str, Path | None], split: str, propagators: tuple[str, ...]
+):
+    """The split's dataset, once the propagators, the adapters and the split are checked;
+    nothing is written before."""
+    from data.dataset import VolumeDataset
+
     if "medsam2" in propagators and cfg.reward.checkpoint is None and not cfg.reward.random_weights:
         raise UsageError(
             "--propagator medsam2: reward.checkpoint is not set; give the MedSAM2 checkpoint "
@@ -523,9 +547,8 @@ def evaluate(
         )
     for name, adapter in checkpoints.items():
         if adapter is not None and not Path(adapter).is_dir():
-            raise UsageError(f"--checkpoint {name}={adapter}: no such adapter folder")
+            raise UsageError(f"--adapter {name}={adapter}: no such adapter folder")
     check_adapter_frames(cfg.data, checkpoints)
-    # the dataset is checked before anything is written
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split=split)
     if len(dataset) == 0:
         every = VolumeDataset(cfg.data.manifest, cfg.data, check_labels=False).samples
@@ -535,32 +558,48 @@ def evaluate(
             + ", ".join(f"{name} {counts[name]}" for name in sorted(counts))
             + ")"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if log_file is not None:
-        log_to_file(log_file)
-    cases_file = out_dir / "cases.jsonl"
-    samples = [dataset[i] for i in range(len(dataset))]
-    base = model_path(cfg)
-    warn_other_base(base, checkpoints)
+    return dataset
+
+
+def _askings(samples: list, phrasings: str) -> list[tuple[str, list]]:
+    """(row-name suffix, the samples as asked) per phrasing set: a row's name says its phrasing
+    set under every flag, no suffix meaning training phrasings."""
+    held_out = (PHRASING_SUFFIX, samples)
+    if phrasings == "held-out":
+        return [held_out]
+    training = ("", [(with_training_phrasing(s), p) for s, p in samples])
+    return [training] if phrasings == "training" else [training, held_out]
+
+
+def _row_name(name: str, propagators: tuple[str, ...]) -> str:
+    """A checkpoint's row name: the propagator that scores it is named when there are several."""
+    return name if len(propagators) == 1 else f"{name} ({propagators[0]})"
+
+
+def _row_keys(
+    cfg: RunConfig,
+    split: str,
+    base: Path,
+    checkpoints: dict[str, Path | None],
+    propagators: tuple[str, ...],
+    askings: list,
+    oracle: bool,
+) -> dict[str, str]:
+    """What produced each row: a re-run reuses a case result only when its key matches (the
+    same settings and, for a checkpoint's rows, the same weights), never a stale one."""
     settings = settings_key(cfg, split)
-    # A row's name says its phrasing set under every flag: no suffix = training phrasings.
-    askings = {
-        "held-out": [(PHRASING_SUFFIX, samples)],
-        "training": [("", [(with_training_phrasing(s), p) for s, p in samples])],
-        "both": [
-            ("", [(with_training_phrasing(s), p) for s, p in samples]),
-            (PHRASING_SUFFIX, samples),
-        ],
-    }[phrasings]
-    # What produced each row: a re-run reuses a case result only when its key matches (the
-    # same settings and, for a checkpoint's rows, the same weights), never a stale one.
     row_keys = {
         f"oracle anchor ({prop})": f"{settings}/oracle" for prop in (propagators if oracle else ())
     }
     for name, adapter in checkpoints.items():
-        named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
         key = f"{settings}/{checkpoint_key(base, adapter, cfg.data.cache_dir)}"
-        row_keys.update({named + suffix: key for suffix, _ in askings})
+        row_keys.update({_row_name(name, propagators) + suffix: key for suffix, _ in askings})
+    return row_keys
+
+
+def _earlier_results(cases_file: Path, row_keys: dict[str, str]) -> list[dict]:
+    """The case results of an earlier run that this one keeps; ``cases_file`` is rewritten
+    without the others."""
     earlier = (
         [json.loads(line) for line in cases_file.read_text().splitlines()]
         if cases_file.exists()
@@ -574,16 +613,38 @@ def evaluate(
             len(earlier) - len(done),
         )
         _write_atomically(cases_file, "".join(json.dumps(r) + "\n" for r in done))
-    seen = {(r["row"], r["id"]) for r in done}
-    jobs_by_propagator: dict[str, list[CaseJob]] = {p: [] for p in propagators}
+    return done
+
+
+def _oracle_rows(
+    samples: list, cfg: RunConfig, propagators: tuple[str, ...], oracle: bool
+) -> tuple[list[str], dict[str, list[CaseJob]]]:
+    """The oracle rows (one per propagator) and the jobs of every propagator, oracle's so far."""
+    jobs: dict[str, list[CaseJob]] = {p: [] for p in propagators}
     rows: list[str] = []
     for prop in propagators if oracle else ():
         row = f"oracle anchor ({prop})"
         rows.append(row)
-        jobs_by_propagator[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
+        jobs[prop] += oracle_jobs(row, samples, cfg.data.min_box_area)
+    return rows, jobs
+
+
+def _policy_rows(
+    base: Path,
+    checkpoints: dict[str, Path | None],
+    cfg: RunConfig,
+    propagators: tuple[str, ...],
+    askings: list,
+    seen: set,
+    jobs: dict[str, list[CaseJob]],
+    device: str,
+) -> list[str]:
+    """The checkpoints' rows; the policy answers the cases not ``seen`` yet, and their anchors
+    join ``jobs`` of the first propagator."""
+    rows: list[str] = []
     todo: dict[str, dict[str, list]] = {}  # checkpoint -> row -> cases still to answer
     for name in checkpoints:
-        named = name if len(propagators) == 1 else f"{name} ({propagators[0]})"
+        named = _row_name(name, propagators)
         for suffix, asked in askings:
             rows.append(named + suffix)
             pending = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
@@ -599,49 +660,88 @@ def evaluate(
         )
         for name, by_row in todo.items():
             for (row, pairs), texts in zip(by_row.items(), answers[name]):
-                jobs_by_propagator[propagators[0]] += anchor_jobs(row, pairs, texts)
-    started = ray.is_initialized()
-    if not started:
+                jobs[propagators[0]] += anchor_jobs(row, pairs, texts)
+    return rows
+
+
+def _score_jobs(
+    cfg: RunConfig,
+    jobs_by_propagator: dict[str, list[CaseJob]],
+    seen: set,
+    row_keys: dict[str, str],
+    cases_file: Path,
+    workers: int,
+    device: str,
+    progress: bool,
+) -> list[dict]:
+    """Score every job not ``seen``, by ``workers`` Ray actors per propagator (0: in this
+    process); each result is appended to ``cases_file`` as it arrives. Returns the results."""
+    ray = None
+    if workers > 0:
+        import ray
+
+        if ray.is_initialized():
+            ray = None  # the caller's instance: left running
+    if ray is not None:
         ray.init(
             num_cpus=max(2, workers),
             num_gpus=1 if device == "cuda" else 0,
             include_dashboard=False,
             log_to_driver=False,
         )
+    results = []
     try:
         with cases_file.open("a") as sink:
             for prop, jobs in jobs_by_propagator.items():
                 jobs = [j for j in jobs if (j.row, j.sample_id) not in seen]
                 if not jobs:
                     continue
-                # scorers share the one GPU when there is one
-                gpus = 1.0 / workers if device == "cuda" else 0
-                actors = [
-                    ray.remote(CaseScorer)
-                    .options(num_cpus=1, num_gpus=gpus)
-                    .remote(
-                        str(cfg.data.manifest), cfg.data, cfg.reward, prop, cfg.evaluation, device
-                    )
-                    for _ in range(workers)
-                ]
-                pool = ActorPool(actors)
-                for result in tqdm(
-                    pool.map_unordered(lambda a, j: a.score.remote(j), jobs),
-                    total=len(jobs),
-                    desc=f"evaluate ({prop})",
-                    disable=not progress,
-                ):
+                for result in _scored(cfg, prop, jobs, workers, device, progress):
                     result["key"] = row_keys[result["row"]]
                     sink.write(json.dumps(result) + "\n")
                     sink.flush()
-                    done.append(result)
-                for actor in actors:
-                    ray.kill(actor)
+                    results.append(result)
     finally:
-        if not started:
+        if ray is not None:
             ray.shutdown()
+    return results
+
+
+def _scored(cfg: RunConfig, prop: str, jobs: list[CaseJob], workers: int, device: str, progress):
+    """The results of ``jobs`` on one propagator as they finish (any order)."""
+    from tqdm import tqdm
+
+    args = (str(cfg.data.manifest), cfg.data, cfg.reward, prop, cfg.evaluation, device)
+    bar = dict(total=len(jobs), desc=f"evaluate ({prop})", disable=not progress)
+    if workers == 0:
+        scorer = CaseScorer(*args)
+        yield from tqdm((scorer.score(job) for job in jobs), **bar)
+        return
+    import ray
+    from ray.util import ActorPool
+
+    gpus = 1.0 / workers if device == "cuda" else 0  # scorers share the one GPU when there is one
+    actors = [
+        ray.remote(CaseScorer).options(num_cpus=1, num_gpus=gpus).remote(*args)
+        for _ in range(workers)
+    ]
+    pool = ActorPool(actors)
+    yield from tqdm(pool.map_unordered(lambda a, j: a.score.remote(j), jobs), **bar)
+    for actor in actors:
+        ray.kill(actor)
+
+
+def _write_tables(
+    out_dir: Path,
+    done: list[dict],
+    rows: list[str],
+    policy_rows: bool,
+    comparisons: tuple[tuple[str, str], ...],
+    askings: list,
+) -> str:
+    """table.md, table.csv and comparisons.json; returns the table and the comparison lines."""
     markdown, csv_rows = table(done, rows)
-    if checkpoints:
+    if policy_rows:
         markdown = f"{ROWS_NOTE}\n\n{markdown}"
     _write_atomically(out_dir / "table.md", markdown + "\n")
     text = io.StringIO()
@@ -672,22 +772,25 @@ def default_checkpoints(cfg: RunConfig) -> dict[str, Path | None]:
     return rows
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = ArgumentParser(
         prog="python -m evaluation.evaluate", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", type=existing_file)
     parser.add_argument(
-        "--checkpoint",
+        "--adapter",
         action="append",
         default=[],
         metavar="NAME=ADAPTER",
-        help="a table row: NAME=path of a LoRA adapter, or NAME=base",
+        help="a table row: NAME=a LoRA adapter folder, or NAME=base for the bare base model "
+        "(default: base, <output_dir>/sft/adapter and <output_dir>/grpo/adapter)",
     )
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--propagator", action="append", choices=["baseline", "medsam2"])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers", type=int, default=2, help="scorers on Ray (0: in this process, no Ray)"
+    )
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument(
         "--phrasings",
@@ -703,27 +806,23 @@ def main(argv: list[str] | None = None) -> int:
         metavar="A:B",
         help="paired per-case DSC difference B - A with its 95%% CI (e.g. SFT:SFT+RL)",
     )
-    parser.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        help="policy and propagator device (default: the GPU when there is one)",
-    )
-    parser.add_argument("--out", type=Path, help="default: <output_dir>/eval")
-    parser.add_argument("overrides", nargs="*")
+    add_device_argument(parser, "the policy and the propagator")
+    parser.add_argument("--out-dir", type=Path, help="default: <output_dir>/eval")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     for item in args.compare:
         if ":" not in item:
             raise UsageError(f"--compare {item}: takes A:B, two row names")
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be at least 1")
-    cfg = load_run_config(args.config, args.overrides)
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers}: must be 0 (in this process) or more")
+    cfg = command_config(args)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
     checkpoints: dict[str, Path | None] = {}
-    for item in args.checkpoint:
+    for item in args.adapter:
         name, _, path = item.partition("=")
         checkpoints[name] = None if path in ("", "base") else Path(path)
-    out = args.out or Path(cfg.output_dir) / "eval"
+    out = args.out_dir or Path(cfg.output_dir) / "eval"
     device = resolve_device(args.device)
     markdown = evaluate(
         cfg,
@@ -743,4 +842,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

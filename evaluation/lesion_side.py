@@ -2,7 +2,7 @@
 its lesion ("tumour kidney", "cyst kidney"), each answer of an evaluation's cases.jsonl is put
 on the target kidney's side of the body, the other side, both, or none.
 
-    python -m evaluation.lesion_side --config configs/<run>.yaml --cases <eval>/cases.jsonl
+    python -m evaluation.lesion_side --config configs/<run>.yaml --cases-file <eval>/cases.jsonl
         [--row NAME ...] [key=value ...]
 
 The query does not say the side: only the image does (the lesion). A policy that does not find
@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from common.cli import UsageError, run_cli
+from common.cli import UsageError, command
 from common.config import RunConfig
 from common.runtime import set_default_environment
 from evaluation.cases import cases_config, cases_parser, read_cases
@@ -84,13 +84,14 @@ def report(lines: list[dict]) -> str:
     return "\n".join(out)
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = cases_parser("python -m evaluation.lesion_side", __doc__.split("\n")[0])
     args = parser.parse_args(argv)
-    print(report(lesion_side(cases_config(args), args.cases, args.row)))
+    print(report(lesion_side(cases_config(args), args.cases_file, args.row)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -2,9 +2,9 @@
 
     python -m evaluation.predict --image CT.nii.gz|SERIES_DIR|FOLDER_OF_SCANS \
         --query "the organ that secretes bile" [--query ... | --queries FILE] \
-        [--adapter ADAPTER_DIR] [--model QWEN3VL_DIR] [--checkpoint MEDSAM2.pt] --out OUTDIR \
-        [--slices N] [--size PX] [--window abdomen | --window -160 240] [--device cpu|cuda] \
-        [-v] [--debug]
+        [--adapter ADAPTER_DIR] [--model QWEN3VL_DIR] [--sam-checkpoint MEDSAM2.pt] \
+        --out-dir OUTDIR [--slices N] [--slice-size PX] [--window abdomen | --window -160 240] \
+        [--statistics] [--device cpu|cuda] [-v] [--debug]
 
 Inputs (``--image``, repeatable): a NIfTI file; a folder holding one DICOM series (files in any
 order; read by :mod:`data.dicom`, through the same orientation step as NIfTI, so one scan gives
@@ -27,18 +27,27 @@ input's grid, orientation and affine:
 index (for DICOM also the file and SOPInstanceUID of that slice), boxes in source pixels and in the
 resized-slice frame, the reasoning, the propagator, the window, the target's voxel count and volume
 in mm^3, and the scan's voxel spacing. A model answer that does not parse is reported there and
-gives an empty mask, not a crash. Without ``--checkpoint`` the scikit-image baseline propagates (and
-says so). The adapter's ``medvol.json`` (learner.training_frame) gives the base model, slices, size
-and window it was trained with: flags left out take them, and a flag that contradicts them stops
-with an error naming both (``--window`` may name ``data.window`` or any ``data.suite_windows``
-entry). An adapter without one (written before it existed) takes the flags, else 64 slices of 256 px
-in the abdominal window, with a warning, and needs ``--model``. A scan's files appear together when
-it is done (written under a temporary name first); the log goes to ``OUTDIR/predict.log``.
+gives an empty mask, not a crash. Without ``--sam-checkpoint`` the scikit-image baseline
+propagates (and says so). The adapter's ``medvol.json`` (learner.training_frame) gives the base
+model, slices, slice size and window it was trained with: flags left out take them, and a flag
+that contradicts them stops with an error naming both (``--window`` may name ``data.window`` or
+any ``data.suite_windows`` entry). An adapter without one (written before it existed) takes the
+flags, else 64 slices of 256 px in the abdominal window, with a warning, and needs ``--model``.
+A scan's files appear together when it is done (written under a temporary name first); the log
+goes to ``OUTDIR/predict.log``.
+
+``--statistics`` adds ``OUTDIR/statistics.csv``, one row per scan and query over the whole run
+(:data:`STATISTICS_COLUMNS`): the mask's volume in mm^3 (its voxels times the voxel volume of the
+scan's spacing) and the mean and standard deviation of the image's intensities (HU for CT) inside
+it, read from the original volume on the grid of the written mask; an empty mask has volume 0
+and no mean or std. The console gets the same figures as a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import os
@@ -54,10 +63,11 @@ import numpy as np
 from common.cli import (
     ArgumentParser,
     UsageError,
+    add_device_argument,
+    command,
     existing_file,
     log_to_file,
     resolve_device,
-    run_cli,
 )
 from common.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
 from common.runtime import set_default_environment
@@ -162,7 +172,7 @@ def resolve_settings(
         )
     if size is not None and size != frame.slice_size:
         raise PredictError(
-            f"--size {size}: {trained} on {frame.slice_size} px slices ({FILE_NAME})"
+            f"--slice-size {size}: {trained} on {frame.slice_size} px slices ({FILE_NAME})"
         )
     windows = {tuple(frame.window): "data.window"}
     for suite, low_high in frame.suite_windows.items():
@@ -200,6 +210,7 @@ class ScanOutput:
     scan: Path
     folder: Path
     evidence: tuple[dict, ...]
+    statistics: tuple[MaskStatistics, ...] = ()  # with --statistics
 
 
 def parse_window(tokens: list[str]) -> tuple[float, float]:
@@ -414,7 +425,7 @@ def segment_scan(
     prepared = _prepare(scan, num_slices, size, window)
     texts = answer(np.asarray(prepared.slices), queries)
     spacing = scan.volume.spacing
-    voxel_mm3 = float(abs(np.linalg.det(scan.volume.source_affine[:3, :3])))
+    voxel_mm3 = voxel_volume_mm3(scan.volume)
     results = []
     for query, text in zip(queries, texts):
         parsed = parse_answer(text, num_slices, size)
@@ -461,6 +472,83 @@ def segment_scan(
             evidence["series_instance_uid"] = scan.series.uid
         results.append(QueryResult(query, mask, np.asarray(frame_mask, bool), anchor, evidence))
     return prepared, results
+
+
+def voxel_volume_mm3(volume) -> float:
+    """The volume of one voxel of a :class:`data.volume.Volume`, from its spacing (mm^3)."""
+    return float(np.prod(volume.spacing))
+
+
+# statistics.csv: one row per scan and query; mean and std are empty for an empty mask
+STATISTICS_COLUMNS = ("scan", "image", "query", "ok", "voxels", "volume_mm3", "mean_hu", "std_hu")
+
+
+@dataclass(frozen=True)
+class MaskStatistics:
+    """What ``--statistics`` reports of one query's mask on one scan."""
+
+    scan: str
+    image: str
+    query: str
+    ok: bool  # the answer parsed (else the mask is empty)
+    voxels: int
+    volume_mm3: float
+    mean_hu: float | None  # None for an empty mask
+    std_hu: float | None
+
+
+def mask_statistics(scan: Scan, result: QueryResult) -> MaskStatistics:
+    """The mask's volume (voxels x the voxel volume of the scan's spacing) and the mean and
+    standard deviation (over the voxels, ddof 0) of the scan's own intensities inside it, on the
+    grid of the written mask (the source grid, canonical orientation)."""
+    mask = np.asarray(result.mask, bool)
+    voxels = int(mask.sum())
+    values = np.asarray(scan.volume.array)[mask].astype(np.float64)
+    return MaskStatistics(
+        scan=scan.name,
+        image=str(scan.path),
+        query=result.query,
+        ok=bool(result.evidence["ok"]),
+        voxels=voxels,
+        volume_mm3=voxels * voxel_volume_mm3(scan.volume),
+        mean_hu=float(values.mean()) if voxels else None,
+        std_hu=float(values.std()) if voxels else None,
+    )
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def write_statistics(rows: Sequence[MaskStatistics], path: Path) -> Path:
+    """``statistics.csv`` (:data:`STATISTICS_COLUMNS`), written under a temporary name."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(STATISTICS_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(getattr(row, column)) for column in STATISTICS_COLUMNS])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def statistics_table(rows: Sequence[MaskStatistics]) -> str:
+    """The console's summary of ``--statistics``: one line per scan and query."""
+    lines = ["| scan | query | voxels | volume mL | mean HU | std HU |", "|---" * 6 + "|"]
+    for row in rows:
+        mean = "-" if row.mean_hu is None else f"{row.mean_hu:.1f}"
+        std = "-" if row.std_hu is None else f"{row.std_hu:.1f}"
+        lines.append(
+            f"| {row.scan} | {row.query} | {row.voxels} | {row.volume_mm3 / 1000:.2f} | "
+            f"{mean} | {std} |"
+        )
+    return "\n".join(lines)
 
 
 def label_map(results: Sequence[QueryResult]) -> tuple[np.ndarray, list[dict]]:
@@ -563,7 +651,7 @@ def predict(
     model: Path | None,
     out: Path,
     adapter: Path | None = None,
-    checkpoint: Path | None = None,
+    sam_checkpoint: Path | None = None,
     engine: str = "transformers",
     num_slices: int | None = None,
     size: int | None = None,
@@ -574,6 +662,7 @@ def predict(
     progress: bool = True,
     answer: Answerer | None = None,
     log_file: Path | None = None,
+    statistics: bool = False,
 ) -> list[ScanOutput]:
     """Segment every scan of ``images`` for every query (see the module docstring).
 
@@ -582,7 +671,8 @@ def predict(
     policy (then ``model`` is not loaded): a function from a scan's prepared slices and the
     queries to answer texts. Inputs are checked before the model loads; the first scan is read
     before the model loads too, so a bad file costs no model load and writes nothing
-    (``log_file``, the command's log, starts only then).
+    (``log_file``, the command's log, starts only then). ``statistics`` adds each mask's
+    :class:`MaskStatistics` to its scan's output and writes ``out/statistics.csv`` at the end.
     """
     from tqdm import tqdm
 
@@ -598,8 +688,8 @@ def predict(
     )
     if answer is None and not (Path(model) / "config.json").exists():
         raise PredictError(f"--model {model}: no config.json, not a checkpoint folder")
-    if checkpoint is not None and not Path(checkpoint).is_file():
-        raise PredictError(f"--checkpoint {checkpoint}: no such file")
+    if sam_checkpoint is not None and not Path(sam_checkpoint).is_file():
+        raise PredictError(f"--sam-checkpoint {sam_checkpoint}: no such file")
     device = resolve_device(device)
     scans = find_scans([images] if isinstance(images, str | Path) else list(images))
     names = scan_names(scans)
@@ -615,7 +705,10 @@ def predict(
             if log_file is not None:
                 log_to_file(log_file)
             propagator = build_propagator(
-                "medsam2" if checkpoint else "baseline", checkpoint, image_size, device=device
+                "medsam2" if sam_checkpoint else "baseline",
+                sam_checkpoint,
+                image_size,
+                device=device,
             )
             if answer is None:
                 answer = policy_answerer(
@@ -626,9 +719,12 @@ def predict(
         )
         folder = out if len(scans) == 1 else out / name
         write_outputs(scan, prepared, results, folder)
-        outputs.append(ScanOutput(path, folder, tuple(r.evidence for r in results)))
+        measured = tuple(mask_statistics(scan, r) for r in results) if statistics else ()
+        outputs.append(ScanOutput(path, folder, tuple(r.evidence for r in results), measured))
         bar.update(1)
     bar.close()
+    if statistics:
+        write_statistics([row for o in outputs for row in o.statistics], out / "statistics.csv")
     return outputs
 
 
@@ -662,9 +758,13 @@ def build_parser() -> ArgumentParser:
         type=Path,
         help="Qwen3-VL checkpoint folder (default: the base the adapter's medvol.json names)",
     )
-    parser.add_argument("--adapter", type=Path, help="LoRA adapter (SFT or SFT+RL)")
-    parser.add_argument("--checkpoint", type=Path, help="MedSAM2 checkpoint (else: baseline)")
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--adapter", type=Path, help="LoRA adapter folder (SFT or SFT+RL)")
+    parser.add_argument(
+        "--sam-checkpoint",
+        type=Path,
+        help="MedSAM2 weights, e.g. MedSAM2_latest.pt (default: the baseline propagator)",
+    )
+    parser.add_argument("--out-dir", required=True, type=Path, help="folder of the results")
     parser.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     frame = "the adapter's medvol.json, else"
     parser.add_argument(
@@ -673,7 +773,9 @@ def build_parser() -> ArgumentParser:
         help=f"slices sampled per scan (default: {frame} {DataConfig.num_slices})",
     )
     parser.add_argument(
-        "--size", type=int, help=f"slice size in px (default: {frame} {DataConfig.slice_size})"
+        "--slice-size",
+        type=int,
+        help=f"side of a sampled slice in px (default: {frame} {DataConfig.slice_size})",
     )
     parser.add_argument(
         "--window",
@@ -684,34 +786,38 @@ def build_parser() -> ArgumentParser:
         f"({', '.join(WINDOW_PRESETS)}) or LOW HIGH (default: {frame} {DataConfig.window})",
     )
     parser.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        help="where the policy and MedSAM2 run (default: the GPU when there is one)",
+        "--statistics",
+        action="store_true",
+        help="per scan and query: volume (mm^3), mean and std of HU in the mask, to "
+        "OUTDIR/statistics.csv and the console",
     )
+    add_device_argument(parser, "the policy and MedSAM2")
     return parser
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = build_parser().parse_args(argv)
     if args.slices is not None and args.slices < 1:
         raise UsageError(f"--slices {args.slices}: need >= 1")
-    if args.size is not None and args.size < 32:
-        raise UsageError(f"--size {args.size}: need >= 32")
+    if args.slice_size is not None and args.slice_size < 32:
+        raise UsageError(f"--slice-size {args.slice_size}: need >= 32")
     queries = read_queries(args.query, args.queries)
     outputs = predict(
         args.image,
         queries,
         args.model,
-        args.out,
+        args.out_dir,
         args.adapter,
-        args.checkpoint,
+        args.sam_checkpoint,
         args.engine,
         args.slices,
-        args.size,
+        args.slice_size,
         args.window,
         device=args.device,
-        log_file=args.out / "predict.log",
+        log_file=args.out_dir / "predict.log",
+        statistics=args.statistics,
     )
     for output in outputs:
         for n, evidence in enumerate(output.evidence, start=1):
@@ -721,8 +827,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{output.scan} | {evidence['query']}: {status}; {evidence['mask_voxels']} voxels, "
                 f"{evidence['volume_mm3'] / 1000:.1f} mL -> {where}"
             )
+    if args.statistics:
+        print(f"\nstatistics -> {args.out_dir / 'statistics.csv'}")
+        print(statistics_table([row for o in outputs for row in o.statistics]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

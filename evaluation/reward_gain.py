@@ -2,18 +2,19 @@
 as in training, from the policy before and after, on the same prompts.
 
     python -m evaluation.reward_gain --config configs/<run>.yaml --before NAME=ADAPTER
-        --after NAME=ADAPTER [--split train] [--out DIR] [-v] [--debug] [key=value ...]
+        --after NAME=ADAPTER [--split test] [--out-dir DIR] [--print-config] [-v] [--debug]
+        [key=value ...]
 
 A slope of GRPO's training reward over its steps mixes what the policy learned with which
 prompts came when (an easy stretch of the order looks like learning). Here both checkpoints
-answer the same prompts of the split (each sample asked once, with one training phrasing drawn
-from its id, as ``evaluate --phrasings training`` asks it), G answers each at the rollout
-temperature with the same sampling seed; the reward scorer that GRPO used scores them. Per sample
-the mean reward of its G answers, averaged over suites as the table averages DSC;
-``after - before`` per sample, with a 95% CI that resamples scans within each suite
-(``evaluation.stats``). Writes ``rewards.jsonl`` (one row per checkpoint
-and sample, with the four terms) and ``reward_gain.json`` under ``--out`` (default
-``<output_dir>/reward_gain``).
+answer the same prompts of the split (``--split train``: the prompts GRPO trained on, as the
+default run asks; the default is ``test``, as in every command), each sample asked once, with
+one training phrasing drawn from its id, as ``evaluate --phrasings training`` asks it; G answers
+each at the rollout temperature with the same sampling seed; the reward scorer that GRPO used
+scores them. Per sample the mean reward of its G answers, averaged over suites as the table
+averages DSC; ``after - before`` per sample, with a 95% CI that resamples scans within each suite
+(``evaluation.stats``). Writes ``rewards.jsonl`` (one row per checkpoint and sample, with the
+four terms) and ``reward_gain.json`` under ``--out-dir`` (default ``<output_dir>/reward_gain``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser, UsageError, existing_file, log_to_file, run_cli
-from common.config import RunConfig, load_run_config
+from common.cli import (
+    ArgumentParser,
+    UsageError,
+    add_config_arguments,
+    command,
+    command_config,
+    log_to_file,
+)
+from common.config import RunConfig
 from common.runtime import set_default_environment
 
 TERMS = ("format", "axial", "spatial", "consistency")
@@ -74,7 +82,7 @@ def reward_gain(
     before: tuple[str, Path],
     after: tuple[str, Path],
     out_dir: Path,
-    split: str = "train",
+    split: str = "test",
     progress: bool = True,
 ) -> dict:
     """Sample, score and compare; returns the comparison (also in ``reward_gain.json``)."""
@@ -128,17 +136,26 @@ def gain_line(g: dict) -> str:
     )
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = ArgumentParser(
         prog="python -m evaluation.reward_gain", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--config", type=existing_file)
-    parser.add_argument("--before", required=True, metavar="NAME=ADAPTER")
-    parser.add_argument("--after", required=True, metavar="NAME=ADAPTER")
-    parser.add_argument("--split", default="train", choices=["train", "val", "test"])
-    parser.add_argument("--out", type=Path, help="default: <output_dir>/reward_gain")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument(
+        "--before", required=True, metavar="NAME=ADAPTER", help="a LoRA adapter folder, named"
+    )
+    parser.add_argument(
+        "--after", required=True, metavar="NAME=ADAPTER", help="a LoRA adapter folder, named"
+    )
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test"],
+        help="the prompts (train: those GRPO trained on)",
+    )
+    parser.add_argument("--out-dir", type=Path, help="default: <output_dir>/reward_gain")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     pairs = []
     for flag, item in (("--before", args.before), ("--after", args.after)):
@@ -148,14 +165,14 @@ def main(argv: list[str] | None = None) -> int:
         pairs.append((name, Path(path)))
     if pairs[0][0] == pairs[1][0]:
         raise UsageError(f"--before and --after: both named {pairs[0][0]!r}; give two names")
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = command_config(args)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
-    out = args.out or Path(cfg.output_dir) / "reward_gain"
+    out = args.out_dir or Path(cfg.output_dir) / "reward_gain"
     log_to_file(out / "reward_gain.log")
     print(gain_line(reward_gain(cfg, pairs[0], pairs[1], out, args.split)))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -30,7 +30,7 @@ run=(
 
 if [[ ! -f $MANIFEST ]]; then
   "$PYTHON" -m data.manifest --images "$IMAGES" --labels "$LABELS" \
-    --labels-json "$LABELS_JSON" --out "$MANIFEST"
+    --labels-json "$LABELS_JSON" --out-file "$MANIFEST"
 fi
 "$PYTHON" -m learner.sft "${run[@]}"
 "$PYTHON" -m cluster.grpo "${run[@]}"

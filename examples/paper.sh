@@ -29,7 +29,7 @@ run=(
 )
 
 if [[ ! -f $MANIFEST ]]; then
-  "$PYTHON" -m data.m3dseg --root "$M3D_ROOT" --out "$MANIFEST"
+  "$PYTHON" -m data.m3dseg --root "$M3D_ROOT" --out-file "$MANIFEST"
 fi
 "$PYTHON" -m learner.sft "${run[@]}"
 "$PYTHON" -m cluster.grpo "${run[@]}"

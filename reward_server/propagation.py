@@ -70,14 +70,14 @@ other. It is the embedded default when no MedSAM2 checkpoint is given, and says 
 
 On CUDA, encoding and tracking run under bf16 autocast, as MedSAM2 does; on the CPU, fp32.
 
-    python -m reward_server.propagation --write-random-checkpoint PATH [--image-size 512]
+    python -m reward_server.propagation --out-file PATH [--image-size 512] [--seed 0]
 
-writes a random-weight checkpoint in MedSAM2's ``{'model': state_dict}`` format.
+writes a random-weight SAM2.1 Hiera-tiny checkpoint in MedSAM2's ``{'model': state_dict}`` format
+(for tests and timing: ``--sam-checkpoint`` or ``reward.checkpoint`` take it).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -94,6 +94,7 @@ from scipy import ndimage
 from skimage.filters import gaussian
 from skimage.morphology import reconstruction
 
+from common.cli import ArgumentParser, command
 from data.answer import Box, EvidenceAnchor
 
 log = logging.getLogger(__name__)
@@ -770,13 +771,21 @@ def build_propagator(
     raise ValueError(f"unknown propagator {propagator!r}: use 'medsam2' or 'baseline'")
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reward_server.propagation")
-    parser.add_argument("--write-random-checkpoint", type=Path, required=True, metavar="PATH")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = ArgumentParser(
+        prog="python -m reward_server.propagation",
+        description="Write a random-weight SAM2.1 Hiera-tiny checkpoint in MedSAM2's format.",
+    )
+    parser.add_argument(
+        "--out-file", type=Path, required=True, help="the checkpoint to write (.pt)"
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=512, help="SAM2 input side in px (MedSAM2: 512)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     args = parser.parse_args(argv)
-    path = write_random_checkpoint(args.write_random_checkpoint, args.image_size, args.seed)
+    path = write_random_checkpoint(args.out_file, args.image_size, args.seed)
     print(f"wrote random SAM2.1 Hiera-tiny checkpoint: {path}")
     return 0
 

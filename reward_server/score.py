@@ -1,12 +1,14 @@
 """Score a file of completions offline: the reward terms of each line, in input order.
 
-    python -m reward_server.score --manifest M --completions C.jsonl --out S.jsonl [--workers N]
+    python -m reward_server.score --manifest M --completions C.jsonl --out-file S.jsonl
+        [--workers 2] [--address RAY] [--config FILE] [--print-config] [key=value ...]
 
 Input lines: ``{"id": sample id, "completion": text}``. Output lines: ``{"id", "format",
 "axial", "spatial", "consistency", "total"}`` (plus ``"failure"`` for a malformed answer).
-``--workers 0`` scores in this process without Ray; ``N >= 1`` starts a local Ray instance (or
-joins ``--address``) with N reward workers. Reward settings come from ``--config`` (its
-``reward`` and ``data`` sections) and ``key=value`` overrides such as ``reward.delta=3``.
+``--workers N >= 1`` (default 2) starts a local Ray instance (or joins ``--address``) with N
+reward workers; ``--workers 0`` scores in this process without Ray. Reward settings come from
+``--config`` (its ``reward`` and ``data`` sections) and ``key=value`` overrides such as
+``reward.delta=3``; ``--print-config`` prints those two sections, merged, and exits.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UsageError, existing_file, run_cli
+from common.cli import (
+    ArgumentParser,
+    UsageError,
+    add_config_arguments,
+    command,
+    command_config,
+    existing_file,
+)
 from common.config import DataConfig, RewardConfig, load_config
 from common.runtime import set_default_environment
 from data.dataset import VolumeDataset
+from reward_server.propagation import CheckpointError
 from reward_server.scorer import RewardScorer, ScoreRequest, breakdown_row
 
 
@@ -70,6 +80,12 @@ def score_in_process(
         return scorer.score_requests(requests, lambda i: dataset.by_id(i)[1], bar.update)
 
 
+def load_score_config(path: Path | None, overrides: list[str]) -> ScoreConfig:
+    """The ``data`` and ``reward`` sections of a run config file, with overrides."""
+    return load_config(ScoreConfig, path, overrides, sections=("data", "reward"))
+
+
+@command(CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     parser = ArgumentParser(
@@ -77,20 +93,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--manifest", required=True, type=existing_file)
     parser.add_argument("--completions", required=True, type=existing_file)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--workers", type=int, default=0, help="reward workers (0: no Ray)")
+    parser.add_argument("--out-file", required=True, type=Path, help="reward lines (JSONL)")
     parser.add_argument(
-        "--config", type=existing_file, help="YAML with 'reward' and 'data' sections"
+        "--workers", type=int, default=2, help="reward workers on Ray (0: in this process, no Ray)"
     )
     parser.add_argument("--address", help="Ray address to join (default: a local instance)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. reward.delta=3")
+    add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.workers < 0:
-        raise UsageError(f"--workers {args.workers}: must be 0 (no Ray) or more")
-    if args.out.is_dir():
-        raise UsageError(f"--out {args.out}: is a folder, give a file name")
+        raise UsageError(f"--workers {args.workers}: must be 0 (in this process) or more")
+    cfg = command_config(args, load=load_score_config)
+    if args.out_file.is_dir():
+        raise UsageError(f"--out-file {args.out_file}: is a folder, give a file name")
 
-    cfg = load_config(ScoreConfig, args.config, args.overrides, sections=("data", "reward"))
     dataset = VolumeDataset(args.manifest, cfg.data)
     requests = read_completions(args.completions, {s.id for s in dataset.samples})
     if args.workers <= 0:
@@ -108,19 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             pool.shutdown()
         finally:
             ray.shutdown()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.partial")
+    args.out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out_file.with_name(f".{args.out_file.name}.partial")
     tmp.write_text(
         "".join(
             json.dumps(breakdown_row(r.sample_id, res)) + "\n" for r, res in zip(requests, results)
         )
     )
-    tmp.replace(args.out)
-    print(f"scored {len(requests)} completions -> {args.out}")
+    tmp.replace(args.out_file)
+    print(f"scored {len(requests)} completions -> {args.out_file}")
     return 0
 
 
 if __name__ == "__main__":
-    from reward_server.propagation import CheckpointError
-
-    sys.exit(run_cli(main, errors=(CheckpointError,)))
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """A tiny random-initialised Qwen3-VL, built here, that loads like Qwen/Qwen3-VL-4B.
 
-    python -m rollout.tiny_model --out DIR [--size test|small] [--seed 0]
+    python -m rollout.tiny_model --out-dir DIR [--model-size test|medium|small] [--seed 0]
 
 Writes, with ``save_pretrained``: the model (``Qwen3VLForConditionalGeneration``), a byte-level
 BPE tokenizer trained locally on the project's own prompt and answer text that carries Qwen's
@@ -11,17 +11,19 @@ same way they load the real checkpoint.
 
 Images: patch 16, spatial merge 2, so one 256x256 slice is (256/32)^2 = 64 visual tokens and a
 64-slice prompt holds 4096 image tokens plus ~700 text tokens; slices are not resized (the
-processor's pixel bounds admit 32x32 up to 256x256 unchanged). Sizes: ``test`` runs in seconds on
+processor's pixel bounds admit 32x32 up to 256x256 unchanged). Model sizes (``--model-size``,
+``model.tiny_size``): ``test`` runs in seconds on
 CPU (head_dim 64: vLLM's CPU attention rejects 16); ``small`` (~40 M parameters) can learn the
 phantom task on one GPU in minutes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from common.cli import ArgumentParser, command
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -233,14 +235,20 @@ def build_tiny_qwen3vl(out_dir: str | Path, size: str = "test", seed: int = 0) -
     return out_dir
 
 
+@command()
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rollout.tiny_model")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--size", default="test", choices=sorted(SIZES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser = ArgumentParser(prog="python -m rollout.tiny_model", description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", required=True, type=Path, help="the model folder to write")
+    parser.add_argument(
+        "--model-size",
+        default="test",
+        choices=list(SIZES),
+        help="as model.tiny_size (test: seconds on CPU)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
     args = parser.parse_args(argv)
-    path = build_tiny_qwen3vl(args.out, args.size, args.seed)
-    print(f"tiny Qwen3-VL ({args.size}) in {path}")
+    path = build_tiny_qwen3vl(args.out_dir, args.model_size, args.seed)
+    print(f"tiny Qwen3-VL ({args.model_size}) in {path}")
     return 0
 
 

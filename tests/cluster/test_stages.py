@@ -89,7 +89,7 @@ def test_a_run_under_an_interpreter_without_the_environment_stops_first(tmp_path
         require_interpreter(("json",), ("no-such-tool",))
     # -S: this very interpreter without its site-packages, as a Python without the environment
     out = subprocess.run(
-        [sys.executable, "-S", "-m", "cluster.default_run", "--out", str(tmp_path / "run")],
+        [sys.executable, "-S", "-m", "cluster.default_run", "--out-dir", str(tmp_path / "run")],
         cwd=REPO,
         env={"PATH": BARE_PATH, "HOME": str(tmp_path)},
         capture_output=True,

@@ -158,7 +158,7 @@ def test_predict_bad_input(tmp_path, broken_nifti):
     model.mkdir()
     (model / "config.json").write_text("{}")
     out = tmp_path / "out"
-    base = ["evaluation.predict", "--query", "liver", "--model", model, "--out", out]
+    base = ["evaluation.predict", "--query", "liver", "--model", model, "--out-dir", out]
     one_error_line(command(*base, "--image", broken_nifti), broken_nifti, "not a readable NIfTI")
     one_error_line(command(*base, "--image", tmp_path / "none.nii.gz"), "none.nii.gz", "no such")
     one_error_line(command(*base, "--image", broken_nifti, "--window", "abdomn"), "--window")
@@ -189,7 +189,7 @@ def test_evaluate_bad_input(tmp_path):
             "--config",
             "configs/tiny.yaml",
             f"data.manifest={tmp_path / 'none.jsonl'}",
-            "--out",
+            "--out-dir",
             out,
         ),
         "none.jsonl",
@@ -201,7 +201,7 @@ def test_score_bad_input(tmp_path, phantom_manifest):
     completions = tmp_path / "c.jsonl"
     completions.write_text("{not json\n")
     out = tmp_path / "scores.jsonl"
-    args = ["--manifest", phantom_manifest, "--completions", completions, "--out", out]
+    args = ["--manifest", phantom_manifest, "--completions", completions, "--out-file", out]
     one_error_line(command("reward_server.score", *args), "c.jsonl, line 1", "not JSON")
     assert not out.exists() and not list(tmp_path.glob(".*partial*"))
     one_error_line(
@@ -231,11 +231,14 @@ def test_sft_bad_input(tmp_path):
 
 def test_phantoms_and_m3dseg_bad_input(tmp_path):
     out = tmp_path / "phantoms"
-    one_error_line(command("data.phantoms", "--out", out, "--n", "0"), "--n 0")
-    one_error_line(command("data.phantoms", "--out", out, "--shape", "4", "8", "8"), "--shape")
+    one_error_line(command("data.phantoms", "--out-dir", out, "--cases", "0"), "--cases 0")
+    one_error_line(
+        command("data.phantoms", "--out-dir", out, "--volume-shape", "4", "8", "8"),
+        "--volume-shape",
+    )
     assert not out.exists()
     one_error_line(
-        command("data.m3dseg", "--root", tmp_path / "nowhere", "--out", tmp_path / "m.jsonl"),
+        command("data.m3dseg", "--root", tmp_path / "nowhere", "--out-file", tmp_path / "m.jsonl"),
         "nowhere",
     )
     assert not (tmp_path / "m.jsonl").exists()
@@ -243,12 +246,14 @@ def test_phantoms_and_m3dseg_bad_input(tmp_path):
 
 def test_default_run_bad_input(tmp_path):
     out = tmp_path / "run"
-    one_error_line(command("cluster.default_run", "--out", out, "--cases", "2"), "--cases 2")
+    one_error_line(command("cluster.default_run", "--out-dir", out, "--cases", "2"), "--cases 2")
     one_error_line(
-        command("cluster.default_run", "--out", out, "--val-every", "-1"), "--val-every -1"
+        command("cluster.default_run", "--out-dir", out, "--val-every", "-1"), "--val-every -1"
     )
     one_error_line(
-        command("cluster.default_run", "--out", out, "grpo.lr=fast"), "configs/tiny.yaml", "grpo.lr"
+        command("cluster.default_run", "--out-dir", out, "grpo.lr=fast"),
+        "configs/tiny.yaml",
+        "grpo.lr",
     )
     one_error_line(command("cluster.default_run", "--config", tmp_path / "x.yaml"), "x.yaml")
     assert not out.exists()
@@ -268,7 +273,7 @@ def test_the_errors_name_a_file_when_a_manifest_row_is_bad(tmp_path, phantom_man
             bad,
             "--completions",
             completions,
-            "--out",
+            "--out-file",
             tmp_path / "s.jsonl",
         ),
         "bad_manifest.jsonl",

@@ -250,7 +250,7 @@ def test_cli_writes_the_three_subsets_and_reports_bad_input_on_one_line(tmp_path
     out = root / "manifest.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "data.m3dseg", "--root", str(root), "--subsets", "0003", "0004",
-         "0012", "--out", str(out)],
+         "0012", "--out-file", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -269,7 +269,7 @@ def test_cli_writes_the_three_subsets_and_reports_bad_input_on_one_line(tmp_path
 
     missing = tmp_path / "nowhere"
     failed = subprocess.run(
-        [sys.executable, "-m", "data.m3dseg", "--root", str(missing), "--out", str(out)],
+        [sys.executable, "-m", "data.m3dseg", "--root", str(missing), "--out-file", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert failed.returncode == 2
@@ -277,7 +277,7 @@ def test_cli_writes_the_three_subsets_and_reports_bad_input_on_one_line(tmp_path
         f"error: {missing}: M3D-Seg root not found (not a folder)"
     ]
 
-    assert run_cli(main, ["--root", str(root), "--subsets", "12", "--out", str(out)]) == 2
+    assert run_cli(main, ["--root", str(root), "--subsets", "12", "--out-file", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err == ["error: --subsets: '12' is not a 4-digit M3D-Seg subset code"]
 
@@ -414,7 +414,7 @@ def test_cross_split_scans_are_found_in_any_axis_order_and_dropped_on_request(tm
         train=[save_case(root, "0004", "case_00001", zscore_image(rng), kits_mask())],
         test=[save_case(root, "0004", "case_00002", twice, kits_mask())])  # fmt: skip
     out = root / "manifest.jsonl"
-    args = ["--root", str(root), "--out", str(out)]
+    args = ["--root", str(root), "--out-file", str(out)]
 
     assert run_cli(main, args) == 0
     printed = capsys.readouterr().out.splitlines()

@@ -64,7 +64,7 @@ def build(root: Path, *extra: str, labels_json: Path | None = None) -> int:
             str(root / "labelsTr"),
             "--labels-json",
             str(labels_json or root / "dataset.json"),
-            "--out",
+            "--out-file",
             str(root / "manifest.jsonl"),
             *extra,
         ],
@@ -166,7 +166,7 @@ def test_a_shape_mismatch_names_both_files_and_shapes(nnunet, capsys):
 def test_a_manifest_outside_the_data_folder_is_refused(nnunet, tmp_path, capsys):
     args = ["--images", str(nnunet / "imagesTr"), "--labels", str(nnunet / "labelsTr")]
     args += ["--labels-json", str(nnunet / "dataset.json")]
-    assert run_cli(main, [*args, "--out", str(tmp_path / "elsewhere" / "m.jsonl")]) == 2
+    assert run_cli(main, [*args, "--out-file", str(tmp_path / "elsewhere" / "m.jsonl")]) == 2
     assert "must hold --images" in capsys.readouterr().err
 
 

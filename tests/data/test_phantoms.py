@@ -102,9 +102,8 @@ def test_test_phrasings_never_appear_in_training():
 
 
 def test_cli_writes_cases_and_manifest(tmp_path, capsys):
-    assert (
-        main(["--out", str(tmp_path), "--n", "3", "--seed", "5", "--shape", *map(str, SHAPE)]) == 0
-    )
+    argv = ["--out-dir", str(tmp_path), "--cases", "3", "--seed", "5"]
+    assert main([*argv, "--volume-shape", *map(str, SHAPE)]) == 0
     assert len(list((tmp_path / "images").glob("*.nii.gz"))) == 3
     assert len(list((tmp_path / "labels").glob("*.nii.gz"))) == 3
     assert "wrote 3 cases" in capsys.readouterr().out

@@ -51,11 +51,12 @@ def test_anchors_as_answered_give_the_table_and_the_largest_slice_is_the_oracle(
     assert np.isfinite(list(got.values())).all() and len(lines) == 3 + 3 + 3
 
 
-def test_a_missing_row_or_pad_zero_is_refused_by_name(oracle_cases):
+def test_a_missing_row_or_pad_zero_is_refused_by_name(oracle_cases, capsys):
     cfg, path, overrides, _ = oracle_cases
     with pytest.raises(
         UsageError, match=r"cases.jsonl: no row 'SFT'; it holds \['oracle', 'broken'\]"
     ):
         anchor_slack(cfg, path, rows=["SFT"], progress=False)
-    with pytest.raises(UsageError, match="--pad 0"):
-        main(["--config", "configs/tiny.yaml", "--cases", str(path), "--pad", "0", *overrides])
+    argv = ["--config", "configs/tiny.yaml", "--cases-file", str(path), "--pad", "0"]
+    assert main([*argv, *overrides]) == 2
+    assert capsys.readouterr().err.startswith("error: --pad 0: ")

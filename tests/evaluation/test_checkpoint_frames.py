@@ -39,7 +39,7 @@ def test_evaluate_stops_on_an_adapter_of_another_frame_naming_both(
     with pytest.raises(UsageError) as err:
         check_adapter_frames(cfg.data, {"SFT": adapter})
     assert str(err.value) == (
-        f"--checkpoint SFT={adapter}: trained with num_slices 8 (medvol.json), the config has "
+        f"--adapter SFT={adapter}: trained with num_slices 8 (medvol.json), the config has "
         "data.num_slices 64; trained with window [-160.0, 240.0] (medvol.json), the config has "
         "data.window [-1350.0, 150.0]"
     )
@@ -47,7 +47,7 @@ def test_evaluate_stops_on_an_adapter_of_another_frame_naming_both(
 
 def test_a_malformed_or_missing_medvol_json(adapter, tmp_path, caplog):
     (adapter / "medvol.json").write_text("[]")
-    with pytest.raises(UsageError, match="--checkpoint SFT=.*medvol.json: expected a JSON object"):
+    with pytest.raises(UsageError, match="--adapter SFT=.*medvol.json: expected a JSON object"):
         check_adapter_frames(DataConfig(), {"SFT": adapter})
     (adapter / "medvol.json").unlink()
     with caplog.at_level(logging.WARNING):

@@ -76,13 +76,20 @@ def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     n = len(cases)
     evaluate(cfg, {"base": None}, tmp_path / "eval", split="test", progress=False, phrasings="both")
     assert len((tmp_path / "eval" / "cases.jsonl").read_text().splitlines()) == n  # resumed
-    # Other weights under the same row name: its cases are recomputed, the oracle's reused.
+    # Other weights under the same row name: its cases are recomputed (here in this process,
+    # without Ray), the oracle's reused.
     from tests.conftest import SFT_LIKE_TARGETS, random_adapter
 
     adapter = random_adapter(Path(tiny_model), tmp_path / "adapter", SFT_LIKE_TARGETS, 4, 0.05, 2)
     keys = {c["row"]: c["key"] for c in cases}
     evaluate(
-        cfg, {"base": adapter}, tmp_path / "eval", split="test", progress=False, phrasings="both"
+        cfg,
+        {"base": adapter},
+        tmp_path / "eval",
+        split="test",
+        workers=0,
+        progress=False,
+        phrasings="both",
     )
     again = [
         json.loads(line) for line in (tmp_path / "eval" / "cases.jsonl").read_text().splitlines()
@@ -183,7 +190,7 @@ def test_predict_window_takes_a_preset_or_two_numbers():
     from common.cli import UsageError
     from evaluation.predict import PredictError, build_parser, parse_window
 
-    base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out", "o"]
+    base = ["--image", "ct.nii.gz", "--query", "q", "--model", "m", "--out-dir", "o"]
     parser = build_parser()
     assert parser.parse_args(base).window is None  # the adapter's, else data.window's default
     assert parser.parse_args(base + ["--window", "-160", "240"]).window == (-160.0, 240.0)

@@ -1,6 +1,8 @@
 """predict on DICOM: the same masks as the NIfTI path voxel for voxel, a DICOM SEG on the source
-series, several queries with a label map and legend, folders of scans, and the command line."""
+series, several queries with a label map and legend, folders of scans, --statistics, and the
+command line."""
 
+import csv
 import json
 
 import nibabel as nib
@@ -165,6 +167,92 @@ def test_a_folder_with_two_series_is_refused_before_anything_is_written(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_statistics_of_a_mask_by_hand(tmp_path):
+    """A 2 x 3 x 4 box of voxels 1.5 x 1.2 x 2.5 mm (4.5 mm^3), half at 30 HU and half at
+    50 HU: 24 voxels, 108 mm^3, mean 40 HU, std 10 HU; an empty mask: 0 mm^3, no mean or std."""
+    from data.grid import Volume
+    from evaluation.predict import (
+        STATISTICS_COLUMNS,
+        QueryResult,
+        Scan,
+        mask_statistics,
+        statistics_table,
+        write_statistics,
+    )
+
+    affine = np.diag([1.5, 1.2, 2.5, 1.0])  # canonical voxel (x, y, z) -> mm
+    array = np.full((6, 8, 10), -1000, np.int16)  # (z, y, x): air around the box
+    array[1:3, 2:5, 3:5] = 30
+    array[1:3, 2:5, 5:7] = 50
+    scan = Scan(tmp_path / "ct.nii.gz", "ct", Volume(tmp_path, array, affine, affine))
+    box = np.zeros(array.shape, bool)
+    box[1:3, 2:5, 3:7] = True
+
+    def result(query, mask, ok=True):
+        return QueryResult(query, mask, np.zeros((2, 4, 4), bool), None, {"ok": ok})
+
+    found = mask_statistics(scan, result("the box", box))
+    assert (found.voxels, found.volume_mm3) == (24, pytest.approx(108.0))
+    assert (found.mean_hu, found.std_hu) == (pytest.approx(40.0), pytest.approx(10.0))
+    empty = mask_statistics(scan, result("nothing", np.zeros(array.shape, bool), ok=False))
+    assert (empty.voxels, empty.volume_mm3, empty.mean_hu, empty.std_hu) == (0, 0.0, None, None)
+    with (write_statistics([found, empty], tmp_path / "statistics.csv")).open() as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(STATISTICS_COLUMNS)
+    assert [(r["query"], r["ok"], r["voxels"]) for r in rows] == [
+        ("the box", "True", "24"),
+        ("nothing", "False", "0"),
+    ]
+    assert [float(rows[0][c]) for c in ("volume_mm3", "mean_hu", "std_hu")] == [108, 40, 10]
+    assert (rows[1]["volume_mm3"], rows[1]["mean_hu"], rows[1]["std_hu"]) == ("0.000", "", "")
+    table = statistics_table([found, empty]).splitlines()
+    assert table[2] == "| ct | the box | 24 | 0.11 | 40.0 | 10.0 |"
+    assert table[3] == "| ct | nothing | 0 | 0.00 | - | - |"
+
+
+def test_statistics_of_a_folder_of_scans_in_one_csv(phantom, tmp_path):
+    """A NIfTI scan and its DICOM series, two queries (one answered with the true anchor, one
+    with nonsense): one CSV row per scan and query, each volume and HU as read by hand from the
+    written mask and the source image."""
+    import shutil
+
+    nifti, folder, labels, image, _ = phantom
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    shutil.copy(nifti, scans / "abdomen.nii.gz")
+    shutil.copytree(folder, scans / "study-7")
+    oracle = oracle_answers(nifti, labels)
+    queries = [QUERIES[0], "the unanswered one"]
+
+    def answer(slices, asked):
+        return [oracle(slices, [q])[0] if q in TARGETS else "no idea" for q in asked]
+
+    outputs = run(scans, tmp_path / "out", answer, queries=queries, progress=False, statistics=True)
+    with (tmp_path / "out" / "statistics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["scan"], r["query"]) for r in rows] == [
+        (name, q) for name in ("abdomen", "study-7") for q in queries
+    ]
+    assert [len(o.statistics) for o in outputs] == [2, 2]
+    for row in rows:
+        written = tmp_path / "out" / row["scan"] / f"query-{queries.index(row['query']) + 1}"
+        mask = np.asanyarray(nib.load(str(written / "mask.nii.gz")).dataobj) > 0  # stored (i, j, k)
+        assert int(row["voxels"]) == mask.sum()
+        assert float(row["volume_mm3"]) == pytest.approx(4.5 * mask.sum(), abs=1e-3)
+        if row["query"] == QUERIES[0]:
+            assert row["ok"] == "True" and mask.sum() > 0
+            values = image[mask].astype(np.float64)
+            assert float(row["mean_hu"]) == pytest.approx(values.mean(), abs=1e-3)
+            assert float(row["std_hu"]) == pytest.approx(values.std(), abs=1e-3)
+        else:
+            assert (row["ok"], row["voxels"], row["mean_hu"], row["std_hu"]) == (
+                "False",
+                "0",
+                "",
+                "",
+            )
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     from rollout.tiny_model import build_tiny_qwen3vl
@@ -176,7 +264,6 @@ def tiny_model(tmp_path_factory):
 def test_the_command_line_on_a_dicom_series_with_a_queries_file(
     phantom, tiny_model, tmp_path, capsys
 ):
-    from common.cli import run_cli
     from evaluation.predict import main
 
     _, folder, _, _, _ = phantom
@@ -184,12 +271,17 @@ def test_the_command_line_on_a_dicom_series_with_a_queries_file(
     queries = tmp_path / "queries.txt"
     queries.write_text("# asked of every scan\nthe organ that secretes bile\n\nboth kidneys\n")
     argv = ["--image", str(folder), "--queries", str(queries), "--model", str(model)]
-    argv += ["--out", str(tmp_path / "out"), "--slices", "16", "--size", "96", "--device", "cpu"]
-    assert run_cli(main, argv) == 0
+    argv += ["--out-dir", str(tmp_path / "out"), "--slices", "16", "--slice-size", "96"]
+    argv += ["--device", "cpu", "--statistics"]
+    assert main(argv) == 0
     captured = capsys.readouterr()
     lines = captured.out.strip().splitlines()
-    assert len(lines) == 2 and all(str(folder) in line for line in lines)
+    assert len(lines) == 2 + 1 + 1 + 2 + 2  # answers, blank, where, table head, table
+    assert all(str(folder) in line for line in lines[:2])
     assert "secretes bile" in lines[0] and "both kidneys" in lines[1]
+    assert lines[3] == f"statistics -> {tmp_path / 'out' / 'statistics.csv'}"
+    assert lines[4].startswith("| scan | query | voxels | volume mL | mean HU | std HU |")
+    assert len((tmp_path / "out" / "statistics.csv").read_text().splitlines()) == 3
     assert "Traceback" not in captured.err
     for n in (1, 2):
         evidence = json.loads((tmp_path / "out" / f"query-{n}" / "evidence.json").read_text())

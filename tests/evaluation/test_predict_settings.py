@@ -42,7 +42,7 @@ def test_an_adapter_gives_every_setting_left_out(adapter, base):
             {"num_slices": 64},
             "--slices 64: the adapter {a} was trained on 8 slices \\(medvol.json\\)",
         ),
-        ({"size": 256}, "--size 256: the adapter {a} was trained on 128 px slices"),
+        ({"size": 256}, "--slice-size 256: the adapter {a} was trained on 128 px slices"),
         (
             {"window": (-1350.0, 150.0)},
             "--window -1350 150: the adapter {a} was trained with the window -160 240 "
@@ -90,5 +90,5 @@ def test_a_malformed_medvol_json_stops_predict(adapter):
 
 
 def test_the_command_line_leaves_the_frame_to_the_adapter():
-    args = build_parser().parse_args(["--image", "ct.nii.gz", "--query", "q", "--out", "o"])
-    assert (args.model, args.slices, args.size, args.window) == (None, None, None, None)
+    args = build_parser().parse_args(["--image", "ct.nii.gz", "--query", "q", "--out-dir", "o"])
+    assert (args.model, args.slices, args.slice_size, args.window) == (None, None, None, None)

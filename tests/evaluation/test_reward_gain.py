@@ -42,7 +42,9 @@ def test_one_adapter_under_two_names_gains_exactly_nothing(tiny_model, phantom_m
 
     cfg = config(tiny_model, phantom_manifest, tmp_path)
     adapter = random_adapter(tiny_model, tmp_path / "adapter", SFT_LIKE_TARGETS, 4, 0.05, 3)
-    gain = reward_gain(cfg, ("SFT", adapter), ("same", adapter), tmp_path / "gain", progress=False)
+    gain = reward_gain(
+        cfg, ("SFT", adapter), ("same", adapter), tmp_path / "gain", "train", progress=False
+    )
     usable, _ = anchorable(VolumeDataset(phantom_manifest, cfg.data, split="train"))
     rows = [json.loads(x) for x in (tmp_path / "gain" / "rewards.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * len(usable) and gain["samples"] == len(usable)

@@ -29,8 +29,10 @@ def test_scores_a_file_in_input_order(phantom_manifest, dataset, true_anchor, tm
             str(phantom_manifest),
             "--completions",
             str(write_lines(tmp_path / "c.jsonl", rows)),
-            "--out",
+            "--out-file",
             str(out),
+            "--workers",
+            "0",
             "data.num_slices=32",
             "data.slice_size=128",
             f"data.cache_dir={dataset.cfg.cache_dir}",
@@ -47,23 +49,18 @@ def test_scores_a_file_in_input_order(phantom_manifest, dataset, true_anchor, tm
     assert "scored 4 completions" in capsys.readouterr().out
 
 
-def test_unknown_ids_and_bad_lines_name_the_line(phantom_manifest, tmp_path):
+def test_unknown_ids_and_bad_lines_name_the_line(phantom_manifest, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
     bad = write_lines(tmp_path / "c.jsonl", [{"id": "nope", "completion": ""}])
+    args = ["--manifest", str(phantom_manifest), "--out-file", str(out), "--workers", "0"]
     with pytest.raises(
         CompletionsError, match=r"c.jsonl, line 1: id 'nope' is not in the manifest"
     ):
-        main(["--manifest", str(phantom_manifest), "--completions", str(bad), "--out", str(out)])
+        main.__wrapped__([*args, "--completions", str(bad)])
     (tmp_path / "d.jsonl").write_text('{"completion": "x"}\n')
-    with pytest.raises(CompletionsError, match="d.jsonl, line 1: needs a string field 'id'"):
-        main(
-            [
-                "--manifest",
-                str(phantom_manifest),
-                "--completions",
-                str(tmp_path / "d.jsonl"),
-                "--out",
-                str(out),
-            ]
-        )
+    assert main([*args, "--completions", str(tmp_path / "d.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "error: " + str(tmp_path / "d.jsonl") + ", line 1: needs a string field 'id'"
+    ]
     assert not out.exists()

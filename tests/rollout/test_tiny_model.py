@@ -20,7 +20,7 @@ def test_same_seed_same_weights_other_seed_other_weights_and_reuse(tiny_model, t
     other = build_tiny_qwen3vl(tmp_path / "other", "test", seed=1)
     assert digest(other) != digest(tiny_model)
     stamp = (again / "model.safetensors").stat().st_mtime_ns
-    assert main(["--out", str(again), "--size", "test"]) == 0
+    assert main(["--out-dir", str(again), "--model-size", "test"]) == 0
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 
