@@ -4,7 +4,8 @@
         --query "the organ that secretes bile" [--query ... | --queries FILE] \
         [--adapter ADAPTER_DIR] [--model QWEN3VL_DIR] [--sam-checkpoint MEDSAM2.pt] \
         --out-dir OUTDIR [--slices N] [--slice-size PX] [--window abdomen | --window -160 240] \
-        [--statistics] [--device cpu|cuda] [-v] [--debug]
+        [--statistics] [--samples N [--temperature T] [--seed N] [--min-agreement A]] \
+        [--device cpu|cuda] [-v] [--debug]
 
 Inputs (``--image``, repeatable): a NIfTI file; a folder holding one DICOM series (files in any
 order; read by :mod:`data.dicom`, through the same orientation step as NIfTI, so one scan gives
@@ -41,6 +42,21 @@ goes to ``OUTDIR/predict.log``.
 scan's spacing) and the mean and standard deviation of the image's intensities (HU for CT) inside
 it, read from the original volume on the grid of the written mask; an empty mask has volume 0
 and no mean or std. The console gets the same figures as a table.
+
+``--samples N`` (default 1: one greedy answer, the output above) draws N answers per query at
+``--temperature`` (default 1.0, ``rollout.temperature``'s), seeded with ``--seed`` per scan,
+propagates each well-formed anchor, and writes as the mask their consensus: a voxel is in when
+more than half of the N masks hold it (a malformed answer counts as an empty mask). The masks are
+compared on the sampled slices, where the propagator draws them; the consensus is mapped to the
+source grid by the same nearest-voxel lookup as each mask, so it is also the voxel majority of
+the N masks on the source grid. evidence.json then adds ``agreement``, the mean pairwise Dice of
+the N masks (:func:`mask_agreement`; two empty masks agree, Dice 1), ``low_agreement`` (below
+``--min-agreement``, default :data:`MIN_AGREEMENT`; also flagged on the console line of that
+query) and ``anchors``, every sampled answer (``answer``, ``ok``, ``key_slice``, ``boxes`` or
+``failure``, and its ``agreement``, its mean Dice with the other N - 1 masks), as
+``evaluation.review`` lists them. Its top-level anchor, reasoning and answer are those of the
+well-formed sample closest to the consensus (highest Dice with it; ``representative`` is its
+number in ``anchors``, 1-based); with none well-formed the query has no usable answer.
 """
 
 from __future__ import annotations
@@ -69,7 +85,13 @@ from common.cli import (
     log_to_file,
     resolve_device,
 )
-from common.config import WINDOW_PRESETS, DataConfig, WindowError, resolve_window
+from common.config import (
+    WINDOW_PRESETS,
+    DataConfig,
+    RolloutConfig,
+    WindowError,
+    resolve_window,
+)
 from common.runtime import set_default_environment
 from learner.training_frame import FILE_NAME, TrainingFrame, TrainingFrameError, base_model_digest
 
@@ -77,10 +99,14 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 1000
 MAX_QUERIES = 255  # label values of the uint8 multi-label mask
+MAX_SAMPLES = 64  # answers drawn per query with --samples
+MIN_AGREEMENT = 0.5  # --min-agreement: a query whose N masks agree less is flagged for review
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 # Answers a list of queries about one scan's prepared slices (S, H, W) with the policy's texts.
 Answerer = Callable[[np.ndarray, list[str]], list[str]]
+# With --samples N > 1: the N texts drawn for each query, one list per query.
+Sampler = Callable[[np.ndarray, list[str]], list[list[str]]]
 
 
 class PredictError(ValueError):
@@ -338,18 +364,27 @@ def _prepare(scan: Scan, num_slices: int, size: int, window: tuple[float, float]
     return prepare_arrays(scan.volume, None, [], window, num_slices, size, scan.name)
 
 
-def policy_answerer(engine) -> Answerer:
-    """Greedy answers of a rollout engine, all queries of a scan in one batch."""
+def policy_answerer(engine, samples: int = 1, seed: int = 0) -> Answerer | Sampler:
+    """Answers of a rollout engine, all queries of a scan in one batch: greedy for one sample
+    (an :data:`Answerer`); else ``samples`` drawn per query at the engine's temperature, seeded
+    with ``seed`` (a :data:`Sampler`)."""
     from data.prompts import build_messages
     from rollout.records import RolloutPrompt
 
-    def answer(slices: np.ndarray, queries: list[str]) -> list[str]:
-        prompts = [
+    def prompts(slices: np.ndarray, queries: list[str]) -> list:
+        return [
             RolloutPrompt(f"query-{n}", build_messages(slices, q)) for n, q in enumerate(queries)
         ]
-        return [group.completions[0].text for group in engine.generate(prompts, greedy=True)]
 
-    return answer
+    def answer(slices: np.ndarray, queries: list[str]) -> list[str]:
+        groups = engine.generate(prompts(slices, queries), greedy=True)
+        return [group.completions[0].text for group in groups]
+
+    def sample(slices: np.ndarray, queries: list[str]) -> list[list[str]]:
+        groups = engine.generate(prompts(slices, queries), group_size=samples, seed=seed)
+        return [[c.text for c in group.completions] for group in groups]
+
+    return answer if samples == 1 else sample
 
 
 def load_policy(
@@ -360,13 +395,16 @@ def load_policy(
     num_slices: int,
     size: int,
     max_tokens: int,
+    temperature: float | None = None,
 ):
-    """The policy as a rollout engine (loaded once per call)."""
-    from common.config import ModelConfig, RolloutConfig
+    """The policy as a rollout engine (loaded once per call); ``temperature`` (default
+    ``rollout.temperature``'s) is what sampled answers are drawn at."""
+    from common.config import ModelConfig
     from rollout.records import WeightUpdate
 
     cfg = RolloutConfig(
         engine=engine,
+        temperature=RolloutConfig.temperature if temperature is None else temperature,
         max_tokens=max_tokens,
         in_process=True,
         max_model_len=num_slices * (size // 32) ** 2 + 1024 + max_tokens,
@@ -408,68 +446,168 @@ def _stored_slice_file(scan: Scan, z: int) -> Path | None:
     return files[z] if flip == 1 else files[len(files) - 1 - z]
 
 
+def mask_agreement(masks: Sequence[np.ndarray]) -> float:
+    """The mean pairwise Dice 2|A∩B| / (|A| + |B|) over the N(N-1)/2 pairs of ``masks``; two
+    empty masks agree (Dice 1, as evaluation.metrics.dsc), one empty and one not give 0. One
+    mask (or none) agrees with itself: 1."""
+    from evaluation.metrics import dsc
+
+    pairs = [dsc(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+def consensus_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The voxel majority of N masks: a voxel is in when more than half of them (count > N/2)
+    hold it, so a tie of an even N is out."""
+    if not len(masks):
+        raise ValueError("consensus of no masks")
+    count = np.zeros(np.shape(masks[0]), np.int32)
+    for mask in masks:
+        count += np.asarray(mask, bool)
+    return 2 * count > len(masks)
+
+
+def _anchor_evidence(scan: Scan, prepared, parsed) -> dict:
+    """What evidence.json says of a well-formed answer's anchor: the key slice in both frames
+    (and its DICOM file), the boxes in both frames, the reasoning."""
+    from data.preprocess import box_to_source
+
+    anchor = parsed.anchor
+    z = int(prepared.source_index[anchor.key_slice - 1])
+    evidence = dict(
+        ok=True,
+        reasoning=parsed.think,
+        key_slice=anchor.key_slice,
+        key_slice_source=z,
+        boxes=[list(b) for b in anchor.boxes],
+        boxes_source=[[round(v, 1) for v in box_to_source(b, prepared)] for b in anchor.boxes],
+    )
+    slice_file = _stored_slice_file(scan, z)
+    if slice_file is not None:
+        from data.dicom import read_header
+
+        evidence.update(
+            key_slice_file=str(slice_file),
+            key_slice_sop_instance_uid=str(read_header(slice_file).SOPInstanceUID),
+        )
+    return evidence
+
+
+def _drawn_texts(texts, queries: list[str], samples: int) -> list[list[str]]:
+    """The answerer's output as ``samples`` texts per query, checked."""
+    if samples == 1:
+        texts = [[t] for t in texts]
+    if len(texts) != len(queries) or any(isinstance(t, str) or len(t) != samples for t in texts):
+        raise PredictError(
+            f"--samples {samples}: the policy gave {len(texts)} answer lists for "
+            f"{len(queries)} queries, not {samples} answers for each"
+        )
+    return [list(t) for t in texts]
+
+
+def _sampled_result(scan, prepared, texts, propagator, num_slices, size, min_agreement):
+    """One query's N sampled answers: their frame masks, the consensus, the agreement, and
+    the evidence of the sample closest to the consensus (see the module docstring)."""
+    from data.answer import ParsedAnswer, parse_answer
+    from evaluation.metrics import dsc
+
+    parsed = [parse_answer(text, num_slices, size) for text in texts]
+    masks = []
+    for answer in parsed:
+        if isinstance(answer, ParsedAnswer):
+            a = answer.anchor
+            mask = propagator.propagate(scan.name, prepared.slices, a.key_slice, a.boxes, None)
+            masks.append(np.asarray(mask, bool))
+        else:
+            masks.append(np.zeros(prepared.slices.shape, bool))
+    consensus = consensus_mask(masks)
+    anchors = []
+    for n, (text, answer, mask) in enumerate(zip(texts, parsed, masks)):
+        others = [dsc(mask, m) for i, m in enumerate(masks) if i != n]
+        row: dict = {"sample": n + 1, "answer": text, "ok": isinstance(answer, ParsedAnswer)}
+        if isinstance(answer, ParsedAnswer):
+            row.update(key_slice=answer.anchor.key_slice)
+            row.update(boxes=[list(b) for b in answer.anchor.boxes])
+        else:
+            row.update(failure=answer.reason)
+        row.update(
+            agreement=round(float(np.mean(others)), 4),
+            dice_to_consensus=round(dsc(mask, consensus), 4),
+        )
+        anchors.append(row)
+    agreement = mask_agreement(masks)
+    well_formed = [n for n, a in enumerate(parsed) if isinstance(a, ParsedAnswer)]
+    summary = {
+        "num_samples": len(texts),
+        "agreement": round(agreement, 4),
+        "min_agreement": min_agreement,
+        "low_agreement": agreement < min_agreement,
+        "anchors": anchors,
+    }
+    if well_formed:  # the first of the well-formed samples with the highest Dice to consensus
+        best = max(well_formed, key=lambda n: (anchors[n]["dice_to_consensus"], -n))
+        evidence = {"answer": texts[best], **_anchor_evidence(scan, prepared, parsed[best])}
+        evidence["representative"] = best + 1
+        return parsed[best].anchor, consensus, evidence, summary
+    failure = f"none of the {len(texts)} sampled answers parses (first: {parsed[0].reason})"
+    return None, consensus, {"answer": texts[0], "ok": False, "failure": failure}, summary
+
+
 def segment_scan(
     scan: Scan,
     queries: list[str],
-    answer: Answerer,
+    answer: Answerer | Sampler,
     propagator,
     num_slices: int,
     size: int,
     window: tuple[float, float],
+    samples: int = 1,
+    min_agreement: float = MIN_AGREEMENT,
 ):
     """The policy's answers to ``queries`` on one scan, each propagated to a 3D mask on the
-    source grid. Returns the prepared slices and one :class:`QueryResult` per query."""
+    source grid (with ``samples`` > 1: the consensus of that many drawn answers, module
+    docstring). Returns the prepared slices and one :class:`QueryResult` per query."""
     from data.answer import ParsedAnswer, parse_answer
-    from data.preprocess import box_to_source, to_source_grid
+    from data.preprocess import to_source_grid
 
     prepared = _prepare(scan, num_slices, size, window)
-    texts = answer(np.asarray(prepared.slices), queries)
+    drawn = _drawn_texts(answer(np.asarray(prepared.slices), queries), queries, samples)
     spacing = scan.volume.spacing
     voxel_mm3 = voxel_volume_mm3(scan.volume)
     results = []
-    for query, text in zip(queries, texts):
-        parsed = parse_answer(text, num_slices, size)
+    for query, texts in zip(queries, drawn):
         evidence: dict = {
             "image": str(scan.path),
             "query": query,
-            "answer": text,
+            "answer": texts[0],
             "propagator": propagator.name,
             "window": list(window),
             "spacing_mm": {"z": spacing[0], "y": spacing[1], "x": spacing[2]},
         }
-        if isinstance(parsed, ParsedAnswer):
-            anchor = parsed.anchor
-            frame_mask = propagator.propagate(
-                scan.name, prepared.slices, anchor.key_slice, anchor.boxes, None
+        summary: dict = {}
+        if samples > 1:
+            anchor, frame_mask, found, summary = _sampled_result(
+                scan, prepared, texts, propagator, num_slices, size, min_agreement
             )
-            z = int(prepared.source_index[anchor.key_slice - 1])
-            evidence.update(
-                ok=True,
-                reasoning=parsed.think,
-                key_slice=anchor.key_slice,
-                key_slice_source=z,
-                boxes=[list(b) for b in anchor.boxes],
-                boxes_source=[
-                    [round(v, 1) for v in box_to_source(b, prepared)] for b in anchor.boxes
-                ],
-            )
-            slice_file = _stored_slice_file(scan, z)
-            if slice_file is not None:
-                from data.dicom import read_header
-
-                evidence.update(
-                    key_slice_file=str(slice_file),
-                    key_slice_sop_instance_uid=str(read_header(slice_file).SOPInstanceUID),
-                )
+            evidence.update(found)
         else:
-            anchor = None
-            frame_mask = np.zeros(prepared.slices.shape, bool)
-            evidence.update(ok=False, failure=parsed.reason)
+            parsed = parse_answer(texts[0], num_slices, size)
+            if isinstance(parsed, ParsedAnswer):
+                anchor = parsed.anchor
+                frame_mask = propagator.propagate(
+                    scan.name, prepared.slices, anchor.key_slice, anchor.boxes, None
+                )
+                evidence.update(_anchor_evidence(scan, prepared, parsed))
+            else:
+                anchor = None
+                frame_mask = np.zeros(prepared.slices.shape, bool)
+                evidence.update(ok=False, failure=parsed.reason)
         mask = to_source_grid(frame_mask, prepared)
         voxels = int(mask.sum())
         evidence.update(mask_voxels=voxels, volume_mm3=round(voxels * voxel_mm3, 1))
         if scan.series is not None:
             evidence["series_instance_uid"] = scan.series.uid
+        evidence.update(summary)
         results.append(QueryResult(query, mask, np.asarray(frame_mask, bool), anchor, evidence))
     return prepared, results
 
@@ -663,6 +801,10 @@ def predict(
     answer: Answerer | None = None,
     log_file: Path | None = None,
     statistics: bool = False,
+    samples: int = 1,
+    temperature: float | None = None,
+    seed: int = 0,
+    min_agreement: float = MIN_AGREEMENT,
 ) -> list[ScanOutput]:
     """Segment every scan of ``images`` for every query (see the module docstring).
 
@@ -673,12 +815,16 @@ def predict(
     before the model loads too, so a bad file costs no model load and writes nothing
     (``log_file``, the command's log, starts only then). ``statistics`` adds each mask's
     :class:`MaskStatistics` to its scan's output and writes ``out/statistics.csv`` at the end.
+    ``samples`` > 1 draws that many answers per query at ``temperature`` (default
+    ``rollout.temperature``'s), seeded with ``seed`` on every scan, and writes their consensus
+    (module docstring); ``answer`` then gives ``samples`` texts per query (a :data:`Sampler`).
     """
     from tqdm import tqdm
 
     from reward_server.propagation import build_propagator
 
     queries = read_queries([queries] if isinstance(queries, str) else list(queries))
+    check_sampling(samples, temperature, min_agreement)
     settings = resolve_settings(adapter, model, num_slices, size, window, need_model=answer is None)
     model, num_slices, size, low_high = (
         settings.model,
@@ -711,11 +857,12 @@ def predict(
                 device=device,
             )
             if answer is None:
-                answer = policy_answerer(
-                    load_policy(model, adapter, engine, device, num_slices, size, max_tokens)
+                policy = load_policy(
+                    model, adapter, engine, device, num_slices, size, max_tokens, temperature
                 )
+                answer = policy_answerer(policy, samples, seed)
         prepared, results = segment_scan(
-            scan, queries, answer, propagator, num_slices, size, low_high
+            scan, queries, answer, propagator, num_slices, size, low_high, samples, min_agreement
         )
         folder = out if len(scans) == 1 else out / name
         write_outputs(scan, prepared, results, folder)
@@ -726,6 +873,31 @@ def predict(
     if statistics:
         write_statistics([row for o in outputs for row in o.statistics], out / "statistics.csv")
     return outputs
+
+
+def check_sampling(samples: int, temperature: float | None, min_agreement: float) -> None:
+    """``--samples`` in 1..MAX_SAMPLES, ``--temperature`` above 0, ``--min-agreement`` in 0..1."""
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise PredictError(f"--samples {samples}: need 1..{MAX_SAMPLES}")
+    if temperature is not None and not temperature > 0:
+        raise PredictError(f"--temperature {temperature}: need > 0 (--samples 1 is greedy)")
+    if not 0 <= min_agreement <= 1:
+        raise PredictError(f"--min-agreement {min_agreement}: need a Dice in 0..1")
+
+
+def console_line(scan: Path, evidence: dict, where: Path) -> str:
+    """A query's line on the console: its answer, mask and folder; with ``--samples``, the
+    agreement, flagged when below ``--min-agreement``."""
+    status = "answer ok" if evidence["ok"] else f"no usable answer ({evidence['failure']})"
+    line = (
+        f"{scan} | {evidence['query']}: {status}; {evidence['mask_voxels']} voxels, "
+        f"{evidence['volume_mm3'] / 1000:.1f} mL -> {where}"
+    )
+    if "agreement" in evidence:
+        line += f"; agreement {evidence['agreement']:.2f} of {evidence['num_samples']} samples"
+        if evidence["low_agreement"]:
+            line += f" LOW (< {evidence['min_agreement']:g}: review it)"
+    return line
 
 
 class _WindowAction(argparse.Action):
@@ -791,6 +963,30 @@ def build_parser() -> ArgumentParser:
         help="per scan and query: volume (mm^3), mean and std of HU in the mask, to "
         "OUTDIR/statistics.csv and the console",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="answers drawn per query; > 1: their voxel-majority mask and agreement "
+        "(default 1: the greedy answer)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="sampling temperature of --samples (default: rollout.temperature's, "
+        f"{RolloutConfig.temperature:g})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the --samples draws (default 0)")
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=MIN_AGREEMENT,
+        metavar="A",
+        help="with --samples: flag a query whose masks' mean pairwise Dice is below A "
+        f"(default {MIN_AGREEMENT})",
+    )
     add_device_argument(parser, "the policy and MedSAM2")
     return parser
 
@@ -804,6 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.slice_size is not None and args.slice_size < 32:
         raise UsageError(f"--slice-size {args.slice_size}: need >= 32")
     queries = read_queries(args.query, args.queries)
+    check_sampling(args.samples, args.temperature, args.min_agreement)
     outputs = predict(
         args.image,
         queries,
@@ -818,15 +1015,15 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         log_file=args.out_dir / "predict.log",
         statistics=args.statistics,
+        samples=args.samples,
+        temperature=args.temperature,
+        seed=args.seed,
+        min_agreement=args.min_agreement,
     )
     for output in outputs:
         for n, evidence in enumerate(output.evidence, start=1):
-            status = "answer ok" if evidence["ok"] else f"no usable answer ({evidence['failure']})"
             where = output.folder if len(output.evidence) == 1 else output.folder / f"query-{n}"
-            print(
-                f"{output.scan} | {evidence['query']}: {status}; {evidence['mask_voxels']} voxels, "
-                f"{evidence['volume_mm3'] / 1000:.1f} mL -> {where}"
-            )
+            print(console_line(output.scan, evidence, where))
     if args.statistics:
         print(f"\nstatistics -> {args.out_dir / 'statistics.csv'}")
         print(statistics_table([row for o in outputs for row in o.statistics]))

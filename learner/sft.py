@@ -1,6 +1,7 @@
 """The LoRA cold start: supervised fine-tuning on evidence anchors built from the masks.
 
     python -m learner.sft --config configs/<run>.yaml [key=value ...] [--resume] [--print-config]
+        [--corrections DIR/corrections.jsonl ...]
 
 For every training sample: the 64 tagged slices and the query, then the target answer (short
 reasoning, a Top-K key slice and the boxes of the mask's components on it). The loss is the
@@ -9,6 +10,14 @@ adapter with the processor), logs loss and learning rate to MLflow, checkpoints 
 ``sft.checkpoint_every`` steps under ``<output_dir>/sft/checkpoints`` and resumes from the latest
 with ``--resume``. The adapter and every checkpoint carry ``medvol.json``, the frame they were
 trained in (learner.training_frame).
+
+``--corrections FILE`` (repeatable; evaluation.review's ``corrections.jsonl``): a training
+sample a reviewer corrected is trained on the corrected answer (its anchor and reasoning, written
+by data.answer's formatter) with the correction's query, in place of its Top-K target; rows are
+read by :mod:`data.corrections`, and one that is malformed or names a case outside the training
+split stops the command before the model loads, naming the file, line and field. A corrected
+sample whose mask anchors nothing on the sampled slices is trained too: the reviewer gave it an
+anchor.
 """
 
 from __future__ import annotations
@@ -28,12 +37,14 @@ from common.cli import (
     add_config_arguments,
     command,
     command_config,
+    existing_file,
     log_to_file,
     resolve_device,
 )
 from common.config import RunConfig, to_dict
 from common.runtime import set_default_environment
 from common.tracking import Tracker, flatten
+from data.corrections import Correction, correction_text, read_corrections
 from data.dataset import VolumeDataset, anchorable
 from data.prompts import build_messages, sft_target_text
 from data.targets import evidence_target
@@ -73,12 +84,16 @@ def sft_examples(
     seed: int,
     epoch: int,
     resample_queries: bool = False,
+    corrections: dict[str, Correction] | None = None,
 ):
     """(messages, target text) for the given samples, anchors (and with ``resample_queries``
-    the query phrasings) drawn with a per-epoch seed."""
+    the query phrasings) drawn with a per-epoch seed; a sample in ``corrections`` (by id) takes
+    its correction instead."""
     rng = np.random.default_rng([seed, epoch])
+    corrections = corrections or {}
     for i in indices:
-        yield sft_example(dataset, i, top_k, rng, resample_queries)
+        correction = corrections.get(dataset.samples[i].id)
+        yield sft_example(dataset, i, top_k, rng, resample_queries, correction)
 
 
 def sft_example(
@@ -87,12 +102,20 @@ def sft_example(
     top_k: int,
     rng: np.random.Generator,
     resample_queries: bool = False,
+    correction: Correction | None = None,
 ) -> tuple[list[dict], str]:
     """(messages, target text) of one training sample: a Top-K key slice and its boxes drawn
-    with ``rng``, and with ``resample_queries`` a training phrasing of its target drawn too."""
+    with ``rng``, and with ``resample_queries`` a training phrasing of its target drawn too. A
+    ``correction`` replaces both: its query, and its corrected answer as the target."""
     from data.queries import training_query
 
     sample, prepared = dataset[index]
+    if correction is not None:
+        cold_start = sft_target_text(correction.anchor, sample.label)
+        return (
+            build_messages(np.asarray(prepared.slices), correction.query),
+            correction_text(correction, cold_start),
+        )
     anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
     query = training_query(sample, resample_queries, rng)
     return build_messages(np.asarray(prepared.slices), query), sft_target_text(anchor, sample.label)
@@ -114,8 +137,40 @@ def epoch_order(valid: list[int], per_rank: int, seed: int, epoch: int, rank: in
     return order[rank * per_rank : (rank + 1) * per_rank]
 
 
-def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run the cold start; returns the adapter folder."""
+def training_corrections(
+    dataset: VolumeDataset, paths: list[Path], valid: list[int]
+) -> tuple[dict[str, Correction], list[int]]:
+    """The corrections of ``paths`` for the training split, and ``valid`` with the corrected
+    samples that have no anchor of their own added (in dataset order)."""
+    if not paths:
+        return {}, valid
+    cfg = dataset.cfg
+    corrections = read_corrections(
+        paths,
+        cfg.num_slices,
+        cfg.slice_size,
+        {s.id for s in dataset.samples},
+        f"the training split of {cfg.manifest}",
+    )
+    index = {s.id: i for i, s in enumerate(dataset.samples)}
+    added = sorted(set(index[c] for c in corrections) - set(valid))
+    log.info(
+        "%d corrected training samples from %s (%d without an anchor of their own)",
+        len(corrections),
+        ", ".join(map(str, paths)),
+        len(added),
+    )
+    return corrections, sorted([*valid, *added])
+
+
+def train_sft(
+    cfg: RunConfig,
+    resume: bool = False,
+    progress: bool = True,
+    corrections: list[Path] | None = None,
+) -> Path:
+    """Run the cold start; returns the adapter folder. ``corrections``: corrections.jsonl
+    files whose corrected anchors replace their samples' targets (module docstring)."""
     set_default_environment()
     out = Path(cfg.output_dir) / "sft"
     ckpt_dir = out / "checkpoints"
@@ -126,6 +181,8 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
     dataset = VolumeDataset(cfg.data.manifest, cfg.data, split="train")
     top_k = cfg.data.key_slice_top_k()
     valid, per_rank = shard(dataset, cfg.seed, rank, world)
+    corrected, valid = training_corrections(dataset, list(corrections or []), valid)
+    per_rank = len(valid) // world
     steps_per_epoch = per_rank // s.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -170,13 +227,15 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
         )
         if run_id is None:
             tracker.log_params(flatten(to_dict(cfg)))
+            if corrected:
+                tracker.log_params({"sft.corrections": ", ".join(map(str, corrections))})
     bar = tqdm(total=total, initial=step, desc="SFT", disable=not (progress and lead))
     done = step * s.batch_size  # sequences already trained on (the data position)
     seen, losses = 0, []
     for epoch in range(s.epochs):
         mine = epoch_order(valid, per_rank, cfg.seed, epoch, rank)[: steps_per_epoch * s.batch_size]
         for messages, text in sft_examples(
-            dataset, mine, top_k, cfg.seed, epoch, cfg.data.resample_queries
+            dataset, mine, top_k, cfg.seed, epoch, cfg.data.resample_queries, corrected
         ):
             if step >= total:
                 break
@@ -222,6 +281,14 @@ def train_sft(cfg: RunConfig, resume: bool = False, progress: bool = True) -> Pa
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m learner.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--corrections",
+        action="append",
+        type=existing_file,
+        metavar="FILE",
+        help="a review's corrections.jsonl: its corrected anchors are the targets of their "
+        "training samples (repeatable)",
+    )
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     cfg = command_config(args)
@@ -232,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     resolve_device(None)  # tells DeepSpeed the accelerator instead of letting it guess and warn
     log_to_file(Path(cfg.output_dir) / "sft" / "sft.log")
     torch.manual_seed(cfg.seed)
-    adapter = train_sft(cfg, resume=args.resume)
+    adapter = train_sft(cfg, resume=args.resume, corrections=args.corrections)
     print(f"SFT adapter: {adapter}")
     return 0
 
