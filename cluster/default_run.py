@@ -546,7 +546,7 @@ def split_counts(manifest: Path) -> dict[str, tuple[int, int]]:
 def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
     """A local Ray head and an MLflow server on 127.0.0.1, GRPO submitted to the head with
     ``ray job submit``, both stopped afterwards."""
-    from common.services import MlflowServer, RayHead
+    from common.services import MlflowServer, RayHead, ray_temp_dir
 
     out, logs, quiet = stages.out, stages.logs, stages.quiet
     say(f"local Ray head and MLflow server on 127.0.0.1 (logs: {logs})")
@@ -558,7 +558,7 @@ def run_grpo(stages: Stages, grpo_args: list[str]) -> None:
         os.environ[LOG_FILE_ENV] = str(logs / "grpo.log")
         try:
             with output_to(logs / "ray.log" if quiet else None):  # `ray start` prints a page
-                head = RayHead.start(num_cpus=4, temp_dir=Path("/tmp") / f"medvol-ray-{out.name}")
+                head = RayHead.start(num_cpus=4, temp_dir=ray_temp_dir(out))
         finally:
             os.environ.pop(LOG_FILE_ENV)
         say(f"GRPO: ray job submit to {head.dashboard}")

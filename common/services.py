@@ -6,6 +6,7 @@ process, never with a bare ``ray stop`` (which would stop every Ray on the machi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -18,6 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.runtime import append_output, interpreter_environment
+
+
+def ray_temp_dir(out: Path) -> Path:
+    """The Ray temp dir of the run writing into ``out``: under /tmp (Ray's socket paths must stay
+    under 107 bytes) and its own per output folder, since stopping a head stops every process
+    that names its temp dir; two runs into folders of the same name must not share one."""
+    digest = hashlib.sha1(str(Path(out).resolve()).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"medvol-ray-{Path(out).name[:24]}-{digest}"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -215,9 +224,13 @@ class RayHead:
         """Stop this head's processes only: those whose command line names its temp dir (GCS,
         raylet, dashboard) and their children (agents, workers)."""
 
+        # The temp dir as a whole path component: another head's /tmp/medvol-ray-run2 (or
+        # run-2) is not this head's /tmp/medvol-ray-run
+        pattern = re.escape(str(self.temp_dir)) + "([/ ]|$)"
+
         def pids() -> set[str]:
             found = subprocess.run(
-                ["pgrep", "-f", str(self.temp_dir)], capture_output=True, text=True
+                ["pgrep", "-f", pattern], capture_output=True, text=True
             ).stdout.split()
             children = [
                 subprocess.run(["pgrep", "-P", p], capture_output=True, text=True).stdout.split()
