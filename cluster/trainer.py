@@ -236,7 +236,9 @@ class GRPOTrainer:
         )
         if self.state["mlflow_run_id"] is None:
             tracker.log_params(flatten(to_dict(cfg)))
-            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+            # the keys a config file holds (no derived field): loads back with --config
+            keys = to_dict(cfg, keys_only=True)
+            (self.out / "config.json").write_text(json.dumps(keys, indent=1))
             tracker.log_artifact(self.out / "config.json")
         self.state["mlflow_run_id"] = tracker.run_id
         return tracker

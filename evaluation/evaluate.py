@@ -5,6 +5,7 @@ surface metrics imaging people expect, NSD and HD95, in mm where the scan's voxe
     python -m evaluation.evaluate --config configs/<run>.yaml [--adapter NAME=ADAPTER ...]
         [--split test] [--propagator baseline --propagator medsam2] [--workers 2]
         [--phrasings held-out|training|both] [--compare SFT:SFT+RL] [--device cpu|cuda]
+        [--samples N [--temperature T] [--seed N]]
         [--out-dir DIR] [--print-config] [-v] [--debug] [key=value ...]
 
 For every case of the split: the policy answers greedily (an evidence anchor), the propagator
@@ -31,6 +32,16 @@ mean over suites of each suite's mean DSC, with a CI from a bootstrap that resam
 within each suite (``evaluation.stats``);
 ``--compare A:B`` adds the paired difference B - A per case, with its CI
 (``comparisons.json``).
+Self-consistency: ``--samples N`` (above 1) also draws N answers per case from each checkpoint
+at ``--temperature`` (default ``rollout.temperature``), seeded from ``--seed``, propagates each
+and scores their voxel majority (a malformed answer counts as an empty mask; as
+``evaluation.predict --samples``) in a row ``<checkpoint> (consensus of N)``; its cases.jsonl
+rows add ``agreement`` (the mean pairwise Dice of the N masks on the policy's frame),
+``num_samples`` and ``anchors`` (every draw, as predict's evidence.json), and their anchor is
+the well-formed draw closest to the consensus. The greedy row is compared with the consensus
+row (paired, as ``--compare``), and ``agreement.json`` holds, per consensus row, Spearman's
+rho between agreement and DSC over the cases with a 95% CI that resamples scans: whether a low
+agreement flags a poor mask.
 Without ``--adapter``: rows for the base model, ``<output_dir>/sft/adapter`` and
 ``<output_dir>/grpo/adapter`` when they exist. One rollout engine answers for every checkpoint:
 it serves the bare base first, then each adapter swapped in on it (vLLM takes adapters live, so
@@ -84,6 +95,10 @@ class CaseJob:
     key_slice: int | None  # None: the policy's answer was malformed (empty mask)
     boxes: tuple
     failure: str | None = None
+    answer: str | None = None  # the policy's text (None for an oracle anchor)
+    # A consensus row's job: the N drawn answers' jobs, whose masks are voted (the fields
+    # above are then the representative's: the well-formed sample closest to the consensus).
+    samples: tuple[CaseJob, ...] = ()
 
 
 class CaseScorer:
@@ -118,13 +133,14 @@ class CaseScorer:
         labels = load_volume(sample.mask, "mask", sample.m3d_axes)
         spacing, unit = surface_spacing(labels, sample.spacing)
         truth = np.isin(labels.array, self.dataset.label_values(sample.id))
-        if job.key_slice is None:
+        drawn = {}
+        if job.samples:
+            job, mask, drawn = self._consensus(job, sample.id, prepared)
+            pred = to_source_grid(mask, prepared)
+        elif job.key_slice is None:
             pred = np.zeros_like(truth)
         else:
-            mask = self.propagator.propagate(
-                sample.id, np.asarray(prepared.slices), job.key_slice, job.boxes, None
-            )
-            pred = to_source_grid(mask, prepared)
+            pred = to_source_grid(self._frame_mask(job, sample.id, prepared), prepared)
         tolerance = self.eval_cfg.nsd_tolerance_for(sample.suite)
         return {
             "row": job.row,
@@ -141,7 +157,57 @@ class CaseScorer:
             "boxes": [list(b) for b in job.boxes],
             "failure": job.failure,
             "propagator": self.propagator.name,
+            **({"answer": job.answer} if job.answer is not None else {}),
+            **drawn,
         }
+
+    def _frame_mask(self, job: CaseJob, sample_id: str, prepared) -> np.ndarray:
+        """The mask of a job's anchor on the policy's frame (empty for a malformed answer)."""
+        if job.key_slice is None:
+            return np.zeros(np.shape(prepared.slices), bool)
+        mask = self.propagator.propagate(
+            sample_id, np.asarray(prepared.slices), job.key_slice, job.boxes, None
+        )
+        return np.asarray(mask, bool)
+
+    def _consensus(self, job: CaseJob, sample_id: str, prepared):
+        """A consensus job's representative, its voxel-majority mask on the frame, and what
+        the row records of the draws: their agreement (mean pairwise Dice) and anchors."""
+        from evaluation.metrics import consensus_mask, dsc, mask_agreement
+
+        masks = [self._frame_mask(s, sample_id, prepared) for s in job.samples]
+        consensus = consensus_mask(masks)
+        anchors = []
+        for n, (s, mask) in enumerate(zip(job.samples, masks)):
+            others = [dsc(mask, m) for i, m in enumerate(masks) if i != n]
+            anchor = {"sample": n + 1, "answer": s.answer, "ok": s.key_slice is not None}
+            if s.key_slice is None:
+                anchor["failure"] = s.failure
+            else:
+                anchor.update(key_slice=s.key_slice, boxes=[list(b) for b in s.boxes])
+            anchor.update(
+                agreement=round(float(np.mean(others)), 4) if others else 1.0,
+                dice_to_consensus=round(dsc(mask, consensus), 4),
+            )
+            anchors.append(anchor)
+        well_formed = [n for n, s in enumerate(job.samples) if s.key_slice is not None]
+        if well_formed:  # the first well-formed sample with the highest Dice to the consensus
+            best = max(well_formed, key=lambda n: (anchors[n]["dice_to_consensus"], -n))
+            shown = replace(job.samples[best], row=job.row, samples=())
+        else:
+            reason = job.samples[0].failure
+            shown = replace(
+                job,
+                samples=(),
+                failure=f"none of the {len(masks)} sampled answers parses (first: {reason})",
+                answer=job.samples[0].answer,
+            )
+        drawn = {
+            "num_samples": len(masks),
+            "agreement": round(mask_agreement(masks), 4),
+            "anchors": anchors,
+        }
+        return shown, consensus, drawn
 
 
 PHRASING_SUFFIX = " (held-out phrasings)"
@@ -289,11 +355,15 @@ def policy_engine(
 GENERATE_CHUNK = 16
 
 
-def generate_in_chunks(engine, samples, **kwargs) -> list:
-    """The engine's groups for every sample, in order, generated ``GENERATE_CHUNK`` at a time."""
+def generate_in_chunks(engine, samples, seed: int | None = None, **kwargs) -> list:
+    """The engine's groups for every sample, in order, generated ``GENERATE_CHUNK`` at a time;
+    a ``seed`` seeds the chunk starting at sample i with ``seed + i``."""
     groups = []
     for start in range(0, len(samples), GENERATE_CHUNK):
-        groups += engine.generate(prompts_of(samples[start : start + GENERATE_CHUNK]), **kwargs)
+        chunk = prompts_of(samples[start : start + GENERATE_CHUNK])
+        if seed is not None:
+            kwargs["seed"] = seed + start
+        groups += engine.generate(chunk, **kwargs)
     return groups
 
 
@@ -308,21 +378,28 @@ def policy_answers(
     model_path: Path,
     checkpoints: dict[str, Path | None],
     cfg: RunConfig,
-    asked: dict[str, list[list]],
+    asked: dict[str, list[tuple[list, int]]],
     device: str | None = None,
-) -> dict[str, list[list[str]]]:
-    """Greedy answers of each checkpoint (name -> its adapter, None for the bare base) to each
-    list of (Sample, PreparedVolume) pairs in ``asked[name]``, from one engine for all of them:
-    the adapters are swapped in on it one after the other."""
+    seed: int = 0,
+) -> dict[str, list[list]]:
+    """The answers of each checkpoint (name -> its adapter, None for the bare base) to each
+    ``(pairs, n)`` in ``asked[name]``, a list of (Sample, PreparedVolume) pairs: with n = 1 the
+    greedy answer to each pair (a text), with n > 1 n answers drawn per pair at
+    ``rollout.temperature``, seeded from ``seed`` (a list of n texts). One engine answers for
+    every checkpoint: the adapters are swapped in on it one after the other."""
     engine = policy_engine(model_path, cfg, checkpoints.values(), device)
     answers = {}
     for name in each_checkpoint(engine, checkpoints):
-        answers[name] = [
-            [g.completions[0].text for g in generate_in_chunks(engine, samples, greedy=True)]
-            for samples in asked[name]
-        ]
+        answers[name] = [_answers(engine, pairs, n, seed) for pairs, n in asked[name]]
     del engine
     return {name: answers[name] for name in checkpoints}
+
+
+def _answers(engine, pairs: list, n: int, seed: int) -> list:
+    if n == 1:
+        return [g.completions[0].text for g in generate_in_chunks(engine, pairs, greedy=True)]
+    groups = generate_in_chunks(engine, pairs, seed=seed, group_size=n)
+    return [[c.text for c in g.completions] for g in groups]
 
 
 def each_checkpoint(engine, checkpoints: dict[str, Path | None]):
@@ -340,17 +417,31 @@ def each_checkpoint(engine, checkpoints: dict[str, Path | None]):
         yield name
 
 
-def anchor_jobs(row: str, samples, texts: list[str]) -> list[CaseJob]:
+def anchor_jobs(row: str, samples, texts: list) -> list[CaseJob]:
+    """A job per case of the policy's answer (a text), or of its drawn answers (a list of
+    texts: a consensus job)."""
+    return [
+        _anchor_job(row, sample.id, prepared, text)
+        if isinstance(text, str)
+        else CaseJob(
+            row,
+            sample.id,
+            None,
+            (),
+            samples=tuple(_anchor_job(row, sample.id, prepared, t) for t in text),
+        )
+        for (sample, prepared), text in zip(samples, texts)
+    ]
+
+
+def _anchor_job(row: str, sample_id: str, prepared, text: str) -> CaseJob:
     from data.answer import ParsedAnswer, parse_answer
 
-    jobs = []
-    for (sample, prepared), text in zip(samples, texts):
-        parsed = parse_answer(text, prepared.num_slices, prepared.size)
-        if isinstance(parsed, ParsedAnswer):
-            jobs.append(CaseJob(row, sample.id, parsed.anchor.key_slice, parsed.anchor.boxes))
-        else:
-            jobs.append(CaseJob(row, sample.id, None, (), parsed.reason))
-    return jobs
+    parsed = parse_answer(text, prepared.num_slices, prepared.size)
+    if isinstance(parsed, ParsedAnswer):
+        a = parsed.anchor
+        return CaseJob(row, sample_id, a.key_slice, a.boxes, answer=text)
+    return CaseJob(row, sample_id, None, (), parsed.reason, answer=text)
 
 
 def oracle_jobs(row: str, samples, min_area: int, top_k: int = 1) -> list[CaseJob]:
@@ -492,6 +583,33 @@ def reusable(earlier: list[dict], row_keys: dict[str, str]) -> list[dict]:
     ]
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """``evaluate --samples N``: N answers drawn per case at ``temperature`` (None: the
+    config's ``rollout.temperature``), seeded from ``seed``; 1 adds no row."""
+
+    samples: int = 1
+    temperature: float | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        from evaluation.predict import MAX_SAMPLES
+
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise UsageError(f"--samples {self.samples}: need 1..{MAX_SAMPLES}")
+        if self.temperature is not None and not self.temperature > 0:
+            raise UsageError(f"--temperature {self.temperature}: need > 0")
+
+    def row(self, name: str) -> str:
+        """The consensus row of a checkpoint."""
+        return f"{name} (consensus of {self.samples})"
+
+    def engine_config(self, cfg: RunConfig) -> RunConfig:
+        if self.temperature is None:
+            return cfg
+        return replace(cfg, rollout=replace(cfg.rollout, temperature=self.temperature))
+
+
 def evaluate(
     cfg: RunConfig,
     checkpoints: dict[str, Path | None],
@@ -505,14 +623,19 @@ def evaluate(
     comparisons: tuple[tuple[str, str], ...] = (),
     device: str | None = None,
     log_file: Path | None = None,
+    sampling: Sampling | None = None,
 ) -> str:
     """Run the evaluation; returns the markdown table (also written as table.md / table.csv)
     followed by the paired comparisons (also in comparisons.json). ``device`` is ``cpu`` or
     ``cuda`` for the policy and the propagator (default: the GPU when there is one);
     ``workers`` scorers on Ray, or 0 to score in this process. With ``log_file``, this
-    process's log goes there too once the inputs are checked."""
+    process's log goes there too once the inputs are checked. ``sampling`` with ``samples``
+    above 1 adds each checkpoint's consensus row and the agreement's rank correlation with DSC
+    (agreement.json), and compares each checkpoint's greedy row with its consensus row."""
     from learner.sft import model_path
 
+    sampling = sampling or Sampling()
+    sampling.check()
     device = resolve_device(device)
     phrasings = resolve_phrasings(phrasings, split)
     dataset = _checked_inputs(cfg, checkpoints, split, propagators)
@@ -524,13 +647,21 @@ def evaluate(
     base = model_path(cfg)
     warn_other_base(base, checkpoints)
     askings = _askings(samples, phrasings)
-    row_keys = _row_keys(cfg, split, base, checkpoints, propagators, askings, oracle)
+    row_keys = _row_keys(cfg, split, base, checkpoints, propagators, askings, oracle, sampling)
     done = _earlier_results(cases_file, row_keys)
     seen = {(r["row"], r["id"]) for r in done}
     rows, jobs = _oracle_rows(samples, cfg, propagators, oracle)
-    rows += _policy_rows(base, checkpoints, cfg, propagators, askings, seen, jobs, device)
+    rows += _policy_rows(base, checkpoints, cfg, propagators, askings, seen, jobs, device, sampling)
     done += _score_jobs(cfg, jobs, seen, row_keys, cases_file, workers, device, progress)
-    return _write_tables(out_dir, done, rows, bool(checkpoints), comparisons, askings)
+    if sampling.samples > 1:
+        comparisons += tuple(
+            (_row_name(name, propagators), _row_name(sampling.row(name), propagators))
+            for name in checkpoints
+        )
+    text = _write_tables(out_dir, done, rows, bool(checkpoints), comparisons, askings)
+    if sampling.samples > 1:
+        text += "\n" + _write_agreement(out_dir, done, rows, sampling)
+    return text
 
 
 def _checked_inputs(
@@ -584,16 +715,23 @@ def _row_keys(
     propagators: tuple[str, ...],
     askings: list,
     oracle: bool,
+    sampling: Sampling,
 ) -> dict[str, str]:
     """What produced each row: a re-run reuses a case result only when its key matches (the
-    same settings and, for a checkpoint's rows, the same weights), never a stale one."""
+    same settings and, for a checkpoint's rows, the same weights; for a consensus row also
+    the draws' number, temperature and seed), never a stale one."""
     settings = settings_key(cfg, split)
     row_keys = {
         f"oracle anchor ({prop})": f"{settings}/oracle" for prop in (propagators if oracle else ())
     }
+    temperature = sampling.engine_config(cfg).rollout.temperature
     for name, adapter in checkpoints.items():
         key = f"{settings}/{checkpoint_key(base, adapter, cfg.data.cache_dir)}"
         row_keys.update({_row_name(name, propagators) + suffix: key for suffix, _ in askings})
+        if sampling.samples > 1:
+            drawn = f"{key}/{sampling.samples}@{temperature:g}/seed{sampling.seed}"
+            named = _row_name(sampling.row(name), propagators)
+            row_keys.update({named + suffix: drawn for suffix, _ in askings})
     return row_keys
 
 
@@ -638,28 +776,33 @@ def _policy_rows(
     seen: set,
     jobs: dict[str, list[CaseJob]],
     device: str,
+    sampling: Sampling,
 ) -> list[str]:
-    """The checkpoints' rows; the policy answers the cases not ``seen`` yet, and their anchors
-    join ``jobs`` of the first propagator."""
+    """The checkpoints' rows (with ``sampling``, each followed by its consensus row); the
+    policy answers the cases not ``seen`` yet, and their anchors join ``jobs`` of the first
+    propagator."""
     rows: list[str] = []
-    todo: dict[str, dict[str, list]] = {}  # checkpoint -> row -> cases still to answer
+    todo: dict[str, dict[str, tuple[list, int]]] = {}  # checkpoint -> row -> (cases to do, n)
     for name in checkpoints:
-        named = _row_name(name, propagators)
+        kinds = [(name, 1)] + ([(sampling.row(name), sampling.samples)] * (sampling.samples > 1))
         for suffix, asked in askings:
-            rows.append(named + suffix)
-            pending = [(s, p) for s, p in asked if (named + suffix, s.id) not in seen]
-            if pending:
-                todo.setdefault(name, {})[named + suffix] = pending
+            for shown, n in kinds:
+                row = _row_name(shown, propagators) + suffix
+                rows.append(row)
+                pending = [(s, p) for s, p in asked if (row, s.id) not in seen]
+                if pending:
+                    todo.setdefault(name, {})[row] = (pending, n)
     if todo:
         answers = policy_answers(
             base,
             {name: checkpoints[name] for name in todo},
-            cfg,
+            sampling.engine_config(cfg),
             {name: list(by_row.values()) for name, by_row in todo.items()},
             device,
+            sampling.seed,
         )
         for name, by_row in todo.items():
-            for (row, pairs), texts in zip(by_row.items(), answers[name]):
+            for (row, (pairs, _)), texts in zip(by_row.items(), answers[name]):
                 jobs[propagators[0]] += anchor_jobs(row, pairs, texts)
     return rows
 
@@ -756,6 +899,47 @@ def _write_tables(
     return "\n".join([markdown, "", *map(comparison_line, found)]).rstrip()
 
 
+def agreement_study(results: list[dict], row: str) -> dict | None:
+    """Spearman's rho between a consensus row's agreement and its DSC over its cases, with a
+    95% CI that resamples scans within suites (``evaluation.stats.spearman_ci``); None when
+    the row has no case with an agreement."""
+    from evaluation.stats import spearman_ci
+
+    pairs: dict[str, dict[str, tuple[float, float]]] = {}
+    for r in results:
+        if r["row"] == row and r.get("agreement") is not None:
+            pairs.setdefault(r["suite"], {})[r["id"]] = (r["agreement"], r["dsc"])
+    if not pairs:
+        return None
+    rho, low, high, cases, scans = spearman_ci(pairs)
+    finite = [v if np.isfinite(v) else None for v in (rho, low, high)]
+    return dict(zip(("row", "rho", "ci_low", "ci_high"), [row, *finite])) | {
+        "cases": cases,
+        "scans": scans,
+        "mean_agreement": float(np.mean([a for c in pairs.values() for a, _ in c.values()])),
+    }
+
+
+def agreement_line(study: dict) -> str:
+    head = f"{study['row']}: agreement vs DSC, Spearman rho "
+    tail = f" over {study['cases']} cases of {study['scans']} scans (scans resampled)"
+    if study["rho"] is None:
+        return head + "undefined (every case's agreement, or DSC, is the same)" + tail
+    return (
+        head + f"{study['rho']:+.2f}, 95% CI [{study['ci_low']:+.2f}, {study['ci_high']:+.2f}]"
+        f"{tail}; mean agreement {study['mean_agreement']:.2f}"
+    )
+
+
+def _write_agreement(out_dir: Path, done: list[dict], rows: list[str], sampling: Sampling) -> str:
+    """agreement.json: the agreement study of every consensus row; returns their lines."""
+    marker = sampling.row("")
+    studies = [agreement_study(done, row) for row in rows if marker in row]
+    studies = [s for s in studies if s is not None]
+    _write_atomically(out_dir / "agreement.json", json.dumps(studies, indent=1))
+    return "\n".join(map(agreement_line, studies))
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text)
@@ -806,6 +990,21 @@ def main(argv: list[str] | None = None) -> int:
         metavar="A:B",
         help="paired per-case DSC difference B - A with its 95%% CI (e.g. SFT:SFT+RL)",
     )
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also draw N answers per case: a row '<checkpoint> (consensus of N)' (their "
+        "voxel-majority mask), its paired difference from the greedy row, and the rank "
+        "correlation of their agreement with DSC (agreement.json); default 1: greedy rows only",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="the temperature --samples draws at (default: rollout.temperature's)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the --samples draws (default 0)")
     add_device_argument(parser, "the policy and the propagator")
     parser.add_argument("--out-dir", type=Path, help="default: <output_dir>/eval")
     add_config_arguments(parser)
@@ -815,6 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--compare {item}: takes A:B, two row names")
     if args.workers < 0:
         raise UsageError(f"--workers {args.workers}: must be 0 (in this process) or more")
+    sampling = Sampling(args.samples, args.temperature, args.seed)
+    sampling.check()
     cfg = command_config(args)
     if cfg.data.manifest is None:
         raise UsageError("data.manifest: not set (in the config or as data.manifest=PATH)")
@@ -836,6 +1037,7 @@ def main(argv: list[str] | None = None) -> int:
         comparisons=tuple(tuple(c.split(":", 1)) for c in args.compare),
         device=device,
         log_file=out / "evaluate.log",
+        sampling=sampling,
     )
     print(markdown)
     return 0

@@ -119,3 +119,22 @@ def hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float]) -> float:
             *_monai_pair(p, g), include_background=True, percentile=95, spacing=spacing
         )
     return float(value.item())
+
+
+def mask_agreement(masks: Sequence[np.ndarray]) -> float:
+    """The mean pairwise Dice 2|A∩B| / (|A| + |B|) over the N(N-1)/2 pairs of ``masks``; two
+    empty masks agree (Dice 1, as evaluation.metrics.dsc), one empty and one not give 0. One
+    mask (or none) agrees with itself: 1."""
+    pairs = [dsc(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+def consensus_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The voxel majority of N masks: a voxel is in when more than half of them (count > N/2)
+    hold it, so a tie of an even N is out."""
+    if not len(masks):
+        raise ValueError("consensus of no masks")
+    count = np.zeros(np.shape(masks[0]), np.int32)
+    for mask in masks:
+        count += np.asarray(mask, bool)
+    return 2 * count > len(masks)

@@ -50,13 +50,14 @@ more than half of the N masks hold it (a malformed answer counts as an empty mas
 compared on the sampled slices, where the propagator draws them; the consensus is mapped to the
 source grid by the same nearest-voxel lookup as each mask, so it is also the voxel majority of
 the N masks on the source grid. evidence.json then adds ``agreement``, the mean pairwise Dice of
-the N masks (:func:`mask_agreement`; two empty masks agree, Dice 1), ``low_agreement`` (below
-``--min-agreement``, default :data:`MIN_AGREEMENT`; also flagged on the console line of that
-query) and ``anchors``, every sampled answer (``answer``, ``ok``, ``key_slice``, ``boxes`` or
-``failure``, and its ``agreement``, its mean Dice with the other N - 1 masks), as
-``evaluation.review`` lists them. Its top-level anchor, reasoning and answer are those of the
-well-formed sample closest to the consensus (highest Dice with it; ``representative`` is its
-number in ``anchors``, 1-based); with none well-formed the query has no usable answer.
+the N masks (``evaluation.metrics.mask_agreement``; two empty masks agree, Dice 1),
+``low_agreement`` (below ``--min-agreement``, default :data:`MIN_AGREEMENT`; also flagged on
+the console line of that query) and ``anchors``, every sampled answer (``answer``, ``ok``,
+``key_slice``, ``boxes`` or ``failure``, and its ``agreement``, its mean Dice with the other
+N - 1 masks), as ``evaluation.review`` lists them. Its top-level anchor, reasoning and answer
+are those of the well-formed sample closest to the consensus (highest Dice with it;
+``representative`` is its number in ``anchors``, 1-based); with none well-formed the query has
+no usable answer.
 """
 
 from __future__ import annotations
@@ -446,27 +447,6 @@ def _stored_slice_file(scan: Scan, z: int) -> Path | None:
     return files[z] if flip == 1 else files[len(files) - 1 - z]
 
 
-def mask_agreement(masks: Sequence[np.ndarray]) -> float:
-    """The mean pairwise Dice 2|A∩B| / (|A| + |B|) over the N(N-1)/2 pairs of ``masks``; two
-    empty masks agree (Dice 1, as evaluation.metrics.dsc), one empty and one not give 0. One
-    mask (or none) agrees with itself: 1."""
-    from evaluation.metrics import dsc
-
-    pairs = [dsc(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
-    return float(np.mean(pairs)) if pairs else 1.0
-
-
-def consensus_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
-    """The voxel majority of N masks: a voxel is in when more than half of them (count > N/2)
-    hold it, so a tie of an even N is out."""
-    if not len(masks):
-        raise ValueError("consensus of no masks")
-    count = np.zeros(np.shape(masks[0]), np.int32)
-    for mask in masks:
-        count += np.asarray(mask, bool)
-    return 2 * count > len(masks)
-
-
 def _anchor_evidence(scan: Scan, prepared, parsed) -> dict:
     """What evidence.json says of a well-formed answer's anchor: the key slice in both frames
     (and its DICOM file), the boxes in both frames, the reasoning."""
@@ -509,7 +489,7 @@ def _sampled_result(scan, prepared, texts, propagator, num_slices, size, min_agr
     """One query's N sampled answers: their frame masks, the consensus, the agreement, and
     the evidence of the sample closest to the consensus (see the module docstring)."""
     from data.answer import ParsedAnswer, parse_answer
-    from evaluation.metrics import dsc
+    from evaluation.metrics import consensus_mask, dsc, mask_agreement
 
     parsed = [parse_answer(text, num_slices, size) for text in texts]
     masks = []

@@ -18,10 +18,13 @@ What each folder gives:
   answer and its anchor, the mask written (``mask.nii.gz``, shown on the sampled slices). A
   ground truth exists where the run config's ``data.manifest`` has a row on the same image whose
   query, label or one of its label's phrasings is the case's query.
-- evaluation: ``cases.jsonl`` keeps the anchor, the failure and the metrics of each case, but not
-  the answer text, its reasoning or the mask; the slices and the ground truth come from the
-  config's ``data.manifest`` (give the evaluation's config), and the mask shown is the anchor
-  propagated again by this command's propagator (its DSC is shown next to the recorded one).
+- evaluation: ``cases.jsonl`` keeps the anchor, the answer text (rows of an earlier version
+  have none), the failure and the metrics of each case, and for a consensus row (``evaluate
+  --samples``) its agreement and every drawn anchor, but not the mask; the slices and the ground
+  truth come from the config's ``data.manifest`` (give the evaluation's config), and the mask
+  shown is the anchor propagated again by this command's propagator (a consensus row's: the
+  voxel majority of its drawn anchors, propagated again; its DSC is shown next to the recorded
+  one).
 
 evidence.json does not record the slice frame: ``data.num_slices`` and ``data.slice_size`` of the
 config must be the ones ``predict`` ran with (a predict case whose ``key_slice_source`` or
@@ -115,7 +118,7 @@ class ReviewCase:
     query: str
     image: Path  # the scan: a NIfTI file, a DICOM series folder or an M3D-Seg array
     folder: Path | None  # predict: the folder holding evidence.json (and mask.nii.gz)
-    answer: str | None  # the policy's answer text (an evaluation keeps none)
+    answer: str | None  # the policy's answer text (None: not recorded)
     think: str
     anchor: EvidenceAnchor | None  # None: the answer did not parse
     failure: str | None
@@ -239,6 +242,12 @@ def _window(raw, evidence_file: Path) -> tuple[float, float]:
     if low is None or high is None or not low < high:
         raise ReviewError(f"{evidence_file}: field 'window' is {raw!r:.60}, not [low, high]")
     return low, high
+
+
+def _think(answer: str | None, num_slices: int, size: int) -> str:
+    """The reasoning of an answer text that parses ("" for none)."""
+    parsed = parse_answer(answer, num_slices, size) if answer is not None else None
+    return "" if parsed is None or isinstance(parsed, AnswerFailure) else parsed.think
 
 
 def _sampled(raw, num_slices: int, size: int) -> tuple[SampledAnchor, ...]:
@@ -479,6 +488,7 @@ def evaluation_cases(
                 size,
                 f"{where}(the frame of data.num_slices {n}, data.slice_size {size}) ",
             )
+        answer = record.get("answer") if isinstance(record.get("answer"), str) else None
         row = str(record["row"])
         # the query the row asked: held-out rows the manifest's, the others a training phrasing
         # (the oracle asks none: the manifest's is shown)
@@ -491,13 +501,14 @@ def evaluation_cases(
                 query=query,
                 image=Path(sample.image),
                 folder=None,
-                answer=None,
-                think="",
                 anchor=anchor,
                 failure=record.get("failure"),
                 window=None,
                 dsc=_number(record.get("dsc")),
                 agreement=_number(record.get("agreement")),
+                answer=answer,
+                think=_think(answer, n, size),
+                sampled=_sampled(record.get("anchors"), n, size),
                 row=row,
                 sample=sample,
                 label_values=tuple(dataset.label_values(sample.id)),
@@ -614,12 +625,14 @@ class Review:
         if case.sample is not None:
             truth = _truth_on_grid(case)
             truth_frame = resize_slices(truth[prepared.source_index], size, is_mask=True)
-        if self.kind == "evaluation":
-            answer = (
-                self._propagated(case, prepared, truth, case.anchor).frame_mask
-                if case.anchor is not None
-                else np.zeros(prepared.slices.shape, bool)
+        if self.kind == "evaluation" and case.sampled:  # a consensus row: the draws' majority
+            from evaluation.metrics import consensus_mask
+
+            answer = consensus_mask(
+                [self._frame_mask(case, prepared, truth, s) for s in case.sampled]
             )
+        elif self.kind == "evaluation":
+            answer = self._frame_mask(case, prepared, truth, case.anchor)
         else:
             mask = _mask_on_grid(case)
             if mask.shape != tuple(prepared.source_shape):
@@ -629,6 +642,14 @@ class Review:
                 )
             answer = resize_slices(mask[prepared.source_index], size, is_mask=True)
         return LoadedCase(scan, prepared, np.asarray(answer, bool), truth, truth_frame)
+
+    def _frame_mask(self, case: ReviewCase, prepared, truth, anchor) -> np.ndarray:
+        """An anchor's (an EvidenceAnchor or a SampledAnchor) mask on the policy's frame;
+        empty for none or one that did not parse."""
+        if anchor is None or anchor.key_slice is None:
+            return np.zeros(prepared.slices.shape, bool)
+        anchor = EvidenceAnchor(anchor.key_slice, tuple(anchor.boxes))
+        return self._propagated(case, prepared, truth, anchor).frame_mask
 
     def proposal(self, case: ReviewCase, anchor: EvidenceAnchor) -> Proposal:
         loaded = self.loaded(case)

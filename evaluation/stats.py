@@ -117,3 +117,56 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation: Pearson's r of the ranks, tied values sharing their mean
+    rank. NaN when either side is constant (no ranking to correlate) or has under two values."""
+    from scipy.stats import rankdata
+
+    if len(x) != len(y):
+        raise ValueError(f"spearman of {len(x)} and {len(y)} values")
+    if len(x) < 2:
+        return math.nan
+    rx, ry = rankdata(x), rankdata(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    norm = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / norm) if norm > 0 else math.nan
+
+
+def spearman_ci(
+    pairs: Mapping[str, Mapping[str, tuple[float, float]]],
+    level: float = 0.95,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> tuple[float, float, float, int, int]:
+    """(rho, CI low, CI high, cases, scans) of Spearman's rho between the two numbers of each
+    case, ``{suite: {case id: (x, y)}}``, pooled over suites. The CI is a percentile bootstrap
+    that resamples scans within each suite and keeps every target of a drawn scan (as
+    :func:`bootstrap_ci`); resamples where one side is constant are left out. NaN bounds when
+    rho itself is undefined."""
+    scans: list[list[tuple[float, float]]] = []
+    strata: list[list[int]] = []
+    for cases in pairs.values():
+        index: dict[str, int] = {}
+        for case_id, xy in cases.items():
+            key = scan_of(case_id)
+            if key not in index:
+                index[key] = len(scans)
+                scans.append([])
+            scans[index[key]].append((float(xy[0]), float(xy[1])))
+        strata.append(sorted(set(index.values())))
+    every = [xy for scan in scans for xy in scan]
+    if not every:
+        raise ValueError("no case to correlate")
+    rho = spearman([a for a, _ in every], [b for _, b in every])
+    if math.isnan(rho):
+        return rho, math.nan, math.nan, len(every), len(scans)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        drawn = [xy for s in strata for i in rng.choice(s, size=len(s)) for xy in scans[i]]
+        draws.append(spearman([a for a, _ in drawn], [b for _, b in drawn]))
+    tail = (1 - level) / 2
+    low, high = np.nanquantile(np.asarray(draws), [tail, 1 - tail])
+    return rho, float(low), float(high), len(every), len(scans)

@@ -240,6 +240,12 @@ def test_ray_job_submit_runs_and_mlflow_holds_every_metric_for_every_step(run_ar
     frame = TrainingFrame.read(tmp_path / "grpo" / "adapter")
     assert (frame.num_slices, frame.slice_size, frame.base_model) == (8, 64, model)
     assert TrainingFrame.read(tmp_path / "grpo" / "checkpoints" / "step-2") == frame
+    # The run's recorded config loads back as a config (what evaluate --config takes).
+    from common.config import load_run_config
+
+    recorded = load_run_config(tmp_path / "grpo" / "config.json")
+    assert (recorded.output_dir, recorded.sft_adapter) == (tmp_path, sft)
+    assert recorded.grpo.max_steps == 2 and recorded.rollout.seed == recorded.seed
 
 
 @pytest.mark.slow

@@ -351,7 +351,7 @@ def test_one_engine_for_every_checkpoint_answers_as_a_fresh_engine_per_checkpoin
     )
     ds = VolumeDataset(phantom_manifest, DataConfig(num_slices=4, slice_size=64))
     samples = [ds[i] for i in range(3)]
-    asked = {name: [samples[:2], samples[1:]] for name in checkpoints}
+    asked = {name: [(samples[:2], 1), (samples[1:], 1)] for name in checkpoints}
     device = "cpu" if engine == "transformers" else None
 
     built = []
@@ -368,7 +368,7 @@ def test_one_engine_for_every_checkpoint_answers_as_a_fresh_engine_per_checkpoin
             fresh.update_weights(WeightUpdate(1, adapter_dir=adapter))
         alone = [
             [g.completions[0].text for g in ev.generate_in_chunks(fresh, s, greedy=True)]
-            for s in asked[name]
+            for s, _ in asked[name]
         ]
         del fresh
         assert shared[name] == alone, name

@@ -6,13 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from evaluation.predict import (
-    PredictError,
-    consensus_mask,
-    console_line,
-    mask_agreement,
-    predict,
-)
+from evaluation.metrics import consensus_mask, mask_agreement
+from evaluation.predict import PredictError, console_line, predict
 from tests.data.dicom_series import oblique_phantom
 
 SLICES, SIZE = 16, 96

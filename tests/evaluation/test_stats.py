@@ -125,3 +125,49 @@ def test_wilson_interval_by_hand():
     low, high = wilson(10, 10)
     assert high == 1.0 and low == pytest.approx(0.7225, abs=1e-4)
     assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_spearman_by_hand():
+    from evaluation.stats import spearman
+
+    # no ties: 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 2 / 60
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    # a tie shares its mean rank: ranks (1.5, 1.5, 3, 4) against (1, 2, 3, 4) give
+    # 4.5 / sqrt(4.5 * 5) = sqrt(0.9)
+    assert spearman([0.2, 0.2, 0.5, 0.9], [10, 20, 30, 40]) == pytest.approx(0.9**0.5)
+    assert spearman([4, 3, 2, 1], [1, 2, 3, 4]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant: nothing to rank
+    assert np.isnan(spearman([1], [2]))
+
+
+def test_spearman_ci_resamples_scans_and_ignores_duplicated_targets():
+    from evaluation.stats import spearman_ci
+
+    rng = np.random.default_rng(3)
+    x = rng.random(12)
+    y = x + 0.3 * rng.random(12)
+    one = {"a": {f"s{i}/t": (x[i], y[i]) for i in range(6)}}
+    one["b"] = {f"r{i}/t": (x[i], y[i]) for i in range(6, 12)}
+    rho, low, high, n_cases, n_scans = spearman_ci(one)
+    assert (n_cases, n_scans) == (12, 12)
+    assert low <= rho <= high and low > 0
+    # three identical targets per scan: the same scans are drawn, every resample's ranks are
+    # an affine map of the one-target ranks, so rho and its CI are unchanged
+    triple = {
+        suite: {f"{cid.split('/')[0]}/t{k}": xy for cid, xy in cases.items() for k in range(3)}
+        for suite, cases in one.items()
+    }
+    rho3, low3, high3, n3, scans3 = spearman_ci(triple)
+    assert (n3, scans3) == (36, 12)
+    assert (rho3, low3, high3) == pytest.approx((rho, low, high), abs=1e-12)
+    # rows treated as scans (every target its own scan) give a narrower, different interval
+    rows = {s: {cid.replace("/", "-"): xy for cid, xy in c.items()} for s, c in triple.items()}
+    _, low_r, high_r, _, scans_r = spearman_ci(rows)
+    assert scans_r == 36 and high_r - low_r < high3 - low3
+
+
+def test_spearman_ci_of_a_constant_side_is_undefined():
+    from evaluation.stats import spearman_ci
+
+    rho, low, high, n, scans = spearman_ci({"a": {"s0/t": (1.0, 0.2), "s1/t": (1.0, 0.5)}})
+    assert np.isnan(rho) and np.isnan(low) and np.isnan(high) and (n, scans) == (2, 2)
