@@ -713,10 +713,14 @@ class Review:
             return {"key_slice": anchor.key_slice, "boxes": [list(b) for b in anchor.boxes]}
 
         own_dsc = None
-        if self.kind == "evaluation" and case.anchor is not None and loaded.truth is not None:
-            own_dsc = self._propagated(case, prepared, loaded.truth, case.anchor).dsc
+        if self.kind == "evaluation" and loaded.truth is not None:
+            from data.preprocess import to_source_grid
+            from evaluation.metrics import dsc
+
+            own_dsc = dsc(to_source_grid(loaded.answer_mask, prepared), loaded.truth)
         return {
             "id": case.id,
+            "sample_id": case.sample.id if case.sample is not None else None,
             "query": case.query,
             "row": case.row,
             "image": str(case.image),

@@ -52,7 +52,12 @@ async function loadCases() {
   $("#folder").textContent =
     `${listing.folder} (${listing.kind}; ${listing.cases.length} cases; ` +
     `${listing.num_slices} slices of ${listing.slice_size} px; propagator ${listing.propagator})`;
-  document.body.classList.toggle("evaluation", listing.kind === "evaluation");
+  // the row column only where the folder holds several rows (else the header names it)
+  const rows = new Set(listing.cases.map((c) => c.row));
+  document.body.classList.toggle("evaluation", listing.kind === "evaluation" && rows.size > 1);
+  if (listing.kind === "evaluation" && rows.size === 1) {
+    $("#folder").textContent += ` · row ${[...rows][0]}`;
+  }
   renderCases();
 }
 
@@ -71,8 +76,9 @@ function renderCases() {
   for (const c of rows) {
     const tr = element("tr", null, { "data-case": c.id });
     tr.append(
-      element("td", c.id, { class: "id" }),
-      element("td", c.row, { class: "evaluation-only" }),
+      // an evaluation case's id is "<row> | <manifest id>": the row has its own column
+      element("td", c.row ? c.id.slice(c.row.length + 3) : c.id, { class: "id", title: c.id }),
+      element("td", c.row, { class: "evaluation-only row", title: c.row }),
       element("td", fixed(c.dsc), { class: "number dsc" }),
       element("td", fixed(c.agreement, 2), { class: "number" }),
       element("td", c.corrected || "", { class: "number" }),
@@ -229,7 +235,9 @@ function renderMetrics() {
     rows.push(["proposal slices with mask", state.proposal.mask_slices.length]);
   }
   for (const [name, value] of Object.entries(view.metrics)) {
-    rows.push([name, typeof value === "object" ? JSON.stringify(value) : value]);
+    const shown = typeof value === "object" ? JSON.stringify(value)
+      : typeof value === "number" && !Number.isInteger(value) ? value.toFixed(3) : value;
+    rows.push([name, shown]);
   }
   rows.push(["propagator of Propagate", view.propagator]);
   const table = $("#metrics");

@@ -440,6 +440,41 @@ def test_an_evaluation_folder_shows_its_recorded_anchors_propagated_again(
         Review(out, load_run_config(None, overrides), "cpu", ["SFT"], progress=False)
 
 
+def test_an_evaluation_consensus_row_shows_its_draws_reasoning_and_their_majority(
+    oracle_records, serve, tmp_path
+):
+    """A row of evaluate --samples: the page lists the draws, shows the answer's reasoning, and
+    the mask shown is the draws' voxel majority propagated again (the recorded DSC)."""
+    from data.answer import format_answer
+    from evaluation.evaluate import CaseJob, CaseScorer, anchor_jobs
+
+    cfg, overrides, samples, records = oracle_records
+    sample, prepared = next((s, p) for s, p in samples if s.suite == "ctorg")
+    true = next(r for r in records if r["id"] == sample.id)
+    anchor = EvidenceAnchor(true["key_slice"], tuple(map(tuple, true["boxes"])))
+    half = EvidenceAnchor(
+        anchor.key_slice, tuple((a, b, (a + c) // 2, d) for a, b, c, d in anchor.boxes)
+    )
+    texts = [format_answer(anchor, "all of it"), format_answer(half, "the left half"), "oops"]
+    (job,) = anchor_jobs("SFT (consensus of 3)", [(sample, prepared)], [texts])
+    scorer = CaseScorer(cfg.data.manifest, cfg.data, cfg.reward, "baseline")
+    record = scorer.score(job)
+    assert isinstance(job, CaseJob) and record["num_samples"] == 3
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "cases.jsonl").write_text(json.dumps(record) + "\n")
+    base = serve(out, overrides)
+    case_id = f"SFT (consensus of 3) | {sample.id}"
+    listed = request(base + "/api/cases")[2]["cases"]
+    assert [(c["id"], c["agreement"]) for c in listed] == [(case_id, record["agreement"])]
+    view = request(f"{base}/api/case?case={urllib.request.quote(case_id)}")[2]
+    assert view["sample_id"] == sample.id
+    assert [s["answer"] for s in view["sampled"]] == texts
+    assert [s["failure"] is None for s in view["sampled"]] == [True, True, False]
+    assert view["think"] == "the left half"  # the representative: the draw nearest the majority
+    assert view["dsc_shown_mask"] == pytest.approx(record["dsc"])
+
+
 def test_a_dicom_series_gets_its_corrected_mask_as_nifti_and_dicom_seg(serve, tmp_path):
     import pydicom
 
