@@ -561,6 +561,8 @@ def segment_scan(
             "query": query,
             "answer": texts[0],
             "propagator": propagator.name,
+            "num_slices": num_slices,  # the frame of key_slice and boxes
+            "slice_size": size,
             "window": list(window),
             "spacing_mm": {"z": spacing[0], "y": spacing[1], "x": spacing[2]},
         }

@@ -26,9 +26,12 @@ What each folder gives:
   voxel majority of its drawn anchors, propagated again; its DSC is shown next to the recorded
   one).
 
-evidence.json does not record the slice frame: ``data.num_slices`` and ``data.slice_size`` of the
-config must be the ones ``predict`` ran with (a predict case whose ``key_slice_source`` or
-``boxes_source`` contradict them stops the command, naming the field to set).
+The slice frame of a predict folder is the one its evidence.json files record (``num_slices``,
+``slice_size``; two frames in one folder stop the command); evidence.json written before they
+were recorded is read in the config's ``data.num_slices`` and ``data.slice_size``, which must
+then be the ones ``predict`` ran with (a case whose ``key_slice_source`` or ``boxes_source``
+contradict them stops the command, naming the field to set). An evaluation folder is read in the
+frame of the config given, the evaluation's.
 
 Correcting: draw a box (or drag one), click a slice to make it the key slice, then Propagate:
 the reward's propagator (``reward.propagator`` of the config, the baseline by default) runs on
@@ -399,6 +402,47 @@ def _predict_case(
     return case
 
 
+def _evidence_files(folder: Path) -> list[Path]:
+    """The evidence.json files of a predict folder (not those of its corrections)."""
+    return sorted(
+        p
+        for p in folder.rglob("evidence.json")
+        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and p.relative_to(folder).parts[0] != "corrections"
+    )
+
+
+def with_recorded_frame(folder: Path, cfg: RunConfig) -> RunConfig:
+    """``cfg`` in the slice frame predict recorded in the folder's evidence.json files
+    (``num_slices``, ``slice_size``), which replaces the config's; files that record none
+    (written before they did) leave the config's. Two files that record different frames stop
+    the review, naming both."""
+    seen: dict[tuple, Path] = {}
+    for path in _evidence_files(folder):
+        evidence = _read_json(path)
+        if "num_slices" not in evidence and "slice_size" not in evidence:
+            continue
+        frame = (evidence.get("num_slices"), evidence.get("slice_size"))
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in frame):
+            raise ReviewError(
+                f"{path}: fields 'num_slices', 'slice_size' are {frame[0]!r}, {frame[1]!r}; "
+                "not a slice frame"
+            )
+        seen.setdefault(frame, path)
+    if len(seen) > 1:
+        (a, first), (b, second) = list(seen.items())[:2]
+        raise ReviewError(
+            f"{folder}: cases of two slice frames, {a[0]} x {a[1]} px ({first}) and {b[0]} x "
+            f"{b[1]} px ({second}); review one predict run at a time"
+        )
+    if not seen:
+        return cfg
+    ((n, size),) = seen
+    if (n, size) != (cfg.data.num_slices, cfg.data.slice_size):
+        log.info("%s: predict's frame, %d slices of %d px (evidence.json)", folder, n, size)
+    return replace(cfg, data=replace(cfg.data, num_slices=n, slice_size=size))
+
+
 def predict_cases(folder: Path, cfg: RunConfig, progress: bool = True) -> list[ReviewCase]:
     """The cases of a predict output folder, with the DSC of each written mask where the
     manifest holds its ground truth."""
@@ -406,12 +450,7 @@ def predict_cases(folder: Path, cfg: RunConfig, progress: bool = True) -> list[R
 
     from evaluation.metrics import dsc
 
-    files = sorted(
-        p
-        for p in folder.rglob("evidence.json")
-        if not any(part.startswith(".") for part in p.relative_to(folder).parts)
-        and p.relative_to(folder).parts[0] != "corrections"
-    )
+    files = _evidence_files(folder)
     truth = TruthIndex(cfg)
     cases = [_predict_case(f, folder, cfg, truth) for f in files]
     scored = []
@@ -551,6 +590,7 @@ class Review:
             self.kind = "predict"
             if rows:
                 raise UsageError(f"--row {rows[0]}: {folder} is a predict folder, it has no rows")
+            self.cfg = cfg = with_recorded_frame(self.folder, cfg)
             cases = predict_cases(self.folder, cfg, progress)
         else:
             raise ReviewError(

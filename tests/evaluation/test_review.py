@@ -523,7 +523,23 @@ def test_the_command_refuses_what_it_cannot_review_in_one_line(folder, tmp_path,
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--port", "0"]) == 2
     assert "neither a predict output" in capsys.readouterr().err
-    # the frame predict ran in is not the config's: the key slice would be misplaced
+    # evidence.json records predict's frame, which replaces the config's
+    other = load_run_config(None, [overrides[0], "data.num_slices=64", "data.slice_size=256"])
+    assert Review(path, other, "cpu", progress=False).frame == (SLICES, SIZE)
+    files = sorted(path.rglob("evidence.json"))
+    records = [json.loads(f.read_text()) for f in files]
+    assert all((r["num_slices"], r["slice_size"]) == (SLICES, SIZE) for r in records)
+    # two frames in one folder: both named
+    files[-1].write_text(json.dumps({**records[-1], "num_slices": 32}))
+    assert main([str(path), "--port", "0", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "two slice frames, 16 x 96 px" in err and "32 x 96 px" in err and str(files[-1]) in err
+    # evidence written before it recorded the frame: the config's is used, and one that is not
+    # predict's would misplace the key slice
+    for f, r in zip(files, records):
+        f.write_text(
+            json.dumps({k: v for k, v in r.items() if k not in ("num_slices", "slice_size")})
+        )
     assert main([str(path), "--port", "0", overrides[0], "data.slice_size=96"]) == 2
     err = capsys.readouterr().err
     assert "key_slice" in err and "data.num_slices" in err
