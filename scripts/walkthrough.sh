@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README's commands, in its order, on the embedded default (about 25 minutes on 2 cores): set-up,
+# README's commands, in its order, on the embedded default (about 20 minutes on 2 cores): set-up,
 # the default run, predict with its policy (no frame flags: they come from medvol.json), with
 # --samples, the review loop (evaluate the training scans, accept one corrected anchor through
 # the page's requests, SFT on it), a manifest of "your own" scans built with data.manifest, and

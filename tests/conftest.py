@@ -21,6 +21,34 @@ def phantom_manifest(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random Qwen3-VL (size "test", seed 0), built once per session."""
+    from rollout.tiny_model import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen3vl"), size="test", seed=0)
+
+
+def tiny_run_config(out: Path, manifest: Path, model: Path, frame=(8, 64), overrides=()):
+    """configs/tiny.yaml on the test phantoms and the tiny model: output under ``out``, no
+    cache, ``frame`` = (slices, slice size), then ``overrides``."""
+    from common.config import load_run_config
+
+    slices, size = frame
+    return load_run_config(
+        "configs/tiny.yaml",
+        [
+            f"output_dir={out}",
+            f"data.manifest={manifest}",
+            "data.cache_dir=null",
+            f"data.num_slices={slices}",
+            f"data.slice_size={size}",
+            f"model.path={model}",
+            *overrides,
+        ],
+    )
+
+
 def random_adapter(
     model_dir: Path, out: Path, target_modules: str, rank: int, std: float, seed: int
 ) -> Path:

@@ -75,33 +75,15 @@ def test_sampling_settings_are_checked():
     assert Sampling(4).row("SFT") == "SFT (consensus of 4)"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rollout.tiny_model import build_tiny_qwen3vl
-
-    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
-
-
 @pytest.mark.slow
 def test_evaluate_samples_adds_consensus_rows_an_agreement_study_and_resumes(
     phantom_manifest, tiny_model, tmp_path
 ):
-    from common.config import load_run_config
     from evaluation.evaluate import evaluate
+    from tests.conftest import tiny_run_config
 
-    cfg = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={phantom_manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=8",
-            "data.slice_size=64",
-            f"model.path={tiny_model}",
-            "rollout.engine=transformers",
-            "rollout.max_tokens=8",
-        ],
-    )
+    engine = ["rollout.engine=transformers", "rollout.max_tokens=8"]
+    cfg = tiny_run_config(tmp_path, phantom_manifest, tiny_model, overrides=engine)
     out = tmp_path / "eval"
 
     def run(**kwargs):

@@ -24,33 +24,15 @@ def test_dsc_and_iou_by_hand():
         dsc(a, b[:1])
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rollout.tiny_model import build_tiny_qwen3vl
-
-    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
-
-
 @pytest.mark.slow
 def test_table_has_a_high_oracle_row_and_policy_rows_and_resumes(
     phantom_manifest, tiny_model, tmp_path
 ):
-    from common.config import load_run_config
     from evaluation.evaluate import evaluate
+    from tests.conftest import tiny_run_config
 
-    cfg = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={phantom_manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=16",
-            "data.slice_size=96",
-            f"model.path={tiny_model}",
-            "rollout.engine=transformers",
-            "rollout.max_tokens=16",
-        ],
-    )
+    engine = ["rollout.engine=transformers", "rollout.max_tokens=16"]
+    cfg = tiny_run_config(tmp_path, phantom_manifest, tiny_model, (16, 96), engine)
     markdown = evaluate(
         cfg,
         {"base": None},

@@ -253,13 +253,6 @@ def test_statistics_of_a_folder_of_scans_in_one_csv(phantom, tmp_path):
             )
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rollout.tiny_model import build_tiny_qwen3vl
-
-    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
-
-
 @pytest.mark.slow
 def test_the_command_line_on_a_dicom_series_with_a_queries_file(
     phantom, tiny_model, tmp_path, capsys

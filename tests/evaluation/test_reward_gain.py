@@ -9,13 +9,6 @@ from common.cli import run_cli
 from evaluation.reward_gain import TERMS, gain_line, main, reward_gain
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from rollout.tiny_model import build_tiny_qwen3vl
-
-    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny"), "test")
-
-
 def config(tiny_model, manifest, out):
     from common.config import load_run_config
 

@@ -10,20 +10,16 @@ pytestmark = pytest.mark.slow  # one SFT step on the tiny model: DeepSpeed's sta
 def test_sft_writes_its_frame_beside_the_adapter_and_checkpoints(
     tmp_path, tiny_model, phantom_manifest
 ):
-    from common.config import load_run_config
     from learner.sft import train_sft
+    from tests.conftest import tiny_run_config
 
-    cfg = load_run_config(
-        "configs/tiny.yaml",
-        [
-            f"output_dir={tmp_path}",
-            f"data.manifest={phantom_manifest}",
-            "data.cache_dir=null",
-            "data.num_slices=8",
-            "data.slice_size=64",
+    cfg = tiny_run_config(
+        tmp_path,
+        phantom_manifest,
+        tiny_model,
+        overrides=[
             "data.m3d_intensity=hu",
             "data.suite_windows={ctorg: unit}",
-            f"model.path={tiny_model}",
             "sft.epochs=1",
             "sft.max_steps=1",
             "sft.batch_size=1",

@@ -1,17 +1,10 @@
-"""Rollout fixtures: the tiny Qwen3-VL built once, a small multi-image prompt, adapters."""
+"""Rollout fixtures: a small multi-image prompt, adapters (the tiny Qwen3-VL: tests/conftest.py)."""
 
 import numpy as np
 import pytest
 
 from data.prompts import build_messages
 from rollout.records import RolloutPrompt
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    from rollout.tiny_model import build_tiny_qwen3vl
-
-    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen3vl"), size="test", seed=0)
 
 
 def make_prompt(sample_id: str, slices: int = 4, size: int = 64, seed: int = 0) -> RolloutPrompt:
