@@ -1,7 +1,7 @@
 """A run's stages and its GRPO job run under the interpreter that started it, found without an
 activated environment; a failed stage's error names a log file that holds its traceback."""
 
-import stat
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,50 +37,42 @@ def test_a_failed_stage_names_its_log_and_the_log_holds_the_traceback(tmp_path, 
     assert not (tmp_path / "fine.log").exists()  # a stage that succeeds keeps its own log only
 
 
-def fake_ray(folder: Path, status: str) -> Path:
-    """A ``ray`` command that records each call's arguments and PATH, accepts a job, prints a
-    traceback as its logs and reports it ``status``."""
-    script = folder / "ray"
-    script.write_text(
-        "#!/bin/bash\n"
-        f'printf "%s\\n" "$@" > "{folder}/$2.args"\n'
-        f'echo "$PATH" > "{folder}/$2.path"\n'
-        'case "$2" in\n'
-        "  submit) echo submitted ;;\n"
-        "  logs) echo 'Traceback (most recent call last):'\n"
-        "        echo 'RuntimeError: boom in the job' ;;\n"
-        f"  status) echo \"Job '${{@: -1}}' {status}\" ;;\n"
-        "esac\n"
-    )
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return script
-
-
+@pytest.mark.slow
 def test_the_grpo_job_runs_under_this_interpreter_and_a_failure_lands_in_its_log(
     tmp_path, monkeypatch
 ):
-    ray = fake_ray(tmp_path, "failed")
-    monkeypatch.setattr("common.services._bin", lambda name: str(ray))
-    monkeypatch.setenv("PATH", BARE_PATH)
-    head = RayHead(1, 2, tmp_path / "ray")
-    log = tmp_path / "logs" / "grpo.log"
-    job = head.submit_grpo(
-        tmp_path, ["--config", "x.yaml"], log=log, capture_output=True, text=True
-    )
-    assert job.returncode == 1
-    submitted = (tmp_path / "submit.args").read_text().splitlines()
-    entrypoint = submitted[submitted.index("--") + 1 :]
-    assert entrypoint == [sys.executable, "-m", "cluster.grpo", "--config", "x.yaml"]
-    # the head and its jobs' shells find this environment's commands first
-    assert (tmp_path / "submit.path").read_text().split(":")[0] == BIN
-    assert RayHead.env()["PATH"] == f"{BIN}:{BARE_PATH}"
-    text = log.read_text()
-    assert "failed" in text.splitlines()[0] and "RuntimeError: boom in the job" in text
+    """A real head and two real jobs: one whose config does not exist (it fails, and its
+    output lands in the log), one that prints its config (it succeeds, no log)."""
+    from ray.job_submission import JobSubmissionClient
 
-    fake_ray(tmp_path, "succeeded")
-    log.unlink()
-    assert head.submit_grpo(tmp_path, [], log=log, capture_output=True, text=True).returncode == 0
-    assert not log.exists()
+    monkeypatch.setenv("PATH", BARE_PATH)  # a shell where the environment was never activated
+    assert RayHead.env()["PATH"] == f"{BIN}:{BARE_PATH}"  # the head finds this one's commands
+    head = RayHead.start(num_cpus=1, temp_dir=Path("/tmp") / f"medvol-test-stages-{os.getpid()}")
+    try:
+        log = tmp_path / "logs" / "grpo.log"
+        missing = tmp_path / "missing.yaml"
+        job = head.submit_grpo(
+            REPO, ["--config", str(missing)], log=log, cwd=REPO, capture_output=True, text=True
+        )
+        assert job.returncode == 1
+        text = log.read_text()
+        assert "failed" in text.splitlines()[0]
+        assert f"error: --config: {missing}: no such file" in text  # the job's own error line
+        (info,) = JobSubmissionClient(head.dashboard).list_jobs()
+        assert info.entrypoint.split()[:5] == [
+            sys.executable,
+            "-m",
+            "cluster.grpo",
+            "--config",
+            str(missing),
+        ]
+        log.unlink()
+        args = ["--config", "configs/tiny.yaml", "--print-config"]
+        job = head.submit_grpo(REPO, args, log=log, cwd=REPO, capture_output=True, text=True)
+        assert job.returncode == 0 and "max_steps:" in job.stdout
+        assert not log.exists()
+    finally:
+        head.stop()
 
 
 def test_a_run_under_an_interpreter_without_the_environment_stops_first(tmp_path):
