@@ -134,7 +134,9 @@ class DataConfig:
             return resolve_window(self.suite_windows[suite], f"data.suite_windows.{suite}")
         return resolve_window(self.window, "data.window")
 
+
 # --- model and rollout: the policy checkpoint, sampling G completions per prompt
+
 
 @dataclass
 class ModelConfig:
@@ -180,7 +182,9 @@ class RolloutConfig:
         if self.group_size < 1:
             raise ValueError(f"rollout.group_size must be >= 1, got {self.group_size}")
 
+
 # --- reward: term weights, the window, the propagator and the worker pool
+
 
 @dataclass
 class RewardConfig:
@@ -223,10 +227,11 @@ class RewardConfig:
         if self.image_size % 16:
             raise ValueError(f"reward.image_size must be a multiple of 16, got {self.image_size}")
 
+
 # --- learner: the LoRA cold start (SFT) and the GRPO update
 
 LOSS_AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_sum_norm")
-KL_ESTIMATORS = ("k3", "k1", "none")
+KL_ESTIMATORS = ("k3", "none")
 SCALES = ("group", "batch", "none")  # what the centred rewards are divided by
 
 
@@ -281,7 +286,7 @@ class GRPOConfig:
     # Upper clip range eps_high (DAPO's clip-higher); None: eps_high = clip_eps (the paper's form)
     clip_eps_high: float | None = None
     beta: float = 0.01  # KL weight (paper: 0.01); 0 drops the KL term and the reference pass
-    kl_estimator: str = "k3"  # per-token KL estimate: k3 (paper), k1, or none (no reference pass)
+    kl_estimator: str = "k3"  # per-token KL estimate: k3 (paper), or none (no reference pass)
     # Loss aggregation: seq_mean_token_mean (paper: 1/G sum_i 1/|o_i| sum_t), token_mean (DAPO),
     # seq_sum_norm (Dr. GRPO: each completion's token sum over rollout.max_tokens)
     loss_agg: str = "seq_mean_token_mean"
@@ -352,6 +357,11 @@ class GRPOConfig:
             raise ValueError(
                 f"grpo.scale_rewards must be one of {', '.join(SCALES)}, got {self.scale_rewards!r}"
             )
+        if self.kl_estimator == "k1":
+            raise ValueError(
+                "grpo.kl_estimator k1: not a regulariser inside the loss (the expected gradient "
+                "of log pi - log pi_ref under samples of pi is 0); use k3 or none"
+            )
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(
                 f"grpo.kl_estimator must be one of {', '.join(KL_ESTIMATORS)}, "
@@ -372,7 +382,6 @@ class GRPOConfig:
 
 
 # --- the run
-
 
 
 class ConfigError(ValueError):

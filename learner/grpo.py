@@ -12,6 +12,11 @@ Choices made here:
   which is unbiased for KL(pi || pi_ref) and always >= 0. It grows exponentially in ref - new, so
   one token far from the reference could swamp the loss: each token's value is clamped to
   [-10, 10] (as verl's ``low_var_kl``; the lower bound never binds since k3 >= 0).
+- Log-ratios are clamped to [-20, 20] before ``exp`` (the KL's ref - new and the surrogate's
+  new - old): exp overflows fp32 near 89 (bf16 too), and clamping exp's inf afterwards leaves a
+  0 x inf = NaN gradient that would poison the adapter. Inside the bounds nothing changes;
+  beyond them the token's gradient is 0 (a token that far from the old or the reference
+  policy is dropped from the update, not turned into NaN).
 - The clip fraction counts the tokens where clipping changes the loss (the clipped term is the
   one taken: rho > 1 + eps with A > 0, or rho < 1 - eps with A < 0), the usual PPO statistic;
   a ratio outside the range on the other side is not clipped (min keeps the unclipped term).
@@ -27,9 +32,10 @@ Choices made here:
   takes the mean over completions, so no length normalisation biases the gradient.
 - Clip-higher (DAPO, optional): the ratio is clipped to [1 - eps, 1 + eps_high] with
   eps_high >= eps, letting unlikely tokens with A > 0 grow further before clipping.
-- KL estimators: ``k3`` (above, default) or ``k1`` = log pi - log pi_ref per token (unbiased but
-  signed and of high variance, unclamped); with ``none`` or beta = 0 the KL term is dropped and
-  the learner skips the reference pass.
+- KL estimators: ``k3`` (above, default); with ``none`` or beta = 0 the KL term is dropped and
+  the learner skips the reference pass. There is no ``k1`` (log pi - log pi_ref) in the loss:
+  its expected gradient under samples of pi is 0 (E[grad log pi] = 0), so as a loss term it does
+  not regularise at all.
 """
 
 from __future__ import annotations
@@ -68,27 +74,28 @@ def zero_std_groups(rewards: torch.Tensor, tol: float = 1e-8) -> int:
 
 
 KL_CLAMP = 10.0  # per-token bound of the k3 estimate (verl's low_var_kl uses the same)
+LOG_RATIO_CLAMP = 20.0  # bound of a log-ratio before exp (verl clamps at the same)
+
+
+def safe_exp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """exp of a log-ratio clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]: finite, with a finite
+    gradient (0 outside the bounds), in fp32 and bf16."""
+    return torch.exp(torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1, clamped
-    to [-KL_CLAMP, KL_CLAMP]."""
-    delta = ref_logp - logp
+    """Per-token k3 estimate of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1, with
+    ref - logp clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] and the estimate to
+    [-KL_CLAMP, KL_CLAMP]."""
+    delta = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.clamp(torch.exp(delta) - delta - 1.0, -KL_CLAMP, KL_CLAMP)
 
 
-def k1_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k1 estimate of KL(pi || pi_ref): log pi - log pi_ref (signed, unclamped)."""
-    return logp - ref_logp
-
-
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate by name: ``k3`` or ``k1``."""
+    """Per-token KL estimate by name: ``k3``."""
     if estimator == "k3":
         return k3_kl(logp, ref_logp)
-    if estimator == "k1":
-        return k1_kl(logp, ref_logp)
-    raise ValueError(f"KL estimator must be one of k3, k1 (or none: no KL), got {estimator!r}")
+    raise ValueError(f"KL estimator must be k3 (or none: no KL), got {estimator!r}")
 
 
 def clipped_surrogate(
@@ -105,7 +112,7 @@ def clipped_surrogate(
     ``logp``/``old_logp`` are (N, T); ``advantages`` (N,) broadcast over tokens.
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    ratio = torch.exp(logp - old_logp)
+    ratio = safe_exp_log_ratio(logp - old_logp)
     adv = advantages[:, None]
     surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + high) * adv)
     clipped = ((ratio > 1 + high) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
@@ -194,7 +201,9 @@ def grpo_loss(
         loss=loss,
         kl=kl_value,
         clip_fraction=((clipped.to(logp.dtype) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
-        ratio_mean=((torch.exp(logp - old_logp) * maskf).sum() / maskf.sum().clamp(min=1)).detach(),
+        ratio_mean=(
+            (safe_exp_log_ratio(logp - old_logp) * maskf).sum() / maskf.sum().clamp(min=1)
+        ).detach(),
     )
 
 

@@ -97,6 +97,13 @@ class StepMetrics:
     sft_loss: float = 0.0  # mean cross-entropy of the SFT targets (0 without grpo.sft_coef)
 
 
+def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits as the sampler draws from them: in fp32, divided by the temperature (bf16 logits
+    divided in bf16 land up to ~0.1 nats away from the sampler's log-probabilities)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths as one zero-padded (N, T) tensor and its 0/1 mask."""
     from torch.nn.utils.rnn import pad_sequence
@@ -284,9 +291,7 @@ class GRPOLearner:
             logits = [completion_logits(model, seqs[i], self.device) for i in unit]
         else:
             logits = group_completion_logits(model, packed, self.device, vision)
-        if self.temperature == 1.0:
-            return logits
-        return [lg / self.temperature for lg in logits]
+        return [at_temperature(lg, self.temperature) for lg in logits]
 
     def step(
         self,

@@ -91,3 +91,9 @@ def test_a_merged_key_in_a_file_names_the_file(tmp_path):
     old.write_text("seed: 1\ncheckpoint_every: 2\n")
     with pytest.raises(ConfigError, match=rf"^{old}: checkpoint_every: merged into grpo"):
         load_run_config(old)
+
+
+def test_k1_inside_the_loss_is_refused_with_the_reason():
+    with pytest.raises((ConfigError, ValueError), match="k1: not a regulariser inside the loss"):
+        load_run_config(None, ["grpo.kl_estimator=k1"])
+    assert load_run_config(None, ["grpo.kl_estimator=none"]).grpo.kl_estimator == "none"

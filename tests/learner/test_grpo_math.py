@@ -11,7 +11,6 @@ from learner.grpo import (
     clipped_surrogate,
     group_advantages,
     grpo_loss,
-    k1_kl,
     k3_kl,
     token_entropy,
     truncated_is_weights,
@@ -186,19 +185,15 @@ def test_clip_higher_by_hand():
 def test_kl_estimators_by_hand():
     logp = torch.log(torch.tensor([[0.5, 0.2]]))
     ref = torch.log(torch.tensor([[0.25, 0.4]]))
-    # k1 = log(p / ref): log 2 and log 0.5 (signed)
-    assert k1_kl(logp, ref)[0].tolist() == pytest.approx([math.log(2), math.log(0.5)])
-    adv = torch.tensor([0.0])
     mask = torch.ones(1, 2)
-    k1 = grpo_loss(logp, logp, ref, adv, mask, beta=0.1, kl_estimator="k1")
-    assert k1.loss.item() == pytest.approx(0.1 * (math.log(2) + math.log(0.5)) / 2, abs=1e-7)
-    assert k1.kl.item() == pytest.approx(0.0, abs=1e-7)  # log 2 + log 0.5 = 0
+    with pytest.raises(ValueError, match="must be k3"):
+        grpo_loss(logp, logp, ref, torch.tensor([0.0]), mask, beta=0.1, kl_estimator="k1")
     # no KL term: the loss is the surrogate alone, the reference may be absent, KL unmeasured
     for kwargs in ({"kl_estimator": "none"}, {"beta": 0.0}):
         parts = grpo_loss(logp, logp, None, torch.tensor([2.0]), mask, **kwargs)
         assert parts.loss.item() == pytest.approx(-2.0) and math.isnan(parts.kl.item())
     with pytest.raises(ValueError, match="needs the reference logprobs"):
-        grpo_loss(logp, logp, None, adv, mask, beta=0.1)
+        grpo_loss(logp, logp, None, torch.tensor([0.0]), mask, beta=0.1)
 
 
 def test_grpo_config_refuses_unknown_options():
@@ -212,3 +207,46 @@ def test_grpo_config_refuses_unknown_options():
         GRPOConfig(clip_eps_high=0.1)
     with pytest.raises(ValueError, match="grpo.learner_pass must be"):
         GRPOConfig(learner_pass="batched")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_log_ratio_of_100_gives_a_finite_loss_and_gradient(dtype):
+    """exp(100) overflows fp32 and bf16: without the clamp before exp, k3's clamp of inf and the
+    ratio's clip leave NaN gradients (0 x inf)."""
+    logp = torch.tensor([[-101.0, -1.0]], dtype=dtype, requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0]], dtype=dtype)  # ref - logp = 100 on the first token
+    old = torch.tensor([[-101.0, -101.0]], dtype=dtype)  # logp - old = 100 on the second
+    parts = grpo_loss(logp, old, ref, torch.tensor([1.0]), torch.ones(1, 2), beta=0.1)
+    parts.loss.backward()
+    assert torch.isfinite(parts.loss) and torch.isfinite(logp.grad).all(), logp.grad
+    assert torch.isfinite(parts.ratio_mean)
+    # k3 at the clamp: exp(20) - 20 - 1 is far over KL_CLAMP, so the token's KL is 10
+    assert k3_kl(logp.detach().float(), ref.float())[0, 0].item() == pytest.approx(10.0)
+    # inside the bounds nothing changes: exp(0.5) - 0.5 - 1 exactly
+    small = k3_kl(torch.tensor([[-1.5]]), torch.tensor([[-1.0]]))
+    assert small.item() == pytest.approx(math.exp(0.5) - 1.5)
+
+
+def test_the_unclamped_exp_is_what_made_the_gradient_nan():
+    """The failure the clamp removes, shown on the formula it replaced."""
+    logp = torch.tensor([-101.0], requires_grad=True)
+    delta = torch.tensor([-1.0]) - logp
+    torch.clamp(torch.exp(delta) - delta - 1.0, -10, 10).sum().backward()
+    assert torch.isnan(logp.grad).all()
+
+
+def test_logits_are_divided_by_the_temperature_in_fp32():
+    from learner.grpo_learner import at_temperature
+
+    torch.manual_seed(0)
+    exact = torch.randn(4, 1000) * 8  # fp32 logits of a wide vocabulary
+    logits = exact.to(torch.bfloat16)
+    scaled = at_temperature(logits, 0.7)
+    assert scaled.dtype == torch.float32
+    assert torch.equal(scaled, logits.float() / 0.7)
+    assert at_temperature(logits, 1.0).dtype == torch.float32
+    # what dividing in bf16 would cost, in log-probabilities: measurable, and avoided
+    reference = torch.log_softmax(logits.float() / 0.7, dim=-1)
+    in_bf16 = torch.log_softmax((logits / 0.7).float(), dim=-1)
+    assert (in_bf16 - reference).abs().max() > 1e-2
+    assert torch.equal(torch.log_softmax(scaled, dim=-1), reference)
