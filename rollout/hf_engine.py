@@ -172,12 +172,17 @@ class TransformersEngine:
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype:
-    """The dtype a checkpoint folder stores its weights in (config.json), float32 if unsaid."""
+    """The dtype a checkpoint folder stores its weights in, from config.json: its top-level
+    ``dtype`` (or the older ``torch_dtype``), else its ``text_config``'s (where Qwen3-VL's
+    published checkpoints keep it), else its ``vision_config``'s; float32 if none says."""
     import json
 
     config = json.loads((Path(path) / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32)
+    for part in (config, config.get("text_config") or {}, config.get("vision_config") or {}):
+        name = part.get("dtype") or part.get("torch_dtype")
+        if isinstance(getattr(torch, str(name), None), torch.dtype):
+            return getattr(torch, str(name))
+    return torch.float32
 
 
 def merge_adapter(base_path: Path, adapter_dir: Path, out_dir: Path) -> Path:
