@@ -55,6 +55,7 @@ from common.runtime import (
     InterpreterError,
     append_output,
     interpreter_environment,
+    keep_gpus_for,
     require_interpreter,
     set_default_environment,
 )
@@ -327,6 +328,13 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--out-dir", type=Path, default=None, help="run folder (default: output_dir)"
     )
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (default: every GPU hidden from every stage, so the run is the CPU's fp32 "
+        "run whatever the machine has) or cuda (the stages see the GPUs)",
+    )
     add_config_arguments(parser, default=Path("configs/tiny.yaml"))
     args = parser.parse_args(argv)
     # every fourth phantom is a test case: fewer than 4 leaves nothing to evaluate
@@ -440,6 +448,7 @@ def evaluate_checkpoints(stages: Stages, splits: dict, sft: Path, equal: Path, g
 def main(argv: list[str] | None = None) -> int:
     set_default_environment()
     args = parse_args(argv)
+    keep_gpus_for(args.device)  # before any stage, or torch, starts
     # Every stage runs under sys.executable: stop now if it cannot, before the first import of
     # a third-party package (this module's top imports the standard library only).
     require_interpreter()

@@ -48,6 +48,14 @@ class InterpreterError(RuntimeError):
     missing next to it)."""
 
 
+def keep_gpus_for(device: str | None) -> None:
+    """Unless ``device`` is ``cuda``, hide every GPU from this process and the processes it
+    starts (``CUDA_VISIBLE_DEVICES=""``; Ray hides none from its 0-GPU actors): a CPU run stays
+    on the CPU in fp32 on a machine that has GPUs. Call it before torch is imported."""
+    if device != "cuda":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def interpreter_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's) with this interpreter's folder first on PATH, so the
     processes a run starts (stages, the Ray head, the GRPO job's shell, DeepSpeed's ninja) find

@@ -1,12 +1,15 @@
 """Shared test set-up: the project's process environment, and small phantom data."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from common.runtime import set_default_environment
+from common.runtime import keep_gpus_for, set_default_environment
 
 set_default_environment()
+# The tests' tolerances are fp32's on the CPU: GPUs stay hidden unless MEDVOL_TEST_DEVICE=cuda.
+keep_gpus_for(os.environ.get("MEDVOL_TEST_DEVICE"))
 
 SMALL_SHAPE = (40, 96, 96)  # (z, y, x): quick to write and to prepare
 
