@@ -173,27 +173,13 @@ class CaseScorer:
     def _consensus(self, job: CaseJob, sample_id: str, prepared):
         """A consensus job's representative, its voxel-majority mask on the frame, and what
         the row records of the draws: their agreement (mean pairwise Dice) and anchors."""
-        from evaluation.metrics import consensus_mask, dsc, mask_agreement
+        from evaluation.metrics import Draw, consensus_of_draws
 
         masks = [self._frame_mask(s, sample_id, prepared) for s in job.samples]
-        consensus = consensus_mask(masks)
-        anchors = []
-        for n, (s, mask) in enumerate(zip(job.samples, masks)):
-            others = [dsc(mask, m) for i, m in enumerate(masks) if i != n]
-            anchor = {"sample": n + 1, "answer": s.answer, "ok": s.key_slice is not None}
-            if s.key_slice is None:
-                anchor["failure"] = s.failure
-            else:
-                anchor.update(key_slice=s.key_slice, boxes=[list(b) for b in s.boxes])
-            anchor.update(
-                agreement=round(float(np.mean(others)), 4) if others else 1.0,
-                dice_to_consensus=round(dsc(mask, consensus), 4),
-            )
-            anchors.append(anchor)
-        well_formed = [n for n, s in enumerate(job.samples) if s.key_slice is not None]
-        if well_formed:  # the first well-formed sample with the highest Dice to the consensus
-            best = max(well_formed, key=lambda n: (anchors[n]["dice_to_consensus"], -n))
-            shown = replace(job.samples[best], row=job.row, samples=())
+        draws = [Draw(s.answer, s.key_slice, s.boxes, s.failure) for s in job.samples]
+        found = consensus_of_draws(draws, masks)
+        if found.representative is not None:
+            shown = replace(job.samples[found.representative], row=job.row, samples=())
         else:
             reason = job.samples[0].failure
             shown = replace(
@@ -204,10 +190,10 @@ class CaseScorer:
             )
         drawn = {
             "num_samples": len(masks),
-            "agreement": round(mask_agreement(masks), 4),
-            "anchors": anchors,
+            "agreement": round(found.agreement, 4),
+            "anchors": found.anchors,
         }
-        return shown, consensus, drawn
+        return shown, found.mask, drawn
 
 
 PHRASING_SUFFIX = " (held-out phrasings)"
@@ -784,7 +770,9 @@ def _policy_rows(
     rows: list[str] = []
     todo: dict[str, dict[str, tuple[list, int]]] = {}  # checkpoint -> row -> (cases to do, n)
     for name in checkpoints:
-        kinds = [(name, 1)] + ([(sampling.row(name), sampling.samples)] * (sampling.samples > 1))
+        kinds = [(name, 1)]  # (row name, answers per case)
+        if sampling.samples > 1:
+            kinds.append((sampling.row(name), sampling.samples))
         for suffix, asked in askings:
             for shown, n in kinds:
                 row = _row_name(shown, propagators) + suffix

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -138,3 +139,53 @@ def consensus_mask(masks: Sequence[np.ndarray]) -> np.ndarray:
     for mask in masks:
         count += np.asarray(mask, bool)
     return 2 * count > len(masks)
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sampled answer as a consensus records it: its text and anchor, or why it failed."""
+
+    answer: str | None
+    key_slice: int | None  # None: the answer did not parse (its mask is empty)
+    boxes: tuple = ()
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class DrawConsensus:
+    """N draws' voxel majority, their agreement, one record per draw and the representative:
+    the index of the first well-formed draw with the highest Dice to the majority (None when
+    none is well formed)."""
+
+    mask: np.ndarray
+    agreement: float
+    anchors: list[dict]
+    representative: int | None
+
+
+def consensus_of_draws(draws: Sequence[Draw], masks: Sequence[np.ndarray]) -> DrawConsensus:
+    """The consensus of N draws and their masks (``predict --samples``, ``evaluate
+    --samples``). Each draw's record: ``sample`` (1-based), ``answer``, ``ok``, ``key_slice``
+    and ``boxes`` or ``failure``, ``agreement`` (its mean Dice with the other masks) and
+    ``dice_to_consensus``, rounded to 4 places."""
+    consensus = consensus_mask(masks)
+    anchors = []
+    for n, (draw, mask) in enumerate(zip(draws, masks)):
+        others = [dsc(mask, m) for i, m in enumerate(masks) if i != n]
+        record: dict = {"sample": n + 1, "answer": draw.answer, "ok": draw.key_slice is not None}
+        if draw.key_slice is None:
+            record["failure"] = draw.failure
+        else:
+            record.update(key_slice=draw.key_slice, boxes=[list(b) for b in draw.boxes])
+        record.update(
+            agreement=round(float(np.mean(others)), 4) if others else 1.0,
+            dice_to_consensus=round(dsc(mask, consensus), 4),
+        )
+        anchors.append(record)
+    well_formed = [n for n, d in enumerate(draws) if d.key_slice is not None]
+    best = (
+        max(well_formed, key=lambda n: (anchors[n]["dice_to_consensus"], -n))
+        if well_formed
+        else None
+    )
+    return DrawConsensus(consensus, mask_agreement(masks), anchors, best)

@@ -489,48 +489,34 @@ def _sampled_result(scan, prepared, texts, propagator, num_slices, size, min_agr
     """One query's N sampled answers: their frame masks, the consensus, the agreement, and
     the evidence of the sample closest to the consensus (see the module docstring)."""
     from data.answer import ParsedAnswer, parse_answer
-    from evaluation.metrics import consensus_mask, dsc, mask_agreement
+    from evaluation.metrics import Draw, consensus_of_draws
 
     parsed = [parse_answer(text, num_slices, size) for text in texts]
-    masks = []
-    for answer in parsed:
+    draws, masks = [], []
+    for text, answer in zip(texts, parsed):
         if isinstance(answer, ParsedAnswer):
             a = answer.anchor
             mask = propagator.propagate(scan.name, prepared.slices, a.key_slice, a.boxes, None)
             masks.append(np.asarray(mask, bool))
+            draws.append(Draw(text, a.key_slice, a.boxes))
         else:
             masks.append(np.zeros(prepared.slices.shape, bool))
-    consensus = consensus_mask(masks)
-    anchors = []
-    for n, (text, answer, mask) in enumerate(zip(texts, parsed, masks)):
-        others = [dsc(mask, m) for i, m in enumerate(masks) if i != n]
-        row: dict = {"sample": n + 1, "answer": text, "ok": isinstance(answer, ParsedAnswer)}
-        if isinstance(answer, ParsedAnswer):
-            row.update(key_slice=answer.anchor.key_slice)
-            row.update(boxes=[list(b) for b in answer.anchor.boxes])
-        else:
-            row.update(failure=answer.reason)
-        row.update(
-            agreement=round(float(np.mean(others)), 4),
-            dice_to_consensus=round(dsc(mask, consensus), 4),
-        )
-        anchors.append(row)
-    agreement = mask_agreement(masks)
-    well_formed = [n for n, a in enumerate(parsed) if isinstance(a, ParsedAnswer)]
+            draws.append(Draw(text, None, failure=answer.reason))
+    found = consensus_of_draws(draws, masks)
     summary = {
         "num_samples": len(texts),
-        "agreement": round(agreement, 4),
+        "agreement": round(found.agreement, 4),
         "min_agreement": min_agreement,
-        "low_agreement": agreement < min_agreement,
-        "anchors": anchors,
+        "low_agreement": found.agreement < min_agreement,
+        "anchors": found.anchors,
     }
-    if well_formed:  # the first of the well-formed samples with the highest Dice to consensus
-        best = max(well_formed, key=lambda n: (anchors[n]["dice_to_consensus"], -n))
+    best = found.representative
+    if best is not None:
         evidence = {"answer": texts[best], **_anchor_evidence(scan, prepared, parsed[best])}
         evidence["representative"] = best + 1
-        return parsed[best].anchor, consensus, evidence, summary
+        return parsed[best].anchor, found.mask, evidence, summary
     failure = f"none of the {len(texts)} sampled answers parses (first: {parsed[0].reason})"
-    return None, consensus, {"answer": texts[0], "ok": False, "failure": failure}, summary
+    return None, found.mask, {"answer": texts[0], "ok": False, "failure": failure}, summary
 
 
 def segment_scan(
