@@ -1,26 +1,31 @@
-"""A single-GPU check without Ray or vLLM: time and peak memory of the learner, MedSAM2, rollout.
+"""A single-GPU check without Ray: time, peak memory and numerics of the learner, MedSAM2, rollout.
 
-    bash scripts/gpu_check.sh [--layers 8] [--repeats 3] [--peak-tflops T] [--only learner]
-    python -m bench.gpu_check --smoke [--peak-tflops 1]    # on the CPU, tiny sizes: it runs
+    bash scripts/gpu_check.sh [--model DIR] [--medsam2 CKPT] [--repeats 3] [--only learner]
+    bash scripts/gpu_check.sh --smoke        # on the CPU, tiny sizes: it runs (no GPU needed)
 
 What it measures, each at the paper's shape (64 slices of 256 px = 4,096 image tokens, G = 4):
 
 - learner: one GRPO learner step (``GRPOLearner``, grouped pass: reference pass, policy pass,
   backward, update), 4 completions of 256 tokens, LoRA rank 128 on every language projection,
-  bf16, gradient checkpointing on, ZeRO-2 (``configs/paper.yaml``), on a random Qwen3-VL of
-  Qwen3-VL-4B's architecture with ``--layers`` of its 36 language layers; step time, peak CUDA
-  memory and model FLOPs utilisation (MFU, :func:`step_flops`);
-- propagation: MedSAM2 (SAM2.1 Hiera-tiny at 512 px, bf16 autocast; random weights written by
-  ``write_random_checkpoint``) propagating a group of G = 4 anchors over +-5 slices of a
-  64-slice volume, with fresh image features (cold) and with them cached (warm);
+  bf16, gradient checkpointing on, ZeRO-2 (``configs/paper.yaml``); step time, peak CUDA
+  memory and model FLOPs utilisation (MFU, :func:`step_flops`); then the largest and mean gap
+  between the grouped pass's token log-probabilities and the per-completion pass's, in the
+  learner's precision (the grouped pass is exact in fp32; bf16 is where it could drift);
+- propagation: MedSAM2 (SAM2.1 Hiera-tiny at 512 px, bf16 autocast) propagating a group of
+  G = 4 anchors over +-5 slices of a 64-slice volume, with fresh image features (cold) and with
+  them cached (warm); then the batched group against MedSAM2's own per-anchor procedure
+  (``propagate_reference``) under the same autocast: logit gap and mask Dice;
 - rollout: the transformers engine sampling G = 4 completions of up to 256 tokens for one
-  prompt of that shape, on the same random model.
+  prompt of that shape; and vLLM doing the same when it imports (else the part says why not).
 
-The model is built here, with the tokenizer and processor of the project's tiny Qwen3-VL
+The policy is ``--model`` (a Qwen3-VL checkpoint folder, e.g. Qwen3-VL-4B-Instruct) or, without
+it, a random Qwen3-VL of Qwen3-VL-4B's architecture built here (all 36 language layers unless
+``--layers``) with the tokenizer and processor of the project's tiny Qwen3-VL
 (``rollout.tiny_model``): nothing is downloaded. Random weights do not change the cost of a
-pass; they only make the rollout run to its full length (no end-of-turn token comes).
-``--smoke`` runs everything on the CPU with the tiny model, 8 slices of 64 px, SAM2 at 128 px
-and short completions, so a test can check that every figure is printed.
+pass; they only make the rollout run to its full length (no end-of-turn token comes). MedSAM2 is
+``--medsam2`` (a MedSAM2 checkpoint, e.g. MedSAM2_latest.pt) or random weights written by
+``write_random_checkpoint``. ``--smoke`` runs everything on the CPU with the tiny model, 8
+slices of 64 px, SAM2 at 128 px and short completions, so a test can check every figure.
 """
 
 from __future__ import annotations
@@ -343,8 +348,43 @@ def check_learner(model_dir: Path, args, peak: float | None) -> None:
             f"MFU {100 * achieved / (peak * 1e12):.2f}% ({si(achieved, 'FLOP/s')} achieved of "
             f"{si(peak * 1e12, 'FLOP/s')} peak)",
         )
+    largest, mean, tokens = logprob_gap(learner, batch)
+    say(
+        "learner",
+        f"grouped vs per-completion pass, {learner.precision}: token log-probabilities differ "
+        f"by at most {largest:.2e} nats (mean {mean:.2e}) over {tokens} tokens",
+    )
     del learner
     reset_peak(args.device)
+
+
+def logprob_gap(learner, batch) -> tuple[float, float, int]:
+    """The largest and mean |grouped - per-completion| token log-probability (nats) of one
+    group (``batch``) under the learner's current policy, in its precision, and the token
+    count: the grouped pass packs the prompt once, so only its numerics can differ."""
+    from learner.encoding import (
+        completion_logits,
+        encode_prompt,
+        group_completion_logits,
+        pack_group,
+        token_logprobs,
+        with_completion,
+    )
+
+    model = learner.engine.module
+    prompt = encode_prompt(learner.processor, batch[0].messages)
+    completions = [list(ex.completion_ids) for ex in batch]
+    gaps = []
+    with torch.no_grad():
+        packed = pack_group(model, prompt, completions)
+        grouped = group_completion_logits(model, packed, learner.device)
+        for completion, logits in zip(completions, grouped):
+            seq = with_completion(prompt, completion)
+            alone = completion_logits(model, seq, learner.device)
+            ids = seq.completion_ids
+            gaps.append((token_logprobs(logits, ids) - token_logprobs(alone, ids)).abs())
+    gap = torch.cat(gaps)
+    return float(gap.max()), float(gap.mean()), gap.numel()
 
 
 def check_propagation(work: Path, args) -> None:
@@ -353,9 +393,13 @@ def check_propagation(work: Path, args) -> None:
     from data.answer import EvidenceAnchor
     from reward_server.propagation import MedSAM2Propagator, write_random_checkpoint
 
-    checkpoint = write_random_checkpoint(
-        work / f"medsam2-random-{args.image_size}.pt", args.image_size
-    )
+    if args.medsam2 is not None:
+        checkpoint, weights = args.medsam2, f"checkpoint {args.medsam2.name}"
+    else:
+        checkpoint = write_random_checkpoint(
+            work / f"medsam2-random-{args.image_size}.pt", args.image_size
+        )
+        weights = "random weights"
     propagator = MedSAM2Propagator(checkpoint, args.image_size, device=args.device)
     rng = np.random.default_rng(0)
     key = args.slices // 2
@@ -368,7 +412,7 @@ def check_propagation(work: Path, args) -> None:
     precision = "bf16 autocast" if args.device == "cuda" else "fp32"
     say(
         "propagation",
-        f"MedSAM2 architecture (SAM2.1 Hiera-tiny, random weights) at {args.image_size} px, "
+        f"MedSAM2 (SAM2.1 Hiera-tiny, {weights}) at {args.image_size} px, "
         f"{precision}: G = {G} anchors on slice {key} of {args.slices} slices of {s} px, "
         f"window +-{args.delta}",
     )
@@ -396,8 +440,39 @@ def check_propagation(work: Path, args) -> None:
     say("propagation", f"group, features computed ({encoded[0]} slices encoded): {spread(cold)}")
     say("propagation", f"group, features cached: {spread(warm)}")
     say("propagation", peak_memory(args.device, held))
+    largest, dice = batched_vs_reference(propagator, volume(), anchors, window)
+    say(
+        "propagation",
+        f"batched group vs MedSAM2's per-anchor procedure, {precision}: logits differ by at "
+        f"most {largest:.2e}, masks agree with Dice >= {dice:.4f} over the G = {G} anchors",
+    )
     del propagator
     reset_peak(args.device)
+
+
+def batched_vs_reference(propagator, slices, anchors, window: int) -> tuple[float, float]:
+    """The largest |logit| gap between the batched group (``propagate_group``'s logits) and
+    MedSAM2's own procedure for each anchor (``propagate_reference``), and the smallest Dice
+    between their masks, on one volume."""
+    from evaluation.metrics import dsc
+
+    grouped = propagator.group_logits("compare", slices, anchors, window)
+    masks = propagator.propagate_group("compare", slices, anchors, window)
+    largest, dice = 0.0, 1.0
+    for anchor, mask in zip(anchors, masks):
+        key = anchor.key_slice - 1
+        reference = propagator.reference_logits(
+            "compare", slices, anchor.key_slice, anchor.boxes, window
+        )
+        for box, frames in reference.items():
+            for frame, logits in frames.items():
+                gap = float((grouped[key, box][frame] - logits).abs().max())
+                largest = max(largest, gap)
+        alone = propagator.propagate_reference(
+            "compare", slices, anchor.key_slice, anchor.boxes, window
+        )
+        dice = min(dice, dsc(mask, alone))
+    return largest, dice
 
 
 def check_rollout(model_dir: Path, args) -> None:
@@ -412,6 +487,7 @@ def check_rollout(model_dir: Path, args) -> None:
         max_tokens=args.max_tokens,
         max_model_len=image_tokens + 1024 + args.max_tokens,
         max_images=args.slices,
+        slice_size=args.slice_size,
     )
     engine = TransformersEngine(model_dir, cfg, ModelConfig(dtype="auto"), device=args.device)
     prompt = RolloutPrompt("gpu-check", build_batch(args.slices, args.slice_size, 1)[0].messages)
@@ -438,7 +514,49 @@ def check_rollout(model_dir: Path, args) -> None:
     reset_peak(args.device)
 
 
-PARTS = ("learner", "propagation", "rollout")
+def check_vllm(model_dir: Path, args) -> None:
+    """The rollout part on vLLM, when vLLM imports (a bare GPU box may have only torch)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # not installed, or a build that cannot load on this machine
+        say("vllm", f"skipped: vLLM does not import here ({type(error).__name__}: {error})")
+        return
+    from common.config import ModelConfig, RolloutConfig
+    from rollout.records import RolloutPrompt
+    from rollout.vllm_engine import VLLMEngine
+
+    image_tokens = args.slices * (args.slice_size // 32) ** 2
+    cfg = RolloutConfig(
+        engine="vllm",
+        group_size=G,
+        max_tokens=args.max_tokens,
+        max_model_len=image_tokens + 1024 + args.max_tokens,
+        max_images=args.slices,
+        slice_size=args.slice_size,
+        enable_lora=False,
+        in_process=True,
+    )
+    started, engine = timed(args.device, VLLMEngine, model_dir, cfg, ModelConfig(dtype="auto"))
+    prompt = RolloutPrompt("gpu-check", build_batch(args.slices, args.slice_size, 1)[0].messages)
+    engine.generate([prompt], seed=0)  # warm-up
+    times, tokens = [], []
+    for rep in range(args.repeats):
+        seconds, (group,) = timed(args.device, engine.generate, [prompt], seed=rep + 1)
+        times.append(seconds)
+        tokens.append(sum(len(c.token_ids) for c in group.completions))
+    say(
+        "vllm",
+        f"vLLM {vllm.__version__} engine (started in {started:.1f} s): G = {G} completions of up "
+        f"to {args.max_tokens} tokens for one prompt of {len(group.prompt_token_ids)} tokens",
+    )
+    say("vllm", f"generate time {spread(times)}")
+    rate = statistics.median(t / s for t, s in zip(tokens, times))
+    say("vllm", f"{statistics.median(tokens):.0f} tokens per group, {rate:.1f} tokens/s")
+    del engine
+    reset_peak(args.device)
+
+
+PARTS = ("learner", "propagation", "rollout", "vllm")
 # Defaults of the size options: the paper's shape, and the CPU smoke run's
 PAPER_SIZES = {
     "slices": 64,
@@ -466,7 +584,23 @@ def parse_args(argv: list[str] | None):
         "--smoke", action="store_true", help="tiny model and sizes, on the CPU unless --device"
     )
     add_device_argument(parser, "every part")
-    parser.add_argument("--layers", type=int, default=8, help="language layers of the 4B's 36")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="a Qwen3-VL checkpoint folder for the policy (default: a random Qwen3-VL-4B-"
+        "architecture model built here)",
+    )
+    parser.add_argument(
+        "--medsam2",
+        type=Path,
+        help="a MedSAM2 checkpoint (e.g. MedSAM2_latest.pt; default: random weights)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=36,
+        help="language layers of the random 4B-architecture model (of 36; without --model)",
+    )
     parser.add_argument("--slices", type=int, help="slices per volume (default 64)")
     parser.add_argument("--slice-size", type=int, help="side of a slice in px (default 256)")
     parser.add_argument("--tokens", type=int, help="tokens per learner completion (default 256)")
@@ -495,6 +629,12 @@ def parse_args(argv: list[str] | None):
         raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     if not 1 <= args.layers <= QWEN3_VL_4B_TEXT["num_hidden_layers"]:
         raise UsageError(f"--layers {args.layers}: Qwen3-VL-4B has 36 language layers; give 1..36")
+    if args.model is not None and not (args.model / "config.json").is_file():
+        raise UsageError(
+            f"--model {args.model}: no config.json there (a Qwen3-VL checkpoint folder)"
+        )
+    if args.medsam2 is not None and not args.medsam2.is_file():
+        raise UsageError(f"--medsam2 {args.medsam2}: no such file (a MedSAM2 checkpoint, .pt)")
     if args.slice_size % 32:
         raise UsageError(
             f"--slice-size {args.slice_size}: must be a multiple of 32 (patch 16, merge 2)"
@@ -522,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        if {"learner", "rollout"} & set(parts):
+        if {"learner", "rollout", "vllm"} & set(parts):
             seconds, model_dir = timed(args.device, build_model, work, args)
             print(
                 f"model: {model_description(args)}, {parameter_count(model_dir) / 1e9:.3f} B "
@@ -535,10 +675,14 @@ def main(argv: list[str] | None = None) -> int:
             check_propagation(work, args)
         if "rollout" in parts:
             check_rollout(model_dir, args)
+        if "vllm" in parts:
+            check_vllm(model_dir, args)
     return 0
 
 
 def build_model(work: Path, args) -> Path:
+    if args.model is not None:
+        return args.model
     if args.smoke:
         from rollout.tiny_model import build_tiny_qwen3vl
 
@@ -547,6 +691,8 @@ def build_model(work: Path, args) -> Path:
 
 
 def model_description(args) -> str:
+    if args.model is not None:
+        return f"the Qwen3-VL checkpoint {args.model}"
     if args.smoke:
         return "the tiny test Qwen3-VL (random weights)"
     return (

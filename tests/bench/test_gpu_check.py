@@ -52,6 +52,11 @@ def test_smoke_run_prints_every_figure(tmp_path):
         "rollout time": rf"\[rollout\] generate time median {NUMBER} s",
         "rollout rate": rf"\[rollout\] {NUMBER} tokens per group, {NUMBER} tokens/s",
         "rollout memory": rf"\[rollout\] peak RSS of the process so far {NUMBER} GiB",
+        "logprob gap": rf"\[learner\] grouped vs per-completion pass, fp32: token "
+        rf"log-probabilities differ by at most {NUMBER}e-{NUMBER} nats \(mean ",
+        "batched vs reference": rf"\[propagation\] batched group vs MedSAM2's per-anchor "
+        rf"procedure, fp32: logits differ by at most {NUMBER}e-{NUMBER}, masks agree with Dice "
+        rf">= {NUMBER} over the G = 4 anchors",
     }
     found = {}
     for figure, pattern in figures.items():
@@ -59,6 +64,14 @@ def test_smoke_run_prints_every_figure(tmp_path):
         assert found[figure], f"{figure}: no line matching {pattern!r} in\n{out}"
         numbers = [g for g in found[figure].groups() if g not in SCALE]
         assert all(float(v) > 0 for v in numbers), f"{figure}: {found[figure].group(0)}"
+    # fp32: the grouped pass and the batched propagation match their references
+    gap = found["logprob gap"]
+    assert float(gap.group(1)) * 10 ** -float(gap.group(2)) < 1e-4
+    logits = found["batched vs reference"]
+    assert float(logits.group(1)) * 10 ** -float(logits.group(2)) < 1e-3
+    assert float(logits.group(3)) > 0.99
+    # vLLM is not importable here, as on a bare GPU box: the part says so and the run goes on
+    assert "[vllm] skipped: vLLM does not import here (ModuleNotFoundError" in out
     # The smoke shape: 8 slices of 64 px (4 image tokens each), G = 4 completions of 16 tokens.
     assert "8 slices of 64 px (32 image tokens)" in out and "G = 4 x 16" in out
     # MFU = (FLOPs per step / step time) / peak
@@ -66,3 +79,20 @@ def test_smoke_run_prints_every_figure(tmp_path):
     achieved = flop(found["learner MFU"], 2, 3)
     assert achieved == pytest.approx(flop(found["learner FLOPs"], 1, 2) / step, rel=0.02)
     assert float(found["learner MFU"].group(1)) == pytest.approx(100 * achieved / 1e9, rel=0.02)
+
+
+def test_the_script_runs_vllm_in_smoke_mode_without_a_gpu(tmp_path):
+    """``scripts/gpu_check.sh --smoke`` needs no driver; where vLLM imports, its part runs."""
+    run = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--smoke", "--only", "vllm", "--work-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "smoke run on the CPU" in run.stdout
+    found = re.search(rf"\[vllm\] {NUMBER} tokens per group, {NUMBER} tokens/s", run.stdout)
+    assert found and float(found.group(2)) > 0, run.stdout
+    assert re.search(rf"\[vllm\] generate time median {NUMBER} s", run.stdout), run.stdout
+    assert "[learner]" not in run.stdout  # --only reaches bench.gpu_check

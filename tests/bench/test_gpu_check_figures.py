@@ -136,3 +136,42 @@ def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
     assert no_cuda.returncode == 1
     assert "Fake GPU" in no_cuda.stdout
     assert f"torch {torch.__version__}" in no_cuda.stderr and "sees no GPU" in no_cuda.stderr
+
+
+def test_gpu_check_script_names_a_missing_or_empty_wheel_folder(tmp_path):
+    import sys
+
+    env = dict(
+        os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), "/usr/bin", "/bin"])
+    )
+
+    def script(*args):
+        return subprocess.run(
+            ["bash", "scripts/gpu_check.sh", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    missing = script("--smoke", "--wheels", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert f"--wheels {tmp_path / 'nowhere'}: no such folder" in missing.stderr
+    # torch's own wheels are never installed over the box's CUDA build
+    (tmp_path / "torch-2.13.0-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    only_torch = script("--smoke", "--wheels", str(tmp_path))
+    assert only_torch.returncode == 2
+    assert "no wheels there (torch's own are not installed)" in only_torch.stderr
+    assert script("--wheels").returncode == 2
+
+
+def test_gpu_check_refuses_a_model_folder_without_a_config(tmp_path):
+    from bench.gpu_check import parse_args
+    from common.cli import UsageError
+
+    with pytest.raises(UsageError, match=f"--model {tmp_path}: no config.json there"):
+        parse_args(["--smoke", "--model", str(tmp_path)])
+    with pytest.raises(UsageError, match="--medsam2 .*missing.pt: no such file"):
+        parse_args(["--smoke", "--medsam2", str(tmp_path / "missing.pt")])
+    assert parse_args([]).layers == 36  # the whole 4B by default
