@@ -127,7 +127,13 @@ def our_grpo_step(model: Path, samples: list, scorer, lora, tmp: Path, args):
         adv = group_advantages(torch.tensor([[r.total for r in rewards]]))[0]
         learner.step(
             [
-                GRPOExample(prompt.messages, c.token_ids, c.logprobs, float(a))
+                GRPOExample(
+                    prompt.messages,
+                    c.token_ids,
+                    c.logprobs,
+                    float(a),
+                    prompt_token_ids=group.prompt_token_ids,
+                )
                 for c, a in zip(group.completions, adv)
             ]
         )

@@ -91,13 +91,15 @@ class LearnerWorker:
         return files
 
     def export(self, version: int) -> WeightUpdate | None:
-        """Rank 0: the weights of ``version`` as bytes (``grpo.export``: the adapter, or the
-        merged checkpoint), for the object store."""
+        """Rank 0: the weights of ``version`` for the object store (``grpo.export``): the
+        adapter's tensors and config, in memory, or the merged checkpoint's bytes."""
 
         def make() -> WeightUpdate:
+            if self.learner.cfg.export == "adapter":
+                from learner.adapters import adapter_tensors
+
+                return WeightUpdate(version, adapter_tensors=adapter_tensors(self.learner.engine))
             update = self.learner.export(self.scratch / "export", version)
-            if update.adapter_dir is not None:
-                return WeightUpdate(version, adapter=self._take(update.adapter_dir))
             return WeightUpdate(version, weights=self._take(update.weights_dir))
 
         return self._on_rank0(make)
@@ -224,8 +226,9 @@ class LearnerGroup:
         return combine_metrics(parts)
 
     def export(self, version: int):
-        """An object ref to the weights of ``version`` as bytes, in rank 0's object store:
-        each rollout actor fetches them from there."""
+        """An object ref to the weights of ``version`` (an adapter's tensors, or a merged
+        checkpoint's bytes) in rank 0's object store: each rollout actor fetches them from
+        there."""
         import ray
 
         refs = [w.export.remote(version) for w in self.workers]

@@ -175,6 +175,7 @@ class GRPOTrainer:
             "mlflow_run_id": None,
             "version": 0,
             "rng": rng_state(np.random.default_rng(self.cfg.seed)),
+            "skipped_steps": 0,  # updates skipped so far: loss or gradient not finite
         }
         latest = self.checkpoints.latest() if resume else None
         if latest is not None:
@@ -261,6 +262,10 @@ class GRPOTrainer:
             self.prefetched = self._start_rollout(cfg.grpo.batch_size)
         totals, advantages = self._advantages(groups)
         learned = self.learners.step(self._examples(groups, advantages), self._sft_batch())
+        # setdefault: a checkpoint written before the count was kept resumes at 0
+        self.state["skipped_steps"] = self.state.setdefault("skipped_steps", 0) + (
+            learned.skipped_updates
+        )
         t_learned = time.perf_counter()
         self.weights.push(step)
         t_synced = time.perf_counter()
@@ -333,7 +338,12 @@ class GRPOTrainer:
         ask = self.cfg.data.resample_queries
         prompts = [
             RolloutPrompt(
-                s.id, build_messages(np.asarray(p.slices), training_query(s, ask, self.rng))
+                s.id,
+                build_messages(
+                    np.asarray(p.slices),
+                    training_query(s, ask, self.rng),
+                    self.cfg.data.box_coords,
+                ),
             )
             for s, p in samples
         ]
@@ -387,7 +397,13 @@ class GRPOTrainer:
         from learner.grpo_learner import GRPOExample
 
         return [
-            GRPOExample(g.prompt.messages, c.token_ids, c.logprobs, float(advantages[i, j]))
+            GRPOExample(
+                g.prompt.messages,
+                c.token_ids,
+                c.logprobs,
+                float(advantages[i, j]),
+                prompt_token_ids=g.group.prompt_token_ids,
+            )
             for i, g in enumerate(groups)
             for j, c in enumerate(g.group.completions)
         ]
@@ -454,6 +470,7 @@ class GRPOTrainer:
             "learner/logprob_gap_max": learned.logprob_gap_max,
             "learner/entropy": learned.entropy,
             "learner/grad_norm": learned.grad_norm,
+            "learner/skipped_steps": float(self.state["skipped_steps"]),  # cumulative
             "learner/lr": learned.lr,
             **({"learner/sft_loss": learned.sft_loss} if self.cfg.grpo.sft_coef > 0 else {}),
             "rollout/response_length": float(np.mean(lengths)),
@@ -472,6 +489,7 @@ class GRPOTrainer:
             np.asarray(prepared.mask),
             text,
             f"step {step}: {sample.query}",
+            self.cfg.data.box_coords,
         )
         if picture is not None:
             self.tracker.log_artifact(picture, "evidence")
@@ -578,7 +596,12 @@ def _apply_scale_file(cfg: RunConfig, pool) -> None:
 
 
 def evidence_picture(
-    path: Path, slices: np.ndarray, mask: np.ndarray, text: str, title: str
+    path: Path,
+    slices: np.ndarray,
+    mask: np.ndarray,
+    text: str,
+    title: str,
+    box_coords: str = "pixels",
 ) -> Path | None:
     """The key slice with predicted (yellow) and true (green) boxes, as a PNG."""
     import matplotlib
@@ -589,7 +612,7 @@ def evidence_picture(
     from data.answer import ParsedAnswer, parse_answer
     from data.targets import boxes_on_slice
 
-    parsed = parse_answer(text, slices.shape[0], slices.shape[-1])
+    parsed = parse_answer(text, slices.shape[0], slices.shape[-1], box_coords)
     if not isinstance(parsed, ParsedAnswer):
         return None
     k = parsed.anchor.key_slice

@@ -9,8 +9,9 @@ from rollout.records import WeightSyncError
 
 class WeightSync:
     """How each new policy version reaches the rollout engines, with no disk shared between
-    nodes: the adapter (``grpo.export: adapter``) as bytes through Ray's object store, each
-    rollout actor fetching it from learner rank 0's node; merged weights either broadcast by
+    nodes: the adapter (``grpo.export: adapter``) as tensors through Ray's object store, each
+    rollout actor fetching them from learner rank 0's node and handing them to its engine in
+    memory; merged weights either broadcast by
     learner rank 0 over the weight group (``cluster.merged_sync: collective``: NCCL on GPUs,
     gloo on CPU, in buckets) or as a checkpoint folder's bytes (``object_store``). A push that
     does not finish within ``cluster.weight_sync_timeout_s`` fails the step with

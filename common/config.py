@@ -92,6 +92,9 @@ class DataConfig:
     # boxes (the reward server is given the same value); a slice with none at least this big is
     # never an SFT key slice.
     min_box_area: int = MIN_BOX_AREA
+    # Frame of the boxes in prompts, SFT targets and answers (data.answer): "pixels" of the slice,
+    # or "relative1000", Qwen3-VL's grounding convention (0..1000 across the image)
+    box_coords: str = "pixels"
     # Intensity window of every suite without its own entry: a preset name from WINDOW_PRESETS or
     # [low, high] (paper's suites are abdominal CT: "abdomen", level 40 width 400).
     window: str | list[float] = "abdomen"
@@ -127,6 +130,15 @@ class DataConfig:
             )
         if self.min_box_area < 1:
             raise ValueError(f"data.min_box_area must be >= 1, got {self.min_box_area}")
+        if self.box_coords not in ("pixels", "relative1000"):
+            raise ValueError(
+                f"data.box_coords must be 'pixels' or 'relative1000', got {self.box_coords!r}"
+            )
+        if self.box_coords == "relative1000" and self.slice_size > 1000:
+            raise ValueError(
+                f"data.box_coords relative1000: data.slice_size {self.slice_size} is over 1000, "
+                "so pixel edges would not round-trip through 0-1000 coordinates"
+            )
 
     def window_for(self, suite: str) -> tuple[float, float]:
         """The (low, high) window of every volume of ``suite``: its own entry, else the default."""
@@ -173,6 +185,9 @@ class RolloutConfig:
     chunked_prefill: bool | None = None  # None: on GPU only (CPU seeded sampling breaks on chunks)
     gpu_memory_utilization: float = 0.5  # share of a GPU vLLM may take (learner may share it)
     seed: int = derived("seed", 0)  # the vLLM engine's seed
+    # Every image encoded at exactly slice_size^2 pixels ((slice_size / 32)^2 tokens) by vLLM and
+    # the processors; None (a config built outside a run) keeps the checkpoint's own limits.
+    slice_size: int | None = derived("data.slice_size", None)
 
     def __post_init__(self) -> None:
         if self.engine not in ("vllm", "transformers"):
@@ -202,8 +217,10 @@ class RewardConfig:
     volume_cache: int = 4  # volumes whose image features a worker keeps (LRU)
     # true-box components smaller than this (pixels) are ignored, as in SFT targets
     min_box_area: int = derived("data.min_box_area", 4)
+    box_coords: str = derived("data.box_coords", "pixels")  # the frame answers' boxes are read in
     num_workers: int = 1  # reward worker replicas (one GPU each on a GPU cluster)
-    gpus_per_worker: float = 0.0  # 1 on a GPU cluster; 0 runs workers on CPU
+    # 1 on a GPU cluster; a share below 1 packs workers on a GPU (0.25: four per GPU); 0: CPU
+    gpus_per_worker: float = 0.0
     request_retries: int = 3  # times a request is retried on another worker after a failure
     request_timeout_s: float = 300.0  # a request unanswered this long after its start scores 0
 
@@ -325,6 +342,8 @@ class GRPOConfig:
     # answers of targets a batch does not ask about are held where SFT put them.
     sft_coef: float = 0.0
     lora: LoraSettings = None  # type: ignore[assignment]  # GRPO's adapter (over the SFT policy)
+    # The learner's processor pins images as the rollout engines do (rollout.slice_size)
+    slice_size: int | None = derived("data.slice_size", None)
 
     def __post_init__(self) -> None:
         if self.lora is None:
@@ -699,9 +718,13 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         self.rollout.seed = self.seed
+        # vLLM and the learner encode a slice into the same tokens (their prompts are compared)
+        self.rollout.slice_size = self.grpo.slice_size = self.data.slice_size
         # SFT anchors and the spatial reward drop the same small components, else a correct SFT
         # anchor could score nothing.
         self.reward.min_box_area = self.data.min_box_area
+        # The reward reads answers in the frame the prompt asked for and SFT taught.
+        self.reward.box_coords = self.data.box_coords
         if self.grpo.from_base and self.sft_adapter is not None:
             raise ConfigError(
                 f"sft_adapter ({self.sft_adapter}) and grpo.from_base: true: GRPO starts from "

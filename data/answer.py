@@ -18,6 +18,23 @@ with nothing but whitespace around the two blocks. This module is the one defini
 An empty ``bbox_2d_list`` is well-formed (the model may say it sees no target on the slice); the
 rewards decide what it is worth. Boxes use pixel-edge coordinates in the resized slice frame
 (size x size, 256 in the paper): a box covering columns 10..19 is x1 = 10, x2 = 20.
+
+The answer text may write boxes in another frame, ``data.box_coords``:
+
+- ``pixels`` (default): the pixel edges above, as they are;
+- ``relative1000``: Qwen3-VL's grounding convention, each coordinate an integer 0..1000 across
+  the image, 0 its left (top) edge and 1000 its right (bottom) edge, whatever its size. The
+  parser takes 0 <= r <= 1000 and converts each coordinate to the pixel-edge frame, the writer
+  converts back, both rounding half up with integers only:
+
+      r = floor((2 * 1000 * p + size) / (2 * size))     (p pixels -> r, round(p * 1000 / size))
+      p = floor((2 * size * r + 1000) / 2000)           (r -> p pixels, round(r * size / 1000))
+
+  For size <= 1000 pixels -> relative -> pixels gives back every edge 0..size exactly: r is off
+  p * 1000 / size by at most 1/2, so r * size / 1000 is off p by at most size / 2000 < 1/2
+  (size 256: edge 10 -> 39 -> 10; edge 1 -> 4 -> 1). Larger slices have more edges than 1001
+  values and are refused. A box whose converted edges meet (x1 >= x2 or y1 >= y2, e.g. [10, 0,
+  11, 8] on a 256 slice is [3, 0, 3, 2]) is malformed, as in pixels.
 """
 
 from __future__ import annotations
@@ -29,6 +46,8 @@ from dataclasses import dataclass
 NUM_SLICES = 64  # the paper's number of sampled axial slices
 SLICE_SIZE = 256  # the paper's slice frame, pixels
 MAX_ANSWER_CHARS = 20_000  # longer output is malformed without parsing (max 256 tokens anyway)
+BOX_COORDS = ("pixels", "relative1000")  # data.box_coords: the frame of boxes in answer text
+RELATIVE_SCALE = 1000  # relative1000: the right and bottom edges of the image
 
 Box = tuple[int, int, int, int]
 
@@ -65,12 +84,45 @@ def _strict_int(value: object) -> int | None:
     return value
 
 
-def _parse_box(raw: object, size: int) -> Box | str:
+def to_relative1000(p: int, size: int) -> int:
+    """A pixel edge 0..size as Qwen3-VL's 0..1000 coordinate, round(p * 1000 / size) halves up."""
+    return (2 * RELATIVE_SCALE * p + size) // (2 * size)
+
+
+def from_relative1000(r: int, size: int) -> int:
+    """A 0..1000 coordinate as a pixel edge 0..size, round(r * size / 1000) halves up."""
+    return (2 * size * r + RELATIVE_SCALE) // (2 * RELATIVE_SCALE)
+
+
+def check_box_coords(box_coords: str, size: int) -> None:
+    """Raise ValueError naming ``data.box_coords`` when it is unknown, or relative1000 on a slice
+    larger than 1000 pixels (its edges would not survive the round trip)."""
+    if box_coords not in BOX_COORDS:
+        raise ValueError(f"data.box_coords must be one of {BOX_COORDS}, got {box_coords!r}")
+    if box_coords == "relative1000" and size > RELATIVE_SCALE:
+        raise ValueError(
+            f"data.box_coords relative1000: data.slice_size {size} is over {RELATIVE_SCALE}, "
+            "so pixel edges would not round-trip through 0-1000 coordinates"
+        )
+
+
+def _parse_box(raw: object, size: int, box_coords: str) -> Box | str:
     if not isinstance(raw, list) or len(raw) != 4:
         return f"box {raw!r:.60} is not a list of four numbers"
     coords = [_strict_int(v) for v in raw]
     if any(c is None for c in coords):
         return f"box {raw!r:.60} has a non-integer coordinate"
+    if box_coords == "relative1000":
+        if not all(0 <= c <= RELATIVE_SCALE for c in coords):  # type: ignore[operator]
+            return f"box {raw!r:.60} has a coordinate outside 0..{RELATIVE_SCALE} (relative1000)"
+        pixels = [from_relative1000(c, size) for c in coords]  # type: ignore[arg-type]
+        x1, y1, x2, y2 = pixels
+        if not (x1 < x2 and y1 < y2):
+            return (
+                f"box {raw!r:.60} (relative1000) is {pixels} in pixels of the {size}x{size} "
+                "slice, not x1 < x2 and y1 < y2"
+            )
+        return (x1, y1, x2, y2)
     x1, y1, x2, y2 = coords  # type: ignore[misc]
     if not (0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size):
         return f"box {raw!r:.60} is not 0 <= x1 < x2 <= {size} and 0 <= y1 < y2 <= {size}"
@@ -83,19 +135,24 @@ def _reject_constant(name: str) -> float:
 
 
 def parse_answer(
-    text: object, num_slices: int = NUM_SLICES, size: int = SLICE_SIZE
+    text: object, num_slices: int = NUM_SLICES, size: int = SLICE_SIZE, box_coords: str = "pixels"
 ) -> ParsedAnswer | AnswerFailure:
-    """Parse a model completion into an evidence anchor, or say why it is malformed.
+    """Parse a model completion into an evidence anchor (boxes in the pixel-edge frame, whatever
+    ``box_coords`` the text is written in), or say why it is malformed.
 
-    Never raises, whatever ``text`` is.
+    Never raises, whatever ``text`` is (an unknown ``box_coords`` is the caller's error and
+    raises ValueError).
     """
+    check_box_coords(box_coords, size)
     try:
-        return _parse(text, num_slices, size)
+        return _parse(text, num_slices, size, box_coords)
     except Exception as err:  # noqa: BLE001 - the contract is: model output never raises
         return AnswerFailure(f"unparseable answer ({type(err).__name__})")
 
 
-def _parse(text: object, num_slices: int, size: int) -> ParsedAnswer | AnswerFailure:
+def _parse(
+    text: object, num_slices: int, size: int, box_coords: str
+) -> ParsedAnswer | AnswerFailure:
     if not isinstance(text, str):
         return AnswerFailure(f"completion is {type(text).__name__}, not text")
     if len(text) > MAX_ANSWER_CHARS:
@@ -129,16 +186,23 @@ def _parse(text: object, num_slices: int, size: int) -> ParsedAnswer | AnswerFai
         return AnswerFailure(f"bbox_2d_list is {type(raw_boxes).__name__}, not a list")
     boxes: list[Box] = []
     for raw in raw_boxes:
-        box = _parse_box(raw, size)
+        box = _parse_box(raw, size, box_coords)
         if isinstance(box, str):
             return AnswerFailure(box)
         boxes.append(box)
     return ParsedAnswer(think=think, anchor=EvidenceAnchor(key_slice, tuple(boxes)))
 
 
-def format_answer(anchor: EvidenceAnchor, think: str) -> str:
-    """Write an anchor as the answer text the policy is trained to produce."""
+def format_answer(
+    anchor: EvidenceAnchor, think: str, size: int = SLICE_SIZE, box_coords: str = "pixels"
+) -> str:
+    """Write an anchor (pixel-edge boxes of a ``size`` slice) as the answer text the policy is
+    trained to produce, its boxes in ``box_coords``."""
     if "<" in think and _TAG.search(think):
         raise ValueError(f"think text must not contain <think>/<answer> tags: {think[:60]!r}")
-    payload = {"key_slice": anchor.key_slice, "bbox_2d_list": [list(b) for b in anchor.boxes]}
+    check_box_coords(box_coords, size)
+    boxes = [list(b) for b in anchor.boxes]
+    if box_coords == "relative1000":
+        boxes = [[to_relative1000(c, size) for c in b] for b in boxes]
+    payload = {"key_slice": anchor.key_slice, "bbox_2d_list": boxes}
     return f"<think>{think}</think><answer>{json.dumps(payload)}</answer>"

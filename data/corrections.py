@@ -13,6 +13,8 @@ Decisions:
 - ``key_slice`` and ``bbox_2d_list`` are checked by data.answer's parser, in the frame training
   runs in; ``num_slices`` and ``slice_size``, when the row has them, must be that frame (a key
   slice of another frame is another slice).
+- Boxes in the file are pixel edges of the slice (review writes them so), whatever
+  ``data.box_coords`` training runs with; the target text is written in ``data.box_coords``.
 - ``answer``, when present, must parse to the same anchor; its reasoning is the target's (the
   reviewer edits it on the page). A row without one gets the cold start's own reasoning.
 - Several rows for one case (files in the order given, lines in order): the last one counts, as
@@ -29,7 +31,13 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.answer import AnswerFailure, EvidenceAnchor, format_answer, parse_answer
+from data.answer import (
+    SLICE_SIZE,
+    AnswerFailure,
+    EvidenceAnchor,
+    format_answer,
+    parse_answer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +153,13 @@ def read_corrections(
     return found
 
 
-def correction_text(correction: Correction, cold_start_text: str) -> str:
+def correction_text(
+    correction: Correction, cold_start_text: str, size: int = SLICE_SIZE, box_coords: str = "pixels"
+) -> str:
     """The target answer of a corrected case: its anchor with the reviewer's reasoning, written
-    by data.answer's formatter; ``cold_start_text`` (the cold start's own target for this
-    anchor) where the row had no answer text."""
+    by data.answer's formatter with boxes in ``box_coords`` (data.box_coords; the corrections
+    file itself is always in pixels of a ``size`` slice); ``cold_start_text`` (the cold start's
+    own target for this anchor) where the row had no answer text."""
     if correction.think is None:
         return cold_start_text
-    return format_answer(correction.anchor, correction.think)
+    return format_answer(correction.anchor, correction.think, size, box_coords)

@@ -341,23 +341,29 @@ def policy_engine(
 GENERATE_CHUNK = 16
 
 
-def generate_in_chunks(engine, samples, seed: int | None = None, **kwargs) -> list:
-    """The engine's groups for every sample, in order, generated ``GENERATE_CHUNK`` at a time;
-    a ``seed`` seeds the chunk starting at sample i with ``seed + i``."""
+def generate_in_chunks(
+    engine, samples, seed: int | None = None, box_coords: str = "pixels", **kwargs
+) -> list:
+    """The engine's groups for every sample, in order, generated ``GENERATE_CHUNK`` at a time
+    (boxes asked for in ``box_coords``, data.box_coords); a ``seed`` seeds the chunk starting at
+    sample i with ``seed + i``."""
     groups = []
     for start in range(0, len(samples), GENERATE_CHUNK):
-        chunk = prompts_of(samples[start : start + GENERATE_CHUNK])
+        chunk = prompts_of(samples[start : start + GENERATE_CHUNK], box_coords)
         if seed is not None:
             kwargs["seed"] = seed + start
         groups += engine.generate(chunk, **kwargs)
     return groups
 
 
-def prompts_of(samples) -> list:
+def prompts_of(samples, box_coords: str = "pixels") -> list:
     from data.prompts import build_messages
     from rollout.records import RolloutPrompt
 
-    return [RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query)) for s, p in samples]
+    return [
+        RolloutPrompt(s.id, build_messages(np.asarray(p.slices), s.query, box_coords))
+        for s, p in samples
+    ]
 
 
 def policy_answers(
@@ -376,15 +382,18 @@ def policy_answers(
     engine = policy_engine(model_path, cfg, checkpoints.values(), device)
     answers = {}
     for name in each_checkpoint(engine, checkpoints):
-        answers[name] = [_answers(engine, pairs, n, seed) for pairs, n in asked[name]]
+        answers[name] = [
+            _answers(engine, pairs, n, seed, cfg.data.box_coords) for pairs, n in asked[name]
+        ]
     del engine
     return {name: answers[name] for name in checkpoints}
 
 
-def _answers(engine, pairs: list, n: int, seed: int) -> list:
+def _answers(engine, pairs: list, n: int, seed: int, box_coords: str) -> list:
     if n == 1:
-        return [g.completions[0].text for g in generate_in_chunks(engine, pairs, greedy=True)]
-    groups = generate_in_chunks(engine, pairs, seed=seed, group_size=n)
+        groups = generate_in_chunks(engine, pairs, box_coords=box_coords, greedy=True)
+        return [g.completions[0].text for g in groups]
+    groups = generate_in_chunks(engine, pairs, seed=seed, box_coords=box_coords, group_size=n)
     return [[c.text for c in g.completions] for g in groups]
 
 
@@ -403,27 +412,27 @@ def each_checkpoint(engine, checkpoints: dict[str, Path | None]):
         yield name
 
 
-def anchor_jobs(row: str, samples, texts: list) -> list[CaseJob]:
+def anchor_jobs(row: str, samples, texts: list, box_coords: str = "pixels") -> list[CaseJob]:
     """A job per case of the policy's answer (a text), or of its drawn answers (a list of
-    texts: a consensus job)."""
+    texts: a consensus job), read with boxes in ``box_coords`` (data.box_coords)."""
     return [
-        _anchor_job(row, sample.id, prepared, text)
+        _anchor_job(row, sample.id, prepared, text, box_coords)
         if isinstance(text, str)
         else CaseJob(
             row,
             sample.id,
             None,
             (),
-            samples=tuple(_anchor_job(row, sample.id, prepared, t) for t in text),
+            samples=tuple(_anchor_job(row, sample.id, prepared, t, box_coords) for t in text),
         )
         for (sample, prepared), text in zip(samples, texts)
     ]
 
 
-def _anchor_job(row: str, sample_id: str, prepared, text: str) -> CaseJob:
+def _anchor_job(row: str, sample_id: str, prepared, text: str, box_coords: str) -> CaseJob:
     from data.answer import ParsedAnswer, parse_answer
 
-    parsed = parse_answer(text, prepared.num_slices, prepared.size)
+    parsed = parse_answer(text, prepared.num_slices, prepared.size, box_coords)
     if isinstance(parsed, ParsedAnswer):
         a = parsed.anchor
         return CaseJob(row, sample_id, a.key_slice, a.boxes, answer=text)
@@ -791,7 +800,7 @@ def _policy_rows(
         )
         for name, by_row in todo.items():
             for (row, (pairs, _)), texts in zip(by_row.items(), answers[name]):
-                jobs[propagators[0]] += anchor_jobs(row, pairs, texts)
+                jobs[propagators[0]] += anchor_jobs(row, pairs, texts, cfg.data.box_coords)
     return rows
 
 

@@ -144,6 +144,7 @@ class PredictSettings:
     num_slices: int
     size: int
     window: tuple[float, float]
+    box_coords: str = "pixels"  # the frame of boxes in the policy's answers (data.box_coords)
 
 
 def _window_text(window: tuple[float, float]) -> str:
@@ -191,6 +192,7 @@ def resolve_settings(
             num_slices if num_slices is not None else defaults.num_slices,
             size if size is not None else defaults.slice_size,
             window if window is not None else resolve_window(defaults.window, "data.window"),
+            defaults.box_coords,
         )
     trained = f"the adapter {adapter} was trained"
     if num_slices is not None and num_slices != frame.num_slices:
@@ -227,6 +229,7 @@ def resolve_settings(
         frame.num_slices,
         frame.slice_size,
         window if window is not None else frame.window,
+        frame.box_coords,
     )
 
 
@@ -365,16 +368,19 @@ def _prepare(scan: Scan, num_slices: int, size: int, window: tuple[float, float]
     return prepare_arrays(scan.volume, None, [], window, num_slices, size, scan.name)
 
 
-def policy_answerer(engine, samples: int = 1, seed: int = 0) -> Answerer | Sampler:
+def policy_answerer(
+    engine, samples: int = 1, seed: int = 0, box_coords: str = "pixels"
+) -> Answerer | Sampler:
     """Answers of a rollout engine, all queries of a scan in one batch: greedy for one sample
     (an :data:`Answerer`); else ``samples`` drawn per query at the engine's temperature, seeded
-    with ``seed`` (a :data:`Sampler`)."""
+    with ``seed`` (a :data:`Sampler`). Prompts ask for boxes in ``box_coords``."""
     from data.prompts import build_messages
     from rollout.records import RolloutPrompt
 
     def prompts(slices: np.ndarray, queries: list[str]) -> list:
         return [
-            RolloutPrompt(f"query-{n}", build_messages(slices, q)) for n, q in enumerate(queries)
+            RolloutPrompt(f"query-{n}", build_messages(slices, q, box_coords))
+            for n, q in enumerate(queries)
         ]
 
     def answer(slices: np.ndarray, queries: list[str]) -> list[str]:
@@ -409,6 +415,7 @@ def load_policy(
         max_tokens=max_tokens,
         in_process=True,
         max_model_len=num_slices * (size // 32) ** 2 + 1024 + max_tokens,
+        slice_size=size,
     )
     try:
         if engine == "transformers":
@@ -485,13 +492,15 @@ def _drawn_texts(texts, queries: list[str], samples: int) -> list[list[str]]:
     return [list(t) for t in texts]
 
 
-def _sampled_result(scan, prepared, texts, propagator, num_slices, size, min_agreement):
+def _sampled_result(
+    scan, prepared, texts, propagator, num_slices, size, min_agreement, box_coords="pixels"
+):
     """One query's N sampled answers: their frame masks, the consensus, the agreement, and
     the evidence of the sample closest to the consensus (see the module docstring)."""
     from data.answer import ParsedAnswer, parse_answer
     from evaluation.metrics import Draw, consensus_of_draws
 
-    parsed = [parse_answer(text, num_slices, size) for text in texts]
+    parsed = [parse_answer(text, num_slices, size, box_coords) for text in texts]
     draws, masks = [], []
     for text, answer in zip(texts, parsed):
         if isinstance(answer, ParsedAnswer):
@@ -529,10 +538,12 @@ def segment_scan(
     window: tuple[float, float],
     samples: int = 1,
     min_agreement: float = MIN_AGREEMENT,
+    box_coords: str = "pixels",
 ):
-    """The policy's answers to ``queries`` on one scan, each propagated to a 3D mask on the
-    source grid (with ``samples`` > 1: the consensus of that many drawn answers, module
-    docstring). Returns the prepared slices and one :class:`QueryResult` per query."""
+    """The policy's answers to ``queries`` on one scan (boxes read in ``box_coords``), each
+    propagated to a 3D mask on the source grid (with ``samples`` > 1: the consensus of that many
+    drawn answers, module docstring). Returns the prepared slices and one :class:`QueryResult`
+    per query."""
     from data.answer import ParsedAnswer, parse_answer
     from data.preprocess import to_source_grid
 
@@ -555,11 +566,11 @@ def segment_scan(
         summary: dict = {}
         if samples > 1:
             anchor, frame_mask, found, summary = _sampled_result(
-                scan, prepared, texts, propagator, num_slices, size, min_agreement
+                scan, prepared, texts, propagator, num_slices, size, min_agreement, box_coords
             )
             evidence.update(found)
         else:
-            parsed = parse_answer(texts[0], num_slices, size)
+            parsed = parse_answer(texts[0], num_slices, size, box_coords)
             if isinstance(parsed, ParsedAnswer):
                 anchor = parsed.anchor
                 frame_mask = propagator.propagate(
@@ -828,9 +839,18 @@ def predict(
                 policy = load_policy(
                     model, adapter, engine, device, num_slices, size, max_tokens, temperature
                 )
-                answer = policy_answerer(policy, samples, seed)
+                answer = policy_answerer(policy, samples, seed, settings.box_coords)
         prepared, results = segment_scan(
-            scan, queries, answer, propagator, num_slices, size, low_high, samples, min_agreement
+            scan,
+            queries,
+            answer,
+            propagator,
+            num_slices,
+            size,
+            low_high,
+            samples,
+            min_agreement,
+            settings.box_coords,
         )
         folder = out if len(scans) == 1 else out / name
         write_outputs(scan, prepared, results, folder)

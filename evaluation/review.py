@@ -247,14 +247,17 @@ def _window(raw, evidence_file: Path) -> tuple[float, float]:
     return low, high
 
 
-def _think(answer: str | None, num_slices: int, size: int) -> str:
+def _think(answer: str | None, num_slices: int, size: int, box_coords: str = "pixels") -> str:
     """The reasoning of an answer text that parses ("" for none)."""
-    parsed = parse_answer(answer, num_slices, size) if answer is not None else None
+    parsed = parse_answer(answer, num_slices, size, box_coords) if answer is not None else None
     return "" if parsed is None or isinstance(parsed, AnswerFailure) else parsed.think
 
 
-def _sampled(raw, num_slices: int, size: int) -> tuple[SampledAnchor, ...]:
-    """evidence.json's sampled anchors; one that does not parse is listed with its reason."""
+def _sampled(
+    raw, num_slices: int, size: int, box_coords: str = "pixels"
+) -> tuple[SampledAnchor, ...]:
+    """evidence.json's sampled anchors, answer texts read with boxes in ``box_coords``
+    (data.box_coords); one that does not parse is listed with its reason."""
     if not isinstance(raw, list):
         return ()
     out = []
@@ -265,7 +268,7 @@ def _sampled(raw, num_slices: int, size: int) -> tuple[SampledAnchor, ...]:
             text = item.get("answer") if isinstance(item.get("answer"), str) else None
             agreement = _number(item.get("agreement"))
         if text is not None:
-            parsed = parse_answer(text, num_slices, size)
+            parsed = parse_answer(text, num_slices, size, box_coords)
             if isinstance(parsed, AnswerFailure):
                 out.append(SampledAnchor(None, (), text, agreement, parsed.reason))
             else:
@@ -395,7 +398,9 @@ def _predict_case(
         agreement=_number(evidence.get("agreement")),
         sample=sample,
         label_values=truth.values.get(sample.id, ()) if sample is not None else (),
-        sampled=_sampled(evidence.get("anchors", evidence.get("samples")), n, size),
+        sampled=_sampled(
+            evidence.get("anchors", evidence.get("samples")), n, size, cfg.data.box_coords
+        ),
         metrics={k: evidence[k] for k in shown if k in evidence},
     )
     _check_frame(case, evidence, evidence_file, cfg)
@@ -546,8 +551,8 @@ def evaluation_cases(
                 dsc=_number(record.get("dsc")),
                 agreement=_number(record.get("agreement")),
                 answer=answer,
-                think=_think(answer, n, size),
-                sampled=_sampled(record.get("anchors"), n, size),
+                think=_think(answer, n, size, cfg.data.box_coords),
+                sampled=_sampled(record.get("anchors"), n, size, cfg.data.box_coords),
                 row=row,
                 sample=sample,
                 label_values=tuple(dataset.label_values(sample.id)),

@@ -57,7 +57,7 @@ def sampled_rewards(
 
     engine = policy_engine(model_path(cfg), cfg, checkpoints.values())
     groups = {
-        name: generate_in_chunks(engine, samples, seed=seed)
+        name: generate_in_chunks(engine, samples, seed=seed, box_coords=cfg.data.box_coords)
         for name in each_checkpoint(engine, checkpoints)
     }
     del engine

@@ -16,6 +16,7 @@ import torch
 
 from learner.training_frame import TrainingFrame
 from rollout.hf_engine import checkpoint_dtype
+from rollout.records import AdapterTensors
 
 
 def lora_state(engine) -> dict:
@@ -36,6 +37,23 @@ def lora_state(engine) -> dict:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return collect()
     return collect()
+
+
+def peft_config(engine) -> dict:
+    """The adapter's peft config as adapter_config.json holds it (plain JSON values)."""
+    import json
+
+    config = engine.module.peft_config["default"].to_dict()
+    return json.loads(
+        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    )
+
+
+def adapter_tensors(engine) -> AdapterTensors:
+    """The adapter's weights (by the names :func:`save_adapter` writes) and its peft config, in
+    memory: what a push sends to the rollout engines, with no folder on either side. Every
+    process calls it (ZeRO-3 gathers the adapter collectively)."""
+    return AdapterTensors(peft_config(engine), lora_state(engine))
 
 
 def save_adapter(
@@ -168,13 +186,10 @@ def save_stacked_adapter(
 
     from safetensors.torch import save_file
 
-    module = engine.module
-    config = module.peft_config["default"].to_dict()
-    config = json.loads(
-        json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+    mine = adapter_tensors(engine)
+    stacked_config, stacked = stack_adapters(
+        _adapter_files(first_adapter), (mine.config, mine.tensors)
     )
-    mine = {k: v for k, v in lora_state(engine).items()}
-    stacked_config, stacked = stack_adapters(_adapter_files(first_adapter), (config, mine))
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)

@@ -62,11 +62,13 @@ def target_ids(processor, text: str) -> list[int]:
 
 
 def completion_logits(model, seq: EncodedSequence, device) -> torch.Tensor:
-    """Logits predicting each completion token: (T, V)."""
+    """Logits predicting each completion token: (T, V), from positions n - 1 .. n + T - 2 of
+    the prompt (n tokens) + completion sequence. Only those rows go through the LM head: the
+    full sequence's logits would be ~1.5 GB at 5k tokens x 151,936 vocabulary in fp32."""
     inputs = {k: v.to(device) for k, v in seq.inputs.items()}
-    logits = model(**inputs, use_cache=False).logits[0]
     n = seq.prompt_len
-    return logits[n - 1 : n - 1 + len(seq.completion_ids)]
+    keep = torch.arange(n - 1, n - 1 + len(seq.completion_ids), device=device)
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits[0]
 
 
 def qwen_model(model):
@@ -122,7 +124,17 @@ def pack_group(model, prompt: dict, completions: list[list[int]]) -> PackedGroup
     kwargs = {}
     if "image_grid_thw" in prompt:
         kwargs["image_grid_thw"] = prompt["image_grid_thw"]
-    token_types = prompt.get("mm_token_type_ids", torch.zeros_like(ids))
+    if "mm_token_type_ids" in prompt:
+        token_types = prompt["mm_token_type_ids"]
+    elif "pixel_values" in prompt or "image_grid_thw" in prompt:
+        # Zeros would number the image tokens as text: wrong M-RoPE positions, silently.
+        raise ValueError(
+            "pack_group: the prompt has images but no mm_token_type_ids (which tokens are "
+            "image tokens, for their M-RoPE positions); encode it with a processor that "
+            "returns them (learner.encoding.encode_prompt)"
+        )
+    else:
+        token_types = torch.zeros_like(ids)  # text only
     prompt_positions, _ = qwen.get_rope_index(
         ids, token_types, attention_mask=prompt.get("attention_mask"), **kwargs
     )
@@ -146,9 +158,9 @@ def pack_group(model, prompt: dict, completions: list[list[int]]) -> PackedGroup
         keep.extend(range(start, end - 1))
         rows.append(torch.tensor(row, dtype=torch.long))
         start = end
-    attention_impl = getattr(qwen.config, "_attn_implementation", "sdpa")
     mask = allowed[None, None]
-    if attention_impl == "eager":  # eager attention adds its mask; sdpa takes a boolean one
+    # eager attention adds its mask; sdpa takes a boolean one
+    if attention_implementation(model) == "eager":
         dtype = qwen.get_input_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     completion_tensors = tuple(torch.tensor(list(c), dtype=torch.long) for c in completions)
@@ -178,11 +190,22 @@ def group_completion_logits(
     return [logits[rows.to(logits.device)] for rows in packed.rows]
 
 
-def packing_supported(model) -> bool:
-    """Whether the model's attention takes the packed group's 4D mask (eager and sdpa do; flash
-    attention kernels take no arbitrary mask)."""
-    impl = getattr(qwen_model(model).config, "_attn_implementation", "sdpa")
-    return impl in ("eager", "sdpa")
+def attention_implementation(model) -> str:
+    """The attention kernel the model runs (transformers' ``_attn_implementation``)."""
+    return getattr(qwen_model(model).config, "_attn_implementation", "sdpa")
+
+
+def check_packing(model) -> None:
+    """Refuse ``grpo.learner_pass: grouped`` on an attention kernel that takes no 4D mask: a
+    packed group needs one (eager and sdpa take it; flash attention kernels take none), and
+    learning per completion instead would change the run's cost without a word."""
+    impl = attention_implementation(model)
+    if impl not in ("eager", "sdpa"):
+        raise ValueError(
+            f"grpo.learner_pass: grouped packs each group into one sequence under a 4D attention "
+            f"mask, which the model's attention implementation {impl!r} does not take (eager "
+            "and sdpa do); set grpo.learner_pass: per_completion"
+        )
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

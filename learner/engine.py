@@ -83,15 +83,19 @@ def load_lora_policy(
     gradient_checkpointing: bool,
     merge: Path | None = None,
     init_adapter: Path | None = None,
+    slice_size: int | None = None,
 ):
     """The base Qwen3-VL (with the adapter ``merge`` folded into its weights, if given) and a
     trainable LoRA adapter on top: a fresh one, or ``init_adapter`` loaded to train on (its
-    rank and layers, not ``lora``'s); everything but the adapter frozen."""
+    rank and layers, not ``lora``'s); everything but the adapter frozen. The processor pins
+    images to ``slice_size``^2 pixels, as the rollout engines' do (None: the checkpoint's)."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from rollout.prompting import load_processor
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path, slice_size)
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=dtype)
     if merge is not None:
         model = PeftModel.from_pretrained(model, str(merge)).merge_and_unload()
@@ -127,8 +131,16 @@ def deepspeed_config(
     precision: str,
     accumulation: int,
 ) -> dict:
-    """AdamW, micro-batch 1 with ``accumulation`` micro-batches per step, the ZeRO stage asked."""
-    return {
+    """AdamW, micro-batch 1 with ``accumulation`` micro-batches per step, the ZeRO stage asked.
+
+    Under bf16 the gradients are all-reduced in fp32 (DeepSpeed's default is the model's dtype,
+    and a bf16 sum over ranks loses the small gradients of a long accumulation), and from ZeRO
+    stage 1 up they are accumulated over the micro-batches in fp32 too (stage 1 then runs
+    DeepSpeed's BF16_Optimizer, stages 2 and 3 keep an fp32 accumulation buffer). Stage 0 under
+    bf16 still accumulates in the parameters' bf16 ``.grad``: DeepSpeed 0.19 takes no fp32
+    accumulation without ZeRO (it raises NotImplementedError for that mix); use stage >= 1.
+    """
+    config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": grad_clip,
@@ -148,6 +160,11 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if precision == "bf16":
+        config["communication_data_type"] = "fp32"
+        if zero_stage >= 1:
+            config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 def forget_destroyed_groups() -> None:
@@ -197,3 +214,45 @@ def adapter_grad_norm(engine) -> float:
             if grad is not None:
                 total += float(grad.float().pow(2).sum())
     return total**0.5
+
+
+def skip_update(engine) -> None:
+    """End the batch at its accumulation boundary without changing the adapter, its optimizer
+    state or the learning-rate schedule (for a batch whose loss or gradient is not finite).
+
+    Call it in place of the batch's last ``engine.step()``. DeepSpeed's own boundary step runs,
+    so every gradient buffer (parameters' ``.grad``, ZeRO's partitions, BF16_Optimizer's fp32
+    accumulators) is cleared as after an update, ZeRO's collectives run on every rank as usual,
+    and its counters move as for a step it skips itself on overflow (``micro_steps``,
+    ``global_steps``, ``skipped_steps``); but the torch optimizer underneath applies nothing (no
+    AdamW moments, no weight decay), ZeRO's copy of the fp32 master weights back into the model
+    copies unchanged values, and the schedule is held back.
+    """
+    optimizer = engine.basic_optimizer  # the torch AdamW every DeepSpeed wrapper steps last
+    schedule, step = engine.lr_scheduler, optimizer.step  # (the scheduler's wrapper of step)
+    skipped = engine.skipped_steps
+    optimizer.step = lambda *args, **kwargs: None
+    engine.lr_scheduler = None
+    try:
+        engine.step()
+    finally:
+        optimizer.step = step
+        engine.lr_scheduler = schedule
+    if engine.skipped_steps == skipped:  # DeepSpeed saw no overflow of its own: count it
+        engine.skipped_steps += 1
+
+
+def all_finite(engine, *values: float) -> bool:
+    """Whether ``values`` (this rank's loss, the adapter's gradient norm) are finite on every
+    data-parallel rank: the verdict on which every rank steps or skips alike, or their weights
+    would part. A gradient norm taken after the batch's last backward is already the same on
+    every rank (DeepSpeed all-reduces the gradient there, and a NaN or inf from any rank reaches
+    all), but a loss is each rank's own, so the verdict is all-reduced (one scalar)."""
+    bad = not all(math.isfinite(v) for v in values)
+    if world_size() > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=engine.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    return not bad

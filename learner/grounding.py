@@ -115,18 +115,19 @@ def ground(
     from dataclasses import replace
 
     from tqdm import tqdm
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLForConditionalGeneration
 
     from data.dataset import VolumeDataset, anchorable
     from data.prompts import build_messages, sft_target_text
     from data.targets import evidence_target
     from learner.encoding import completion_logits, encode, target_ids, token_logprobs
+    from rollout.prompting import load_processor
 
     seed = cfg.model.grounding_seed
     torch.manual_seed(seed)
     dataset = VolumeDataset(manifest, replace(cfg.data, cache_dir=cache_dir))  # every split
     usable, _ = anchorable(dataset)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir, cfg.data.slice_size)
     model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.model.grounding_lr)
@@ -143,8 +144,11 @@ def ground(
         for i in rng.permutation(usable):
             sample, prepared = dataset[int(i)]
             anchor = evidence_target(prepared, top_k, rng, cfg.data.min_box_area)
-            messages = build_messages(np.asarray(prepared.slices), explicit_query(sample.label))
-            answer = target_ids(processor, sft_target_text(anchor, sample.label))
+            messages = build_messages(
+                np.asarray(prepared.slices), explicit_query(sample.label), cfg.data.box_coords
+            )
+            target = sft_target_text(anchor, sample.label, cfg.data.slice_size, cfg.data.box_coords)
+            answer = target_ids(processor, target)
             seq = encode(processor, messages, answer)
             logits = completion_logits(model, seq, model.device)
             loss = -token_logprobs(logits, seq.completion_ids).mean()

@@ -13,6 +13,11 @@ gradients, so one update equals one single-rank update on the whole batch. Every
 normalises by is the whole batch's: DeepSpeed averages over every rank's micro-batches, a
 token-mean loss divides by the whole batch's token count (``batch_tokens``), and each rank's
 metrics are its part of the batch's means, so :func:`combine_metrics` adds them up.
+
+Two checks guard the weights: each prompt's token ids must equal the ones the rollout engine
+sampled from (:func:`check_prompt_ids`, before anything runs), and an update whose loss or
+gradient is not finite on any rank is skipped, not applied, and counted
+(``StepMetrics.skipped_updates``; learner.engine.skip_update).
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ from learner.adapters import merged_state, save_adapter, save_merged, save_stack
 from learner.encoding import (
     EncodedSequence,
     PackedGroup,
+    check_packing,
     completion_logits,
     encode,
     encode_prompt,
     group_completion_logits,
     pack_group,
-    packing_supported,
     target_ids,
     token_logprobs,
     vision_features,
@@ -42,10 +47,12 @@ from learner.encoding import (
 )
 from learner.engine import (
     adapter_grad_norm,
+    all_finite,
     build_engine,
     deepspeed_config,
     load_lora_policy,
     resolve_precision,
+    skip_update,
     world_size,
 )
 from learner.grpo import LossParts, grpo_loss, token_entropy, truncated_is_weights
@@ -60,6 +67,11 @@ class BatchError(ValueError):
     """A training batch that cannot be used; raised before any weight changes."""
 
 
+class PromptMismatchError(BatchError):
+    """The learner tokenised a prompt differently from the rollout engine that sampled its
+    completions: every logprob of those completions would be taken in another context."""
+
+
 @dataclass(frozen=True)
 class GRPOExample:
     """One completion to learn from: its prompt, tokens, sampling logprobs and advantage."""
@@ -68,6 +80,10 @@ class GRPOExample:
     completion_ids: tuple[int, ...]
     sampler_logprobs: tuple[float, ...]  # log-probability of each token under the sampler (vLLM)
     advantage: float  # A_i of the completion within its group
+    # The prompt as the rollout engine tokenised it (rollout Group.prompt_token_ids), checked
+    # against the learner's own encoding; None only where no engine tokenised it (a batch
+    # made up for a benchmark or a test).
+    prompt_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +111,7 @@ class StepMetrics:
     logprob_gap_max: float  # its largest value in the batch
     ratio_mean: float  # mean pi / pi_old over tokens at the last update (1 with one update)
     sft_loss: float = 0.0  # mean cross-entropy of the SFT targets (0 without grpo.sft_coef)
+    skipped_updates: int = 0  # updates of this step not applied: loss or gradient not finite
 
 
 def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -114,8 +131,8 @@ def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def combine_metrics(parts: list[StepMetrics]) -> StepMetrics:
     """The batch's metrics from each rank's: parts of means add up, the largest gap is the
-    largest of any rank, and the gradient norm (of the all-reduced gradient) and learning rate
-    are the same on every rank."""
+    largest of any rank, and the gradient norm (of the all-reduced gradient), learning rate and
+    skipped updates are the same on every rank."""
     first = parts[0]
     total = {
         name: sum(getattr(p, name) for p in parts)
@@ -134,6 +151,7 @@ def combine_metrics(parts: list[StepMetrics]) -> StepMetrics:
         **total,
         grad_norm=first.grad_norm,
         lr=first.lr,
+        skipped_updates=first.skipped_updates,
         logprob_gap_max=max(p.logprob_gap_max for p in parts),
     )
 
@@ -152,6 +170,28 @@ def split_groups(batch: list[GRPOExample], parts: int) -> list[list[GRPOExample]
         )
     n = len(ordered) // parts
     return [[ex for g in ordered[i * n : (i + 1) * n] for ex in g] for i in range(parts)]
+
+
+def check_prompt_ids(learner_ids: list[int], rollout_ids: tuple[int, ...], where: str) -> None:
+    """Raise :class:`PromptMismatchError` unless the learner's prompt token ids equal the rollout
+    engine's, naming both lengths and the first position where they differ."""
+    rollout_ids = list(rollout_ids)
+    if learner_ids == rollout_ids:
+        return
+    at = next(
+        (k for k, (a, b) in enumerate(zip(learner_ids, rollout_ids)) if a != b),
+        min(len(learner_ids), len(rollout_ids)),
+    )
+
+    def token(ids: list[int]) -> str:
+        return str(ids[at]) if at < len(ids) else "none (ended)"
+
+    raise PromptMismatchError(
+        f"{where}: the learner's prompt has {len(learner_ids)} tokens, the rollout engine's "
+        f"{len(rollout_ids)}; they first differ at position {at} (learner token "
+        f"{token(learner_ids)}, rollout token {token(rollout_ids)}). The two processors "
+        "disagree (chat template, or image resizing: min_pixels / max_pixels)"
+    )
 
 
 def validate_batch(batch: list[GRPOExample], expected: int) -> None:
@@ -213,6 +253,7 @@ class GRPOLearner:
             self.precision,
             cfg.gradient_checkpointing,
             merge=self.sft_adapter,
+            slice_size=cfg.slice_size,
         )
         # This rank's share of each batch: grpo.batch_size / WORLD_SIZE prompts.
         self.world = world_size()
@@ -224,9 +265,8 @@ class GRPOLearner:
         self.prompts_per_rank = cfg.batch_size // self.world
         self.batch_len = self.prompts_per_rank * group_size
         self.learner_pass = cfg.learner_pass
-        if self.learner_pass == "grouped" and not packing_supported(model):
-            log.warning("this attention kernel takes no 4D mask: learning per completion")
-            self.learner_pass = "per_completion"
+        if self.learner_pass == "grouped":
+            check_packing(model)
         # The vision tower's output can be reused across passes only while it is frozen.
         self.reuse_vision = not any(
             p.requires_grad for n, p in model.named_parameters() if ".visual." in n
@@ -318,9 +358,11 @@ class GRPOLearner:
         all_completions = len(batch) * self.world
         olds: list[torch.Tensor | None] = [None] * len(batch)  # log pi_old, from the first update
         gaps: list[torch.Tensor] = []
+        skipped = 0
         for update in range(self.cfg.updates_per_batch):
             totals = {"loss": 0.0, "kl": 0.0, "clip": 0.0, "entropy": 0.0, "ratio": 0.0, "sft": 0.0}
             grad_norm = float("nan")
+            backpropagated = 0.0  # this rank's sum of the losses its micro-batches backpropagate
             for u, (unit, packed, vision) in enumerate(zip(units, packs, visions)):
                 logits = self._logits(self.engine, unit, packed, seqs, vision)
                 logps = [token_logprobs(lg, seqs[i].completion_ids) for i, lg in zip(unit, logits)]
@@ -341,9 +383,12 @@ class GRPOLearner:
                     loss = loss + sft_weight * sft_loss
                     totals["sft"] += sft_loss.item() / (len(sft_seqs) * self.world)
                 self.engine.backward(loss)  # DeepSpeed averages over the micro-batches
-                if u == len(units) - 1:
+                backpropagated += loss.item()
+                if u < len(units) - 1:
+                    self.engine.step()  # counts the micro-batch; the optimizer waits
+                else:
                     grad_norm = adapter_grad_norm(self.engine)
-                self.engine.step()  # steps the optimizer at the end of the batch only
+                    skipped += not self._apply_update(backpropagated, grad_norm)
                 totals["loss"] += parts.loss.item() / all_units
                 totals["kl"] += parts.kl.item() / all_units
                 totals["clip"] += parts.clip_fraction.item() * n
@@ -364,7 +409,25 @@ class GRPOLearner:
             logprob_gap_max=float(gap.max()),
             ratio_mean=totals["ratio"] / all_tokens,
             sft_loss=totals["sft"],
+            skipped_updates=skipped,
         )
+
+    def _apply_update(self, loss: float, grad_norm: float) -> bool:
+        """End the batch's accumulation: the optimizer steps when this rank's backpropagated
+        ``loss`` and the adapter's ``grad_norm`` are finite on every rank, else the update is
+        skipped (adapter, AdamW moments and lr schedule untouched, gradients dropped: one NaN
+        would otherwise poison the adapter for good). Returns whether it was applied."""
+        if all_finite(self.engine, loss, grad_norm):
+            self.engine.step()
+            return True
+        log.warning(
+            "update %d skipped: loss %s, adapter gradient norm %s: not finite on some rank",
+            self.updates + 1,
+            loss,
+            grad_norm,
+        )
+        skip_update(self.engine)
+        return False
 
     def _sft_targets(
         self, batch: list[GRPOExample], units: list[list[int]], sft_batch: list[SFTExample] | None
@@ -401,9 +464,12 @@ class GRPOLearner:
         and the frozen vision tower's output for its prompt (None while the tower trains)."""
         # The G completions of a prompt share its messages: run the processor (images) once.
         prompts: dict[int, dict] = {}
-        for ex in batch:
+        for i, ex in enumerate(batch):
             if id(ex.messages) not in prompts:
                 prompts[id(ex.messages)] = encode_prompt(self.processor, ex.messages)
+            if ex.prompt_token_ids is not None:  # as vLLM saw it: once per completion, cheap
+                ids = prompts[id(ex.messages)]["input_ids"][0].tolist()
+                check_prompt_ids(ids, ex.prompt_token_ids, f"completion {i}")
         unit_prompts = [prompts[id(batch[u[0]].messages)] for u in units]
         seqs = [with_completion(prompts[id(ex.messages)], list(ex.completion_ids)) for ex in batch]
         # The frozen vision tower, once per prompt for every pass of this step.

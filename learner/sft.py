@@ -51,11 +51,14 @@ from data.targets import evidence_target
 from learner.adapters import save_adapter
 from learner.encoding import completion_logits, encode, target_ids, token_logprobs
 from learner.engine import (
+    adapter_grad_norm,
+    all_finite,
     build_engine,
     deepspeed_config,
     load_lora_policy,
     resolve_precision,
     setup_rank,
+    skip_update,
 )
 from learner.training_frame import TrainingFrame
 
@@ -110,15 +113,18 @@ def sft_example(
     from data.queries import training_query
 
     sample, prepared = dataset[index]
+    size, coords = dataset.cfg.slice_size, dataset.cfg.box_coords
+    slices = np.asarray(prepared.slices)
     if correction is not None:
-        cold_start = sft_target_text(correction.anchor, sample.label)
+        cold_start = sft_target_text(correction.anchor, sample.label, size, coords)
         return (
-            build_messages(np.asarray(prepared.slices), correction.query),
-            correction_text(correction, cold_start),
+            build_messages(slices, correction.query, coords),
+            correction_text(correction, cold_start, size, coords),
         )
     anchor = evidence_target(prepared, top_k, rng, dataset.cfg.min_box_area)
     query = training_query(sample, resample_queries, rng)
-    return build_messages(np.asarray(prepared.slices), query), sft_target_text(anchor, sample.label)
+    target = sft_target_text(anchor, sample.label, size, coords)
+    return build_messages(slices, query, coords), target
 
 
 def shard(dataset: VolumeDataset, seed: int, rank: int, world: int) -> tuple[list[int], int]:
@@ -201,7 +207,12 @@ def train_sft(
             f"sft.init_adapter: {init}: not a LoRA adapter folder (no adapter_config.json)"
         )
     model, processor = load_lora_policy(
-        base, s.lora, precision, s.gradient_checkpointing, init_adapter=init
+        base,
+        s.lora,
+        precision,
+        s.gradient_checkpointing,
+        init_adapter=init,
+        slice_size=cfg.data.slice_size,
     )
     engine = build_engine(
         model,
@@ -246,14 +257,28 @@ def train_sft(
             logits = completion_logits(engine, seq, engine.device)
             loss = -token_logprobs(logits, seq.completion_ids).mean()
             engine.backward(loss)
-            engine.step()
             losses.append(loss.item())
+            if len(losses) < s.batch_size:
+                engine.step()  # counts the micro-batch; the optimizer waits
+            elif all_finite(engine, sum(losses), adapter_grad_norm(engine)):
+                engine.step()  # the batch's end: the optimizer steps
+            else:  # one NaN would poison the adapter: skipped (learner.engine.skip_update)
+                log.warning("SFT step %d skipped: loss or gradient not finite", step + 1)
+                skip_update(engine)
             if len(losses) == s.batch_size:
                 step += 1
                 mean = float(np.mean(losses))
                 losses = []
                 if tracker is not None:
-                    tracker.log_metrics({"sft/loss": mean, "sft/lr": engine.get_lr()[0]}, step)
+                    tracker.log_metrics(
+                        {
+                            "sft/loss": mean,
+                            "sft/lr": engine.get_lr()[0],
+                            # DeepSpeed's count, kept in its checkpoints: cumulative over resumes
+                            "sft/skipped_steps": engine.skipped_steps,
+                        },
+                        step,
+                    )
                 bar.set_postfix(loss=f"{mean:.3f}")
                 bar.update(1)
                 if step % s.checkpoint_every == 0 or step == total:

@@ -52,6 +52,7 @@ class TrainingFrame:
     base_model: str  # the base checkpoint folder, as the run gave it
     base_model_sha256: str  # base_model_digest of that folder
     box_convention: str = BOX_CONVENTION
+    box_coords: str = "pixels"  # data.box_coords: the frame of the boxes in its answers
     format: int = FORMAT_VERSION
 
     @classmethod
@@ -65,6 +66,7 @@ class TrainingFrame:
             m3d_intensity=data.m3d_intensity,
             base_model=str(base_model),
             base_model_sha256=base_model_digest(base_model),
+            box_coords=data.box_coords,
         )
 
     def write(self, folder: Path) -> Path:
@@ -106,6 +108,11 @@ class TrainingFrame:
             if get(name, int) < 1:
                 raise TrainingFrameError(f"{path}: field {name!r} must be >= 1, got {data[name]}")
         windows = get("suite_windows", dict)
+        coords = data.get("box_coords", "pixels")  # absent: written before the setting existed
+        if coords not in ("pixels", "relative1000"):
+            raise TrainingFrameError(
+                f"{path}: field 'box_coords' is {coords!r}; expected pixels or relative1000"
+            )
         return cls(
             num_slices=data["num_slices"],
             slice_size=data["slice_size"],
@@ -117,6 +124,7 @@ class TrainingFrame:
             base_model=get("base_model", str),
             base_model_sha256=get("base_model_sha256", str),
             box_convention=get("box_convention", str),
+            box_coords=coords,
         )
 
     @classmethod
@@ -138,6 +146,7 @@ class TrainingFrame:
                 {k: list(data.window_for(k)) for k in sorted(data.suite_windows)},
             ),
             "m3d_intensity": (self.m3d_intensity, data.m3d_intensity),
+            "box_coords": (self.box_coords, data.box_coords),
         }
         return [
             f"trained with {name} {ours} ({FILE_NAME}), the config has data.{name} {given}"

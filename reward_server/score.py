@@ -40,6 +40,11 @@ class ScoreConfig:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
 
+    def __post_init__(self) -> None:
+        # As in a run config: the reward drops the components and reads the box frame of data.
+        self.reward.min_box_area = self.data.min_box_area
+        self.reward.box_coords = self.data.box_coords
+
 
 class CompletionsError(ValueError):
     """A completions file line that cannot be scored; names the file, line and field."""

@@ -54,7 +54,10 @@ class RewardScorer:
         """Score the completions of one prompt. Identical anchors are scored once, and the
         distinct anchors' propagations (Rc) run together in one ``propagate_group`` call, so
         they share the volume's image features and one predictor state."""
-        parsed = [parse_answer(text, prepared.num_slices, prepared.size) for text in completions]
+        parsed = [
+            parse_answer(text, prepared.num_slices, prepared.size, self.cfg.box_coords)
+            for text in completions
+        ]
         anchors = list(dict.fromkeys(p.anchor for p in parsed if isinstance(p, ParsedAnswer)))
         terms = {anchor: self._box_terms(prepared, anchor) for anchor in anchors}
         # The matched predicted boxes prompt propagation (paper: "the matched boxes prompt

@@ -7,11 +7,12 @@ each prompt are split across actors instead, each part with its own seed, and pu
 as one group, so no actor idles. An actor that dies is replaced by a fresh one, brought to the
 current weights, and its shard is generated again.
 
-Nothing here needs a disk shared with the learner: weights arrive as bytes through Ray's object
-store (or over the weight group, ``rollout.vllm_engine.WeightGroup``) and each actor writes what
-its engine loads from a folder into its own node-local scratch folder (:func:`node_scratch`):
-the adapters it is pushed, and the policy base (the base checkpoint with the SFT adapter merged
-in), built once per node from the base checkpoint and the SFT adapter's bytes.
+Nothing here needs a disk shared with the learner: a pushed adapter arrives as tensors through
+Ray's object store and goes into the engine from memory; merged weights arrive as bytes (or
+over the weight group, ``rollout.vllm_engine.WeightGroup``). Each actor writes what its engine
+loads from a folder into its own node-local scratch folder (:func:`node_scratch`): adapters or
+weights pushed as a folder's bytes, and the policy base (the base checkpoint with the SFT
+adapter merged in), built once per node from the base checkpoint and the SFT adapter's bytes.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ class RolloutWorker:
         return self.engine.generate(prompts, greedy=greedy, seed=seed, group_size=group_size)
 
     def update_weights(self, update: WeightUpdate) -> int:
-        """Load ``update``: bytes are written to this actor's scratch folder first."""
+        """Load ``update``: a folder's bytes are written to this actor's scratch folder first;
+        an adapter's tensors go to the engine as they are."""
         from common.runtime import prune
 
         if update.adapter is not None:

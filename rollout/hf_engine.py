@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from common.config import ModelConfig, RolloutConfig
-from rollout.prompting import check_batch, render
+from rollout.prompting import check_batch, load_processor, render
 from rollout.records import Completion, Group, RolloutError, RolloutPrompt, WeightUpdate
 from rollout.vllm_engine import (
     WeightGroup,
@@ -34,15 +34,13 @@ class TransformersEngine:
         model_cfg: ModelConfig | None = None,
         device: str | None = None,
     ):
-        from transformers import AutoProcessor
-
         self.cfg = cfg
         self.model_path = Path(model_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = (model_cfg or ModelConfig()).dtype
         if dtype == "auto":
             dtype = "bfloat16" if self.device == "cuda" else "float32"
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.processor = load_processor(self.model_path, cfg.slice_size)
         self.dtype = getattr(torch, dtype)
         self.model = self._load(self.model_path)
         self.version = 0
@@ -129,17 +127,8 @@ class TransformersEngine:
 
     def update_weights(self, update: WeightUpdate) -> None:
         """Serve ``update``'s weights; a bad update raises and the current weights stay."""
-        if update.adapter_dir is not None:
-            from peft import PeftModel
-
-            try:  # a fresh base each time: peft injects its layers into the model it wraps
-                model = PeftModel.from_pretrained(
-                    self._load(self.model_path), str(update.adapter_dir)
-                )
-            except Exception as err:  # noqa: BLE001 - peft raises various types
-                raise RolloutError(f"{update.adapter_dir}: adapter does not load ({err})") from None
-            # Folded in, so generation runs at base-model speed.
-            self.model = model.merge_and_unload().eval()
+        if update.adapter_dir is not None or update.adapter_tensors is not None:
+            self._use_adapter(update)
         elif update.weights_dir is not None:
             check_same_architecture(self.model_path, Path(update.weights_dir))
             self.model = self._load(Path(update.weights_dir))
@@ -151,6 +140,25 @@ class TransformersEngine:
                 "through a rollout actor, which writes them to its scratch folder first"
             )
         self.version = update.version
+
+    def _use_adapter(self, update: WeightUpdate) -> None:
+        from peft import PeftConfig, PeftModel, set_peft_model_state_dict
+
+        where = update.adapter_dir or f"weight version {update.version} (adapter in memory)"
+        try:  # a fresh base each time: peft injects its layers into the model it wraps
+            base = self._load(self.model_path)
+            if update.adapter_dir is not None:
+                model = PeftModel.from_pretrained(base, str(update.adapter_dir))
+            else:
+                adapter = update.adapter_tensors
+                model = PeftModel(base, PeftConfig.from_peft_type(**adapter.config))
+                result = set_peft_model_state_dict(model, adapter.tensors)
+                if result.unexpected_keys:
+                    raise ValueError(f"unknown tensors {result.unexpected_keys[:3]}")
+        except Exception as err:  # noqa: BLE001 - peft raises various types
+            raise RolloutError(f"{where}: adapter does not load ({err})") from None
+        # Folded in, so generation runs at base-model speed.
+        self.model = model.merge_and_unload().eval()
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
         """Join the weight group as ``rank`` (blocks until all ``world`` members have joined)."""

@@ -89,6 +89,80 @@ class FolderBytes:
         return cls(files)
 
 
+@dataclass(frozen=True, eq=False)
+class AdapterTensors:
+    """A LoRA adapter in memory: its peft config (the fields of adapter_config.json) and its
+    weights by peft's saved names (``...q_proj.lora_A.weight``). How the learner pushes each
+    policy version: through Ray's object store straight into the engines, no folder written on
+    either side."""
+
+    config: dict
+    tensors: dict  # name -> torch.Tensor (on the CPU)
+
+    def __reduce__(self):
+        # Pickled (into Ray's object store) as flat numpy byte arrays, which Ray hands to the
+        # receiver without copying: pickled as torch tensors, a rank-128 adapter of Qwen3-VL-4B
+        # (528 MB) takes ~30x longer. The receiver's tensors are read-only views of the store.
+        plain = {
+            name: (str(t.dtype).removeprefix("torch."), tuple(t.shape), _byte_array(t))
+            for name, t in self.tensors.items()
+        }
+        return (_adapter_from_arrays, (self.config, plain))
+
+    @property
+    def rank(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @classmethod
+    def read(cls, folder: Path) -> AdapterTensors:
+        """A peft adapter folder's config and weights."""
+        import json
+
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        return cls(
+            json.loads((folder / "adapter_config.json").read_text()),
+            load_file(str(folder / "adapter_model.safetensors")),
+        )
+
+    def write(self, folder: Path) -> Path:
+        """A peft adapter folder of these weights (for engines or tools that load folders)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(self.config, indent=2))
+        return folder
+
+
+def _byte_array(tensor):
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _adapter_from_arrays(config: dict, plain: dict) -> AdapterTensors:
+    import warnings
+
+    import torch
+
+    tensors = {}
+    with warnings.catch_warnings():  # the store's arrays are read-only, and so are the tensors
+        warnings.simplefilter("ignore", UserWarning)
+        for name, (dtype, shape, array) in plain.items():
+            tensors[name] = torch.from_numpy(array).view(getattr(torch, dtype)).reshape(shape)
+    return AdapterTensors(config, tensors)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One tensor of a broadcast: its checkpoint name, shape and dtype (``torch.float32`` ->
@@ -125,7 +199,8 @@ class WeightBroadcast:
 
 @dataclass(frozen=True)
 class WeightUpdate:
-    """New policy weights for the engines, exactly one of: a LoRA adapter or a full checkpoint,
+    """New policy weights for the engines, exactly one of: a LoRA adapter in memory (its tensors
+    and config, loaded into the engine without a folder), a LoRA adapter or a full checkpoint,
     each as a folder on this node or as the folder's bytes (sent through Ray's object store; the
     receiving actor writes them to its node-local scratch folder), or full weights arriving over
     the weight group (learner rank 0 broadcasting to every engine)."""
@@ -136,17 +211,15 @@ class WeightUpdate:
     adapter: FolderBytes | None = None  # an adapter folder's bytes
     weights: FolderBytes | None = None  # a merged checkpoint folder's bytes
     broadcast: WeightBroadcast | None = None  # merged weights over the weight group
+    adapter_tensors: AdapterTensors | None = None  # a LoRA adapter in memory
 
     def __post_init__(self) -> None:
-        given = [
-            name
-            for name in ("adapter_dir", "weights_dir", "adapter", "weights", "broadcast")
-            if getattr(self, name) is not None
-        ]
+        kinds = ("adapter_dir", "weights_dir", "adapter", "weights", "broadcast", "adapter_tensors")
+        given = [name for name in kinds if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
                 "a weight update needs exactly one of adapter_dir, weights_dir, adapter, "
-                f"weights or broadcast, got {given or 'none'}"
+                f"weights, broadcast or adapter_tensors, got {given or 'none'}"
             )
 
 

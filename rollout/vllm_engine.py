@@ -1,13 +1,15 @@
 """The rollout engine over vLLM: G samples per prompt in one generate call, live weight updates.
 
-LoRA updates use one ``LoRARequest`` per adapter version (vLLM loads it on first use, the base
-weights stay put). Full-weight updates reload the worker's weights in place (``reload_weights``)
-from a folder, or from tensors arriving over the weight group (:class:`WeightGroup`: learner rank
-0 broadcasts to every engine, NCCL on GPUs, gloo on CPU), then drop the prefix and encoder
-caches, which would otherwise serve activations of the old weights. The broadcast is taken by
-the vLLM worker itself (:class:`WeightReceiver`, its ``worker_extension_cls``), in the engine
-process or the engine-core process alike: only tensor names, shapes and dtypes cross
-``collective_rpc``, as tensors inside its arguments do not survive between processes.
+LoRA updates use one ``LoRARequest`` per adapter version (the base weights stay put), loaded
+from a folder or from tensors in memory (:meth:`WeightReceiver.load_adapter_tensors`). Every
+image is encoded at the slice budget (``rollout.prompting.processor_kwargs``). Full-weight
+updates reload the worker's weights in place (``reload_weights``) from a folder, or from tensors
+arriving over the weight group (:class:`WeightGroup`: learner rank 0 broadcasts to every engine,
+NCCL on GPUs, gloo on CPU), then drop the prefix and encoder caches, which would otherwise serve
+activations of the old weights. The broadcast is taken by the vLLM worker itself
+(:class:`WeightReceiver`, its ``worker_extension_cls``), in the engine process or the
+engine-core process alike: only tensor names, shapes and dtypes cross ``collective_rpc``, as
+tensors inside its arguments do not survive between processes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from common.config import ModelConfig, RolloutConfig
-from rollout.prompting import check_batch, render
+from rollout.prompting import check_batch, load_processor, processor_kwargs, render
 from rollout.records import (
     Completion,
     Group,
@@ -70,12 +72,11 @@ class VLLMEngine:
         if cfg.in_process:
             # Must be set before vLLM builds its engine: run the engine core in this process.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from transformers import AutoProcessor
         from vllm import LLM
 
         self.cfg = cfg
         self.model_path = Path(model_path)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        self.processor = load_processor(self.model_path, cfg.slice_size)
         kwargs = {}
         if cfg.in_process:
             kwargs["distributed_executor_backend"] = "uni"
@@ -97,6 +98,8 @@ class VLLMEngine:
             max_model_len=cfg.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
             limit_mm_per_prompt={"image": cfg.max_images, "video": 0},
+            # Every slice at exactly slice_size^2 pixels, as the learner's processor encodes it.
+            mm_processor_kwargs=processor_kwargs(cfg.slice_size),
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -171,7 +174,9 @@ class VLLMEngine:
     def update_weights(self, update: WeightUpdate) -> None:
         """Serve ``update``'s weights from the next request on; a bad update raises and the
         engine keeps its current weights."""
-        if update.adapter_dir is not None:
+        if update.adapter_tensors is not None:
+            self._use_adapter_tensors(update)
+        elif update.adapter_dir is not None:
             self._use_adapter(update)
         elif update.weights_dir is not None:
             self._reload(update)
@@ -185,32 +190,60 @@ class VLLMEngine:
         self.version = update.version
         log.info("rollout engine now at weight version %d", update.version)
 
+    def _check_lora(self, rank: int, where: str) -> None:
+        if not self.cfg.enable_lora:
+            raise RolloutError("this engine was started without LoRA (rollout.enable_lora)")
+        if rank > self.cfg.max_lora_rank:
+            raise RolloutError(
+                f"{where}: LoRA rank {rank} exceeds the engine's "
+                f"max_lora_rank {self.cfg.max_lora_rank}"
+            )
+
     def _use_adapter(self, update: WeightUpdate) -> None:
         from vllm.lora.request import LoRARequest
 
-        if not self.cfg.enable_lora:
-            raise RolloutError("this engine was started without LoRA (rollout.enable_lora)")
         config_path = Path(update.adapter_dir) / "adapter_config.json"
         try:
             rank = json.loads(config_path.read_text())["r"]
         except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:
             raise RolloutError(f"{config_path}: not a peft adapter ({err})") from None
-        if rank > self.cfg.max_lora_rank:
-            raise RolloutError(
-                f"{update.adapter_dir}: LoRA rank {rank} exceeds the engine's "
-                f"max_lora_rank {self.cfg.max_lora_rank}"
-            )
+        self._check_lora(rank, str(update.adapter_dir))
         request = LoRARequest(
             f"policy-v{update.version}", update.version + 1, str(update.adapter_dir)
         )
+        # Loaded now, so a broken adapter fails here and not in the next rollout.
+        self._serve(request, lambda: self.llm.llm_engine.add_lora(request), update.adapter_dir)
+
+    def _use_adapter_tensors(self, update: WeightUpdate) -> None:
+        """Load an adapter from memory: its weights cross into the worker as one flat byte
+        buffer (:func:`pack_tensors`; bytes survive ``collective_rpc`` between processes, tensors
+        do not) and the worker builds vLLM's LoRA model from them
+        (:meth:`WeightReceiver.load_adapter_tensors`). Requests then name it by its id; its path
+        is never read."""
+        from vllm.lora.request import LoRARequest
+
+        adapter = update.adapter_tensors
+        where = f"weight version {update.version} (adapter in memory)"
+        self._check_lora(adapter.rank, where)
+        name = f"policy-v{update.version}"
+        request = LoRARequest(name, update.version + 1, f"{IN_MEMORY_ADAPTER}{name}")
+        specs, payload = pack_tensors(adapter.tensors)
+        args = (name, request.lora_int_id, adapter.config, specs, payload)
+        self._serve(
+            request, lambda: self.llm.collective_rpc("load_adapter_tensors", args=args), where
+        )
+
+    def _serve(self, request, load, where) -> None:
+        """Load ``request``'s adapter with ``load()`` and serve it from the next rollout on; the
+        previous adapter is dropped. If it does not load, the previous one stays."""
         previous = self._lora
         self._lora = request
-        try:  # load it now, so a broken adapter fails here and not in the next rollout
-            self.llm.llm_engine.add_lora(request)
+        try:
+            load()
         except Exception as err:  # noqa: BLE001 - vLLM raises various types for bad adapters
             self._lora = previous
-            raise RolloutError(f"{update.adapter_dir}: adapter does not load ({err})") from None
-        if previous is not None:
+            raise RolloutError(f"{where}: adapter does not load ({err})") from None
+        if previous is not None and previous.lora_int_id != request.lora_int_id:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
 
     def _reload(self, update: WeightUpdate) -> None:
@@ -359,9 +392,76 @@ def plan_buckets(tensors: Iterable, bucket_bytes: int) -> WeightBroadcast:
     return WeightBroadcast(tuple(tuple(b) for b in buckets))
 
 
+# The path of a LoRARequest whose adapter was loaded from memory: never a folder, never read.
+IN_MEMORY_ADAPTER = "in-memory://"
+
+
 class WeightReceiver:
     """What vLLM mixes into its workers (``worker_extension_cls``): the worker joins the weight
-    group and reloads its weights in place from the tensors as they arrive."""
+    group and reloads its weights in place from the tensors as they arrive, and loads LoRA
+    adapters from memory."""
+
+    def load_adapter_tensors(
+        self, name: str, lora_id: int, config: dict, specs: list, payload
+    ) -> int:
+        """Add the LoRA adapter of ``config`` and its weights (``specs`` and ``payload``, from
+        :func:`pack_tensors`) to this worker's LoRA manager as ``lora_id``, as loading it from a
+        folder would.
+
+        vLLM (0.32) loads adapters only from a path; here its worker manager's add path runs
+        unchanged, with the one step that reads the folder replaced for this call by building
+        vLLM's LoRA model from the tensors (``LoRAModel.from_lora_tensors``, which the folder
+        loader also ends in). tests/rollout/test_adapter_push.py fails if vLLM changes under it.
+        """
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+        from vllm.lora.request import LoRARequest
+        from vllm.lora.utils import parse_fine_tuned_lora_name
+
+        manager = self.model_runner.lora_manager
+        adapters = manager._adapter_manager
+        model = adapters.model
+        helper = PEFTHelper.from_dict(
+            {**config, "vllm_max_position_embeddings": manager.max_position_embeddings}
+        )
+        helper.validate_legal(manager.lora_config)
+        tensors = unpack_tensors(specs, payload)
+        expected = set()
+        for module in adapters.supported_lora_modules:
+            expected.update(adapters.packed_modules_mapping.get(module, [module]))
+        expected.update(helper.modules_to_save or ())
+
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        mapper = mapper.get_rename_mapper() if mapper is not None else None
+        unknown = sorted(
+            {
+                module
+                for module, _ in (parse_fine_tuned_lora_name(k, mapper) for k in tensors)
+                if module.rsplit(".", 1)[-1] not in expected
+            }
+        )
+        if unknown:
+            raise ValueError(f"adapter {name}: modules the served model has no LoRA for: {unknown}")
+
+        def from_tensors(request: LoRARequest) -> LoRAModel:
+            return LoRAModel.from_lora_tensors(
+                lora_model_id=request.lora_int_id,
+                tensors=tensors,
+                peft_helper=helper,
+                device="cpu",
+                dtype=manager.lora_config.lora_dtype,
+                model_vocab_size=manager.vocab_size,
+                weights_mapper=mapper,
+                skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+            )
+
+        manager._load_adapter = from_tensors  # this call only: shadows the folder loader
+        try:
+            request = LoRARequest(name, lora_id, f"{IN_MEMORY_ADAPTER}{name}", load_inplace=True)
+            manager.add_adapter(request)
+        finally:
+            del manager._load_adapter
+        return lora_id
 
     def join_weight_group(self, host: str, port: int, rank: int, world: int, timeout_s: float):
         self._medvol_weight_group = WeightGroup(host, port, rank, world, timeout_s)
@@ -377,6 +477,44 @@ class WeightReceiver:
         for _ in pairs:  # what the reload did not take still has to be received
             pass
         return sum(len(b) for b in plain)
+
+
+def pack_tensors(tensors: dict) -> tuple[list, memoryview]:
+    """``(specs, payload)``: each tensor's ``[name, shape, dtype]`` and all their bytes in one
+    buffer, in order: what crosses ``collective_rpc`` as plain lists and one binary field."""
+    import torch
+
+    specs = [[n, list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()]
+    parts = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors.values()]
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    return specs, memoryview(flat.numpy())
+
+
+def unpack_tensors(specs: list, payload) -> dict:
+    """The tensors of :func:`pack_tensors`, as views of ``payload`` (copied only where a tensor
+    does not start at a multiple of its element size)."""
+    import math
+    import warnings
+
+    import torch
+
+    dtypes = [getattr(torch, dtype) for _, _, dtype in specs]
+    sizes = [dtype.itemsize * math.prod(shape) for (_, shape, _), dtype in zip(specs, dtypes)]
+    if sum(sizes) != len(payload):
+        raise ValueError(f"adapter payload: {len(payload)} bytes where the specs need {sum(sizes)}")
+    if not sizes:
+        return {}
+    with warnings.catch_warnings():  # a bytes payload is read-only; nothing writes to it
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(payload, dtype=torch.uint8)
+    tensors, offset = {}, 0
+    for (name, shape, _), dtype, size in zip(specs, dtypes, sizes):
+        chunk = flat[offset : offset + size]
+        if offset % dtype.itemsize:
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).reshape(shape)
+        offset += size
+    return tensors
 
 
 def vision_token_ids(tokenizer) -> list[int]:

@@ -35,6 +35,7 @@ METRICS = [
     "data/skipped_samples",
     "learner/entropy",
     "learner/grad_norm",
+    "learner/skipped_steps",
     "rollout/response_length",
     "rollout/staleness",
     "time/generate_s",

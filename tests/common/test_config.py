@@ -80,6 +80,18 @@ def test_one_seed_and_one_min_box_area_reach_every_part():
         load_run_config(None, ["reward.min_box_area=3"])
 
 
+def test_one_box_frame_reaches_prompts_and_the_reward():
+    assert RunConfig().data.box_coords == "pixels" and RunConfig().reward.box_coords == "pixels"
+    cfg = load_run_config("configs/tiny.yaml", ["data.box_coords=relative1000"])
+    assert cfg.data.box_coords == "relative1000" and cfg.reward.box_coords == "relative1000"
+    with pytest.raises(ConfigError, match=r"reward.box_coords: set from data.box_coords"):
+        load_run_config(None, ["reward.box_coords=relative1000"])
+    with pytest.raises(ValueError, match=r"data.box_coords must be 'pixels' or 'relative1000', "):
+        load_run_config(None, ["data.box_coords=relative"])
+    with pytest.raises(ValueError, match=r"data.box_coords relative1000: data.slice_size 1024 is"):
+        load_run_config(None, ["data.box_coords=relative1000", "data.slice_size=1024"])
+
+
 @pytest.mark.parametrize("old", sorted(MOVED))
 def test_a_merged_key_names_where_it_went(old):
     with pytest.raises(ConfigError, match=rf"^{old}: merged into {MOVED[old]}; set that instead"):

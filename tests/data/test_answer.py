@@ -134,3 +134,92 @@ def test_parser_never_raises_on_any_json_payload(payload, think):
     if isinstance(got, ParsedAnswer):
         assert 1 <= got.anchor.key_slice <= 64
         assert all(0 <= b[0] < b[2] <= 256 and 0 <= b[1] < b[3] <= 256 for b in got.anchor.boxes)
+
+
+# --- data.box_coords relative1000: Qwen3-VL's 0-1000 grounding coordinates
+
+
+def test_a_relative1000_answer_parses_to_pixel_edges():
+    # 256 px slice: p = round(r * 256 / 1000): 39 -> 9.984 -> 10, 78 -> 19.968 -> 20,
+    # 117 -> 29.952 -> 30, 156 -> 39.936 -> 40; 1000 -> 256 (the right and bottom edges)
+    text = answer({"key_slice": 12, "bbox_2d_list": [[39, 78, 117, 156], [0, 0, 1000, 1000]]})
+    got = parse_answer(text, 64, 256, "relative1000")
+    assert got.anchor == EvidenceAnchor(12, ((10, 20, 30, 40), (0, 0, 256, 256)))
+    # 64 px slice: 500 -> 32, 250 -> 16, 8 -> 0.512 -> 1 (half up), 7 -> 0.448 -> 0
+    text = answer({"key_slice": 3, "bbox_2d_list": [[7, 8, 250, 500]]})
+    assert parse_answer(text, 8, 64, "relative1000").anchor == EvidenceAnchor(3, ((0, 1, 16, 32),))
+    # the same text read as pixels of the 64 slice is over its edge
+    assert parse_answer(text, 8, 64).reason == (
+        "box [7, 8, 250, 500] is not 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64"
+    )
+
+
+def test_relative1000_values_over_1000_and_boxes_that_collapse_are_malformed():
+    over = parse_answer(
+        answer({"key_slice": 1, "bbox_2d_list": [[0, 0, 1001, 10]]}), 64, 256, "relative1000"
+    )
+    assert over == AnswerFailure(
+        "box [0, 0, 1001, 10] has a coordinate outside 0..1000 (relative1000)"
+    )
+    negative = parse_answer(
+        answer({"key_slice": 1, "bbox_2d_list": [[-1, 0, 10, 10]]}), 64, 256, "relative1000"
+    )
+    assert negative.reason == "box [-1, 0, 10, 10] has a coordinate outside 0..1000 (relative1000)"
+    # 10 -> 2.56 -> 3 and 11 -> 2.816 -> 3: x1 == x2 once in pixels of a 256 slice
+    collapsed = parse_answer(
+        answer({"key_slice": 1, "bbox_2d_list": [[10, 0, 11, 8]]}), 64, 256, "relative1000"
+    )
+    assert collapsed == AnswerFailure(
+        "box [10, 0, 11, 8] (relative1000) is [3, 0, 3, 2] in pixels of the 256x256 slice, "
+        "not x1 < x2 and y1 < y2"
+    )
+    reversed_box = parse_answer(
+        answer({"key_slice": 1, "bbox_2d_list": [[500, 0, 400, 8]]}), 64, 256, "relative1000"
+    )
+    assert "is [128, 0, 102, 2] in pixels" in reversed_box.reason
+    # 300 is a fine relative coordinate but over a 256 slice's edge in pixels
+    text = answer({"key_slice": 1, "bbox_2d_list": [[0, 0, 300, 300]]})
+    assert isinstance(parse_answer(text, 64, 256, "relative1000"), ParsedAnswer)
+    assert isinstance(parse_answer(text, 64, 256), AnswerFailure)
+
+
+def test_pixels_to_relative1000_and_back_is_exact_for_every_edge():
+    from data.answer import from_relative1000, to_relative1000
+
+    assert [to_relative1000(p, 256) for p in (0, 1, 10, 128, 255, 256)] == [
+        0,
+        4,
+        39,
+        500,
+        996,
+        1000,
+    ]
+    assert [to_relative1000(p, 64) for p in (0, 1, 2, 63, 64)] == [0, 16, 31, 984, 1000]
+    assert [to_relative1000(p, 32) for p in (0, 1, 3, 31, 32)] == [0, 31, 94, 969, 1000]
+    for size in (256, 64, 32, 96, 128, 512, 1000, 7):
+        for p in range(size + 1):
+            assert from_relative1000(to_relative1000(p, size), size) == p, (size, p)
+
+
+def test_a_written_relative1000_answer_parses_back_to_its_anchor():
+    anchor = EvidenceAnchor(5, ((10, 20, 30, 40), (0, 1, 255, 256)))
+    text = format_answer(anchor, "t", 256, "relative1000")
+    assert text == (
+        '<think>t</think><answer>{"key_slice": 5, "bbox_2d_list": '
+        "[[39, 78, 117, 156], [0, 4, 996, 1000]]}</answer>"
+    )
+    assert parse_answer(text, 64, 256, "relative1000").anchor == anchor
+    # the default writes pixels, as before
+    assert format_answer(anchor, "t") == (
+        '<think>t</think><answer>{"key_slice": 5, "bbox_2d_list": '
+        "[[10, 20, 30, 40], [0, 1, 255, 256]]}</answer>"
+    )
+
+
+def test_an_unknown_box_frame_or_a_slice_over_1000_px_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="data.box_coords must be one of .* got 'relative'"):
+        parse_answer("x", 64, 256, "relative")
+    with pytest.raises(ValueError, match="data.box_coords relative1000: data.slice_size 1024"):
+        format_answer(EvidenceAnchor(1, ()), "t", 1024, "relative1000")

@@ -126,3 +126,23 @@ def test_evaluate_samples_adds_consensus_rows_an_agreement_study_and_resumes(
     keys = {c["row"]: c["key"] for c in cases}
     assert {c["key"] for c in other if c["row"] == consensus} != {keys[consensus]}
     assert [c for c in other if c["row"] != consensus] == greedy
+
+
+def test_answers_are_asked_and_read_in_the_run_s_box_frame(oracle_records):
+    from data.answer import EvidenceAnchor, format_answer
+    from evaluation.evaluate import prompts_of
+
+    cfg, _, samples, _ = oracle_records
+    sample, prepared = samples[0]
+    (true,) = oracle_jobs("oracle", [(sample, prepared)], cfg.data.min_box_area)
+    anchor = (true.key_slice, true.boxes)
+    size = prepared.size
+    relative = format_answer(EvidenceAnchor(*anchor), "t", size, "relative1000")
+    (job,) = anchor_jobs("r", [(sample, prepared)], [relative], "relative1000")
+    assert (job.key_slice, job.boxes) == anchor and job.failure is None
+    (as_pixels,) = anchor_jobs("r", [(sample, prepared)], [relative])
+    assert (as_pixels.key_slice, as_pixels.boxes) != anchor
+    (prompt,) = prompts_of([(sample, prepared)], "relative1000")
+    assert "0-1000 coordinates" in prompt.messages[1]["content"][0]["text"]
+    (prompt,) = prompts_of([(sample, prepared)])
+    assert f"pixels of that {size}x{size} slice" in prompt.messages[1]["content"][0]["text"]

@@ -170,7 +170,9 @@ def test_grouped_pass_gives_the_per_completion_loss_and_gradients(tiny_model, lo
     prompt + completion sequence per completion: loss and every adapter gradient equal to 1e-5
     relative in fp32, over two prompts of four completions of different lengths, with a KL
     term against a non-trivial reference (the adapters' B are not zero). One update: a second
-    one would start from Adam steps that amplify fp32 rounding of near-zero gradients."""
+    one would start from Adam steps that amplify fp32 rounding of near-zero gradients. Each
+    learner is seen to run its own pass: the LM head runs once per group on the grouped pass
+    (reference pass and update: 2 x 2 prompts), once per completion otherwise (2 x 8)."""
     prompts = [make_prompt("a", seed=0), make_prompt("b", seed=1)]
     lengths = [3, 1, 6, 2, 4, 5, 2, 7]
     rng = np.random.default_rng(0)
@@ -194,7 +196,18 @@ def test_grouped_pass_gives_the_per_completion_loss_and_gradients(tiny_model, lo
             for _, p in sorted(lrn.engine.module.named_parameters(), key=lambda kv: kv[0]):
                 if p.requires_grad:  # the same adapter in both learners, B not zero
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        forwards: list[int] = []  # the rows of logits of each LM head call
+        lm_head = lrn.engine.module.get_base_model().lm_head
+        hook = lm_head.register_forward_hook(
+            lambda m, args, out, rows=forwards: rows.append(out.shape[1])
+        )
         results[learner_pass] = adapter_gradients(lrn, batch)
+        hook.remove()
+        assert lrn.learner_pass == learner_pass
+        if learner_pass == "grouped":  # per group: the prompt's last position + T_i - 1 each
+            assert forwards == [1 + sum(lengths[:4]) - 4, 1 + sum(lengths[4:]) - 4] * 2
+        else:
+            assert forwards == lengths * 2
         del lrn
     (metrics_a, grads_a), (metrics_b, grads_b) = results["per_completion"], results["grouped"]
     assert metrics_a.loss == pytest.approx(metrics_b.loss, rel=1e-5)
@@ -490,3 +503,30 @@ def test_the_sft_term_adds_sft_coef_times_the_targets_cross_entropy(tiny_model, 
         assert float(cross_entropy()) < float(before.detach()) - 0.05
     with pytest.raises(ValueError, match="sft_coef must be >= 0, got -1"):
         GRPOConfig(sft_coef=-1.0)
+
+
+def test_the_grouped_pass_refuses_an_attention_kernel_without_4d_masks_and_unmarked_images(
+    tiny_model,
+):
+    """No silent fallback: grpo.learner_pass grouped on a kernel that takes no 4D mask stops
+    with the field, the kernel and the way out; a prompt with images but no mm_token_type_ids
+    is refused rather than packed with its image tokens numbered as text."""
+    from learner.encoding import check_packing, encode_prompt, pack_group
+
+    lrn = learner(tiny_model, learner_pass="grouped")
+    model = lrn.engine.module
+    check_packing(model)  # sdpa: takes the mask
+    config = model.get_base_model().model.config
+    config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match=r"grpo.learner_pass: grouped .* 'flash_attention_2'"):
+            check_packing(model)
+    finally:
+        config._attn_implementation = "sdpa"
+    prompt = encode_prompt(lrn.processor, make_prompt("a").messages)
+    assert "pixel_values" in prompt and "mm_token_type_ids" in prompt
+    pack_group(model, prompt, [[20, 21]])
+    del prompt["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="has images but no mm_token_type_ids"):
+        pack_group(model, prompt, [[20, 21]])
+    del lrn

@@ -86,11 +86,11 @@ def sft_targets() -> list[SFTExample]:
 
 
 def adapter(learners, version: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     update = ray.get(learners.export(version))
-    assert update.adapter is not None and update.adapter_dir is None  # bytes, not a path
-    return load(update.adapter.files["adapter_model.safetensors"])
+    # tensors in memory, neither a path nor a folder's bytes
+    assert update.adapter_tensors is not None and update.adapter_dir is None
+    assert update.adapter is None
+    return {name: t.clone() for name, t in update.adapter_tensors.tensors.items()}
 
 
 def assert_same_step(one, two, rtol=RTOL):
@@ -163,3 +163,25 @@ def test_two_rank_checkpoint_holds_each_shard_and_resumes_exactly(
     resumed, expected = adapter(fresh, 2), two_steps["adapters"][1]
     assert all(torch.allclose(resumed[k], expected[k], rtol=1e-6, atol=0) for k in expected)
     fresh.close()
+
+
+def test_a_non_finite_share_on_one_rank_skips_the_update_on_every_rank(
+    ray_local, tiny_model, sft_adapter
+):
+    """Rank 1's share carries an advantage of 1e300 (infinite in fp32), rank 0's is finite: both
+    ranks skip the update (a rank stepping alone would part the replicas), and the next batch
+    trains on both."""
+    import dataclasses
+    import math
+
+    two = group(tiny_model, sft_adapter, 2)
+    examples, sft = batch(), sft_targets()
+    poisoned = [*examples[:5], dataclasses.replace(examples[5], advantage=1e300), *examples[6:]]
+    tokens = sum(len(e.completion_ids) for e in poisoned)
+    shares = [poisoned[:4], poisoned[4:]]
+    parts = ray.get([w.step.remote(s, tokens, [t]) for w, s, t in zip(two.workers, shares, sft)])
+    assert [p.skipped_updates for p in parts] == [1, 1]
+    assert math.isfinite(parts[0].loss) and not math.isfinite(parts[1].loss)
+    after = two.step(examples, sft)
+    assert after.skipped_updates == 0 and math.isfinite(after.loss) and after.grad_norm > 0
+    two.close()

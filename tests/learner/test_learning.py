@@ -177,6 +177,8 @@ def test_short_sft_on_phantoms_lowers_the_loss(tmp_path, tiny_model):
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "sft/loss")]
     assert len(losses) >= 10
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5
+    skipped = client.get_metric_history(run.info.run_id, "sft/skipped_steps")
+    assert len(skipped) == len(losses) and all(m.value == 0 for m in skipped)  # finite steps
     assert run.data.params["sft.lr"] == "0.003"
     # resume: the checkpoint carries the step and the MLflow run
     cfg2 = config(epochs=7)

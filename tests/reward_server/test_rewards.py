@@ -84,3 +84,31 @@ def test_consistency_counts_only_the_window():
 def test_total_is_the_weighted_sum():
     assert total_reward(1.0, 0.5, 0.25, 0.8, (1, 1, 1, 1)) == pytest.approx(2.55)
     assert total_reward(1.0, 0.5, 0.25, 0.8, (0.5, 2, 0, 1)) == pytest.approx(0.5 + 1 + 0 + 0.8)
+
+
+def test_a_relative1000_answer_scores_as_the_same_anchor_in_pixels(dataset, true_anchor):
+    from common.config import RewardConfig
+    from data.answer import EvidenceAnchor, format_answer
+    from reward_server.scorer import RewardScorer
+
+    _, prepared = dataset.by_id("ctorg_0000/liver")  # 32 slices of 128 px
+    anchor = true_anchor(prepared)
+    # one more hand-checked box on the 128 px slice: 10 -> 78.125 -> 78, 20 -> 156.25 -> 156,
+    # 40 -> 312.5 -> 313 (half up), 64 -> 500; and back: 78 * 0.128 = 9.984 -> 10, ...
+    moved = EvidenceAnchor(anchor.key_slice, (*anchor.boxes, (10, 20, 40, 64)))
+    for a in (anchor, moved):
+        pixels = format_answer(a, "t", 128)
+        relative = format_answer(a, "t", 128, "relative1000")
+        assert relative != pixels
+        by_pixels = RewardScorer(RewardConfig(propagator="baseline"))
+        by_relative = RewardScorer(RewardConfig(propagator="baseline", box_coords="relative1000"))
+        (want,) = by_pixels.score_group(prepared, [pixels])
+        (got,) = by_relative.score_group(prepared, [relative])
+        assert got == want and want.failure is None
+    assert "[10, 20, 40, 64]" in format_answer(moved, "t", 128)
+    assert "[78, 156, 313, 500]" in format_answer(moved, "t", 128, "relative1000")
+    (full,) = by_relative.score_group(prepared, [format_answer(anchor, "t", 128, "relative1000")])
+    assert full.format == 1.0 and full.spatial == pytest.approx(1.0) and full.total > 3.0
+    # read in the wrong frame, the relative text is not the anchor
+    (wrong,) = by_pixels.score_group(prepared, [format_answer(anchor, "t", 128, "relative1000")])
+    assert wrong != full
