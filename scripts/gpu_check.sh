@@ -7,12 +7,13 @@
 #   bash scripts/gpu_check.sh --benchmarks    # also bench.learner and bench.reward_server on CUDA
 #   bash scripts/gpu_check.sh --smoke         # the same code on the CPU at tiny sizes (no GPU)
 # It needs, in the Python on PATH: torch with CUDA, transformers, peft, DeepSpeed, sam2 and the
-# project's requirements. On a box that has only torch, carry the rest as wheels and give their
-# folder: `--wheels DIR` installs every wheel in DIR but torch's own (torch, nvidia-*, triton)
-# without an index. Make DIR where pip reaches the registry, from the environment setup.sh built:
-#   pip download --no-deps -d DIR $(pip freeze | grep -v -e '^torch' -e '^nvidia' -e '^triton' \
-#       -e '^vllm' -e '^ray' -e '^sam2' -e '^medvol')
-#   SAM2_BUILD_CUDA=0 pip wheel --no-deps --no-build-isolation -w DIR sam2==1.1.0
+# project's requirements. On a box that has its own torch and no package index, carry the rest as
+# wheels and give their folder: `--wheels DIR` installs every wheel in DIR but torch's own (torch,
+# nvidia-*, triton) without an index, into a folder of its own put first on PYTHONPATH (the box's
+# environment is left as it was). Make DIR where pip reaches the index, in the environment
+# setup.sh built, for the box's Python, from the box's `pip freeze` (what it has at our versions
+# stays out):
+#   python -m bench.gpu_wheels DIR --python-version 3.12 --have box-freeze.txt
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 benchmarks=0
@@ -46,9 +47,14 @@ if [[ -n $wheels ]]; then
     echo "gpu_check: --wheels $wheels: no wheels there (torch's own are not installed)" >&2
     exit 2
   fi
-  echo "gpu_check: installing ${#carried[@]} wheels from $wheels into $(command -v python)"
+  site=$(mktemp -d -t medvol-wheels.XXXXXX)
+  trap 'rm -rf "$site"' EXIT
+  echo "gpu_check: installing ${#carried[@]} wheels from $wheels for $(command -v python)" \
+    "into $site (first on PYTHONPATH)"
   # --no-deps: the folder is the whole set, resolved where it was made; the box's torch stays.
-  python -m pip install --no-index --no-deps --progress-bar off "${carried[@]}"
+  python -m pip install --quiet --no-index --no-deps --no-compile --progress-bar off \
+    --target "$site" "${carried[@]}"
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 if ((!smoke)); then
@@ -60,17 +66,26 @@ if ((!smoke)); then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 fi
 MEDVOL_GPU_CHECK_SMOKE=$smoke python - <<'PY'
+import importlib.metadata
 import importlib.util
 import os
 import sys
 
-needed = ("torch", "transformers", "peft", "deepspeed", "sam2", "scipy", "skimage", "hydra")
+# module: its distribution
+needed = {
+    "torch": "torch", "transformers": "transformers", "peft": "peft", "deepspeed": "deepspeed",
+    "sam2": "sam2", "scipy": "scipy", "skimage": "scikit-image", "hydra": "hydra-core",
+}  # fmt: skip
 missing = [name for name in needed if importlib.util.find_spec(name) is None]
 if missing:
     sys.exit(
         f"gpu_check: {sys.executable} lacks {', '.join(missing)} (--wheels DIR installs carried "
         "wheels)"
     )
+# which version of each runs, and from where (carried wheels come first on PYTHONPATH)
+for module, distribution in needed.items():
+    folder = os.path.dirname(os.path.dirname(importlib.util.find_spec(module).origin))
+    print(f"gpu_check: {distribution} {importlib.metadata.version(distribution)} from {folder}")
 import torch
 
 if os.environ["MEDVOL_GPU_CHECK_SMOKE"] == "1":

@@ -81,16 +81,41 @@ def test_smoke_run_prints_every_figure(tmp_path):
     assert float(found["learner MFU"].group(1)) == pytest.approx(100 * achieved / 1e9, rel=0.02)
 
 
+def wheel_of_installed(distribution: str, folder: Path) -> Path:
+    """A wheel of an installed pure-Python distribution, from the files its RECORD lists."""
+    import importlib.metadata
+    import zipfile
+
+    installed = importlib.metadata.distribution(distribution)
+    name = installed.metadata["Name"].replace("-", "_")
+    wheel = folder / f"{name}-{installed.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for file in installed.files:
+            if not str(file).startswith("..") and "__pycache__" not in str(file):
+                archive.write(file.locate(), str(file))
+    return wheel
+
+
 def test_the_script_runs_vllm_in_smoke_mode_without_a_gpu(tmp_path):
-    """``scripts/gpu_check.sh --smoke`` needs no driver; where vLLM imports, its part runs."""
+    """``scripts/gpu_check.sh --smoke`` needs no driver; where vLLM imports, its part runs. A
+    carried wheel (``--wheels``) goes first on the path, whatever the environment holds."""
+    (tmp_path / "wheels").mkdir()
+    wheel_of_installed("hydra-core", tmp_path / "wheels")
     run = subprocess.run(
-        ["bash", "scripts/gpu_check.sh", "--smoke", "--only", "vllm", "--work-dir", str(tmp_path)],
+        ["bash", "scripts/gpu_check.sh", "--smoke", "--only", "vllm", "--work-dir", str(tmp_path)]
+        + ["--wheels", str(tmp_path / "wheels")],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "installing 1 wheels from" in run.stdout
+    carried = re.search(r"gpu_check: hydra-core [0-9.]+ from (\S+)", run.stdout)
+    assert carried and "medvol-wheels." in carried.group(1), run.stdout
+    assert not Path(carried.group(1)).exists()  # the carried folder goes when the check ends
+    deepspeed = re.search(r"gpu_check: deepspeed 0\.19\.8 from (\S+)", run.stdout)
+    assert deepspeed and "medvol-wheels." not in deepspeed.group(1), run.stdout
     assert "smoke run on the CPU" in run.stdout
     found = re.search(rf"\[vllm\] {NUMBER} tokens per group, {NUMBER} tokens/s", run.stdout)
     assert found and float(found.group(2)) > 0, run.stdout
