@@ -11,6 +11,9 @@ What it measures, each at the paper's shape (64 slices of 256 px = 4,096 image t
   memory and model FLOPs utilisation (MFU, :func:`step_flops`); then the largest and mean gap
   between the grouped pass's token log-probabilities and the per-completion pass's, in the
   learner's precision (the grouped pass is exact in fp32; bf16 is where it could drift);
+- push: the GPU's ends of an in-memory push of that rank-128 adapter (528 MB in bf16 at the 4B
+  architecture): gathered from the learner to host memory and packed into one buffer, then
+  unpacked and copied onto the device as vLLM's worker does, and checked bit-identical;
 - propagation: MedSAM2 (SAM2.1 Hiera-tiny at 512 px, bf16 autocast) propagating a group of
   G = 4 anchors over +-5 slices of a 64-slice volume, with fresh image features (cold) and with
   them cached (warm); then the batched group against MedSAM2's own per-anchor procedure
@@ -277,12 +280,11 @@ def timed(device: str, fn, *args, **kwargs):
     return time.perf_counter() - start, result
 
 
-def spread(seconds: list[float]) -> str:
+def spread(seconds: list[float], unit: str = "s") -> str:
+    scale = {"s": 1, "ms": 1e3}[unit]
+    low, mid, high = (scale * v for v in (min(seconds), statistics.median(seconds), max(seconds)))
     runs = f"{len(seconds)} runs" if len(seconds) > 1 else "1 run"
-    return (
-        f"median {statistics.median(seconds):.3f} s (min {min(seconds):.3f}, "
-        f"max {max(seconds):.3f}, {runs} after a warm-up)"
-    )
+    return f"median {mid:.3f} {unit} (min {low:.3f}, max {high:.3f}, {runs} after a warm-up)"
 
 
 def si(value: float, unit: str) -> str:
@@ -354,8 +356,47 @@ def check_learner(model_dir: Path, args, peak: float | None) -> None:
         f"grouped vs per-completion pass, {learner.precision}: token log-probabilities differ "
         f"by at most {largest:.2e} nats (mean {mean:.2e}) over {tokens} tokens",
     )
+    check_push(learner, args)
     del learner
     reset_peak(args.device)
+
+
+def check_push(learner, args) -> None:
+    """The two ends of an in-memory adapter push, which touch the GPU: the learner's trained
+    adapter gathered to host memory and packed into the one buffer a push sends
+    (``adapter_tensors``, ``pack_tensors``), then unpacked and copied onto the device, as vLLM's
+    worker does before it builds its LoRA model. What lies between them (Ray's object store,
+    vLLM's engine-core socket) runs on the CPU and is timed by ``bench.rollout --push-only``."""
+    from learner.adapters import adapter_tensors
+    from rollout.vllm_engine import pack_tensors, unpack_tensors
+
+    def send():
+        adapter = adapter_tensors(learner.engine)
+        return adapter, pack_tensors(adapter.tensors)
+
+    def receive(specs, payload):
+        return [t.to(args.device, copy=True) for t in unpack_tensors(specs, payload).values()]
+
+    adapter, (specs, payload) = send()  # warm-up
+    arrived = receive(specs, payload)
+    same = all(
+        torch.equal(a.cpu(), b) for a, b in zip(arrived, adapter.tensors.values(), strict=True)
+    )
+    sent = [timed(args.device, send)[0] for _ in range(args.repeats)]
+    received = [timed(args.device, receive, specs, payload)[0] for _ in range(args.repeats)]
+    dtype = str(next(iter(adapter.tensors.values())).dtype).removeprefix("torch.")
+    say(
+        "push",
+        f"LoRA r={adapter.rank} adapter, {len(adapter.tensors)} tensors, "
+        f"{adapter.nbytes / 1e6:.1f} MB {dtype}: learner side (gathered to host memory, packed "
+        f"into one buffer) {spread(sent, 'ms')}",
+    )
+    say(
+        "push",
+        f"worker side (unpacked, copied onto the {args.device}) {spread(received, 'ms')}; "
+        f"{'bit-identical to' if same else 'DIFFERENT from'} the learner's adapter; between them "
+        "Ray's object store and vLLM's socket (python -m bench.rollout --push-only)",
+    )
 
 
 def logprob_gap(learner, batch) -> tuple[float, float, int]:

@@ -54,6 +54,11 @@ def test_smoke_run_prints_every_figure(tmp_path):
         "rollout memory": rf"\[rollout\] peak RSS of the process so far {NUMBER} GiB",
         "logprob gap": rf"\[learner\] grouped vs per-completion pass, fp32: token "
         rf"log-probabilities differ by at most {NUMBER}e-{NUMBER} nats \(mean ",
+        "push learner side": rf"\[push\] LoRA r=128 adapter, {NUMBER} tensors, {NUMBER} MB "
+        rf"float32: learner side \(gathered to host memory, packed into one buffer\) median "
+        rf"{NUMBER} ms",
+        "push worker side": rf"\[push\] worker side \(unpacked, copied onto the cpu\) median "
+        rf"{NUMBER} ms .*; bit-identical to the learner's adapter",
         "batched vs reference": rf"\[propagation\] batched group vs MedSAM2's per-anchor "
         rf"procedure, fp32: logits differ by at most {NUMBER}e-{NUMBER}, masks agree with Dice "
         rf">= {NUMBER} over the G = 4 anchors",
@@ -70,6 +75,10 @@ def test_smoke_run_prints_every_figure(tmp_path):
     logits = found["batched vs reference"]
     assert float(logits.group(1)) * 10 ** -float(logits.group(2)) < 1e-3
     assert float(logits.group(3)) > 0.99
+    # The tiny model's adapter by hand: 2 layers x 7 projections x (A, B) = 28 tensors; per layer
+    # r (in + out) = 128 x (256 + 192 + 192 + 256 + 3 x 384) = 262,144 parameters (q, o 128 -> 128;
+    # k, v 128 -> 64; gate, up 128 -> 256; down 256 -> 128), 2 layers x 4 bytes = 2.10 MB.
+    assert found["push learner side"].group(1, 2) == ("28", "2.1")
     # vLLM is not importable here, as on a bare GPU box: the part says so and the run goes on
     assert "[vllm] skipped: vLLM does not import here (ModuleNotFoundError" in out
     # The smoke shape: 8 slices of 64 px (4 image tokens each), G = 4 completions of 16 tokens.
