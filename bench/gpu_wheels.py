@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements" / "lock-gpu.txt"
 
 # What the Ray-free cores import at the top: learner (transformers, peft, DeepSpeed, accelerate),
-# MedSAM2 (sam2 with hydra-core and iopath; scipy and scikit-image for its post-processing), and
-# the project's own config and progress bars.
+# MedSAM2 (sam2 with hydra-core and iopath; scipy and scikit-image for its post-processing), the
+# dataset (nibabel: bench.reward_server scores phantom volumes), and the project's own config and
+# progress bars.
 TOP = (
     "transformers",
     "peft",
@@ -53,6 +54,7 @@ TOP = (
     "iopath",
     "scipy",
     "scikit-image",
+    "nibabel",
     "pyyaml",
     "tqdm",
 )

@@ -45,7 +45,7 @@ def test_the_closure_is_ray_free_and_leaves_torchs_own_to_the_box():
     names = closure(TOP, "3.12")
     # what the learner, MedSAM2 and the transformers engine import, and what those need
     needed = {"transformers", "peft", "deepspeed", "sam2", "hydra-core", "omegaconf", "iopath"}
-    needed |= {"antlr4-python3-runtime", "pydantic", "tokenizers", "hjson"}
+    needed |= {"antlr4-python3-runtime", "pydantic", "tokenizers", "hjson", "nibabel"}
     assert needed <= set(names)
     for left_out in ("torch", "torchvision", "triton", "ray", "vllm", "mlflow"):
         assert left_out not in names
