@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,12 @@ def test_an_actor_given_gpus_without_cuda_raises_naming_itself_and_the_fix():
 
 
 def test_setup_picks_the_variant_and_refuses_an_unknown_one():
+    # this test's own interpreter, whose minor version names the folder (3.12: "-py312")
+    suffix = {(3, 11): "", (3, 12): "-py312"}[sys.version_info[:2]]
+
     def setup(target: str) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if k != "MEDVOL_ENV"}
-        env["MEDVOL_TARGET"] = target
+        env.update(MEDVOL_TARGET=target, MEDVOL_PYTHON=sys.executable)
         return subprocess.run(
             ["bash", "scripts/setup.sh", "--print-env"],
             cwd=REPO,
@@ -32,8 +36,8 @@ def test_setup_picks_the_variant_and_refuses_an_unknown_one():
             text=True,
         )
 
-    assert setup("cpu").stdout.strip().endswith(".cache/medvol-r1/env")
-    assert setup("gpu").stdout.strip().endswith(".cache/medvol-r1/env-gpu")
+    assert setup("cpu").stdout.strip().endswith(f".cache/medvol-r1/env{suffix}")
+    assert setup("gpu").stdout.strip().endswith(f".cache/medvol-r1/env-gpu{suffix}")
     bad = setup("tpu")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: MEDVOL_TARGET: tpu: use cpu or gpu"
     locks = [(REPO / "requirements" / f).read_text() for f in ("lock.txt", "lock-gpu.txt")]
