@@ -8,7 +8,7 @@ this where pip reaches the index, in the environment ``scripts/setup.sh`` built:
 then copy DIR to the box and run ``bash scripts/gpu_check.sh --wheels DIR`` there.
 
 - What is carried: everything the Ray-free cores import (the learner, MedSAM2 propagation, the
-  transformers engine): the requirements of :data:`TOP`, followed through the installed
+  transformers engine, the dataset): the requirements of :data:`TOP`, followed through the installed
   packages' metadata with the box's Python in the markers, each at requirements/lock-gpu.txt's
   version (the installed one for the few the lock does not list: sam2). Binary wheels for the
   box's Python and manylinux x86-64; a package PyPI has only as source (DeepSpeed, sam2, iopath,

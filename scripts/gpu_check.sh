@@ -75,6 +75,7 @@ import sys
 needed = {
     "torch": "torch", "transformers": "transformers", "peft": "peft", "deepspeed": "deepspeed",
     "sam2": "sam2", "scipy": "scipy", "skimage": "scikit-image", "hydra": "hydra-core",
+    "nibabel": "nibabel",  # the dataset (phantom volumes of --benchmarks' bench.reward_server)
 }  # fmt: skip
 missing = [name for name in needed if importlib.util.find_spec(name) is None]
 if missing:
